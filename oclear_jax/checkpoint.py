@@ -1,0 +1,89 @@
+"""Orbax checkpoints: async save, keep N, restore onto any mesh, refuse incompatible models.
+
+Checkpoints are written as global sharded arrays (OCDBT), not per-device files, so a state
+saved on one mesh restores onto another: the restore target is an abstract tree of
+`jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(new_mesh, spec))`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class IncompatibleCheckpointError(ValueError):
+  """The workdir holds a checkpoint of a different model; it is left untouched."""
+
+
+def _flat_shapes(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+  flat = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    key = "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+    flat[key] = (tuple(leaf.shape), str(leaf.dtype))
+  return flat
+
+
+def _describe_mismatch(saved: dict, wanted: dict) -> str:
+  missing = sorted(set(wanted) - set(saved))
+  extra = sorted(set(saved) - set(wanted))
+  if missing:
+    return f"the model has {missing[0]} {wanted[missing[0]]} which the checkpoint lacks ({len(missing)} such arrays)"
+  if extra:
+    return f"the checkpoint has {extra[0]} {saved[extra[0]]} which the model lacks ({len(extra)} such arrays)"
+  for key in sorted(wanted):
+    if saved[key][0] != wanted[key][0]:
+      return f"{key} has shape {saved[key][0]} in the checkpoint but {wanted[key][0]} in the model"
+  return ""
+
+
+class CheckpointStore:
+  """A thin, opinionated wrapper over `ocp.CheckpointManager` for one train state."""
+
+  def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 3, async_save: bool = True):
+    self.directory = os.path.abspath(os.fspath(directory))
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save))
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def save(self, step: int, state: Any, *, force: bool = False) -> bool:
+    return self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
+
+  def check_compatible(self, step: int, abstract_state: Any) -> None:
+    saved = _flat_shapes(self._manager.item_metadata(step).tree)
+    wanted = _flat_shapes(abstract_state)
+    problem = _describe_mismatch(saved, wanted)
+    if problem:
+      raise IncompatibleCheckpointError(
+          f"checkpoint {self.directory}/{step} belongs to a different model: {problem}. "
+          f"It was left untouched; use a new --workdir (or delete {self.directory}) to start afresh")
+
+  def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, int] | tuple[None, None]:
+    """Restores `step` (default: latest) onto the shardings carried by `abstract_state`."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      return None, None
+    self.check_compatible(step, abstract_state)
+    logging.info("Restoring checkpoint %s/%d", self.directory, step)
+    state = self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+    return state, step
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+def abstract_with_shardings(abstract_tree: Any, shardings: Any) -> Any:
+  """Attaches shardings to an eval_shape tree (eval_shape drops them) to make a restore target."""
+  return jax.tree.map(
+      lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+      abstract_tree, shardings)

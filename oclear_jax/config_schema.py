@@ -1,0 +1,115 @@
+"""The full set of config fields with defaults; experiment configs in configs/ override them.
+
+Every field exists here, so a typo on the command line (`--config.train.num_step=5`) or in a
+config file fails loudly naming the key: ml_collections refuses unknown keys on a locked
+ConfigDict, and `validate` checks what must be set and what must agree.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+REQUIRED = ("data.source", "train.batch_size", "train.num_steps", "model.embed_dim")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  # Raw catalogue -> records. `source='synthetic'` generates the built-in catalogue under
+  # `root` (default {workdir}/catalogue); `source='csv'` reads `root/csv` with `columns`.
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "synthetic"
+  c.data.root = ""
+  c.data.csv = "catalogue.csv"
+  c.data.columns = ml_collections.ConfigDict(
+      dict(id="id", image="image", title="title", label="label", kind="kind", split="split"))
+  c.data.eval_fraction = 0.2  # class-disjoint held-out share when the CSV has no split column
+  c.data.max_rows = 0  # 0 = all rows
+  c.data.synthetic = ml_collections.ConfigDict(dict(
+      num_products=300, queries_per_product=2, image_size=64, eval_fraction=0.2, seed=0,
+      query_difficulty=1.0, wrong_label_fraction=0.05, split_product_fraction=0.05,
+      near_duplicate_fraction=0.03, corrupt_fraction=0.0, empty_title_fraction=0.02))
+  c.data.records_dir = ""  # default {workdir}/records
+  c.data.num_shards = 4
+  c.data.stored_image_size = 64
+  c.data.tokenizer = ""  # "" = train a WordPiece vocabulary on the training titles
+  c.data.vocab_size = 2000
+  c.data.max_title_len = 24
+  c.data.train_preprocess = "decode|random_resized_crop(64)|flip_lr|color_jitter|value_range(-1, 1)"
+  c.data.eval_preprocess = "decode|resize(64)|value_range(-1, 1)"
+  c.data.shuffle_buffer = 2048
+  c.data.cache_decoded = True
+
+  c.model = ml_collections.ConfigDict()
+  c.model.image_tower = "vit"
+  c.model.vit = "mu"
+  c.model.patch_size = 8
+  c.model.text = ml_collections.ConfigDict(dict(width=128, depth=2, num_heads=4, mlp_dim=256, pool="mean"))
+  c.model.embed_dim = 128
+  c.model.head_hidden = 256
+  c.model.fusion = "gated"
+  c.model.title_dropout = 0.1
+  c.model.shared_heads = False
+
+  # Learning by classification: a margin softmax over class centres named ('classes', 'embed').
+  c.head = ml_collections.ConfigDict()
+  c.head.margin = "cosface"  # cosface | arcface | combined
+  c.head.scale = 30.0
+  c.head.m1 = 1.0
+  c.head.m2 = 0.0
+  c.head.m3 = 0.35
+  c.head.chunk_size = 0  # >0: scan each device's class shard in chunks (exact online log-sum-exp)
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.shape = (-1, 1)  # ('data', 'model'); -1 takes the remaining devices
+
+  c.sharding = ml_collections.ConfigDict()
+  # Logical axis -> mesh axes. Backbone axes absent from the rules are replicated.
+  c.sharding.rules = (("batch", ("data", "model")), ("classes", ("data", "model")))
+  c.sharding.max_replicated_mib = 256  # refuse to start if a bigger state array would be replicated
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.learning_rate = 1e-3
+  c.optimizer.warmup_steps = 50
+  c.optimizer.weight_decay = 1e-4
+  c.optimizer.grad_clip_norm = 1.0
+  c.optimizer.b2 = 0.999
+
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 128  # global
+  c.train.num_steps = 1000
+  c.train.log_every = 10
+  c.train.checkpoint_every = 200
+  c.train.keep_checkpoints = 3
+  c.train.async_checkpoints = True
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every = 0  # 0 = only at the start (untrained) and the end
+  c.eval.at_start = True
+  c.eval.batch_size = 128
+  c.eval.ks = (1, 5, 10)
+  c.eval.scann = True
+  c.eval.contact_sheet_queries = 6
+  return c
+
+
+def _get(config, dotted: str):
+  node = config
+  for part in dotted.split("."):
+    node = node[part]
+  return node
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks fields that must be set and combinations that cannot work, naming the key."""
+  for key in REQUIRED:
+    value = _get(config, key)
+    if value is None or value == "":
+      raise ValueError(f"config.{key} is required but is {value!r}")
+  if config.data.source not in ("synthetic", "csv"):
+    raise ValueError(f"config.data.source={config.data.source!r}: use 'synthetic' or 'csv'")
+  if config.data.source == "csv" and not config.data.root:
+    raise ValueError("config.data.root is required when config.data.source='csv' (the catalogue folder)")
+  for key in ("train.batch_size", "train.num_steps", "eval.batch_size", "model.embed_dim"):
+    if _get(config, key) <= 0:
+      raise ValueError(f"config.{key} must be positive, got {_get(config, key)}")

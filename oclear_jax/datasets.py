@@ -1,0 +1,93 @@
+"""The trainer's data section: raw catalogue -> records -> batches placed on the mesh.
+
+Wraps `input_pipeline` (which knows nothing of JAX) with what the trainer needs: one call that
+makes the records once (idempotent), and iterators of global `jax.Array` batches.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+
+from input_pipeline import catalogue as catalogue_lib
+from input_pipeline import records as records_lib
+from input_pipeline import synthetic_catalogue
+from input_pipeline import tokenizer as tokenizer_lib
+
+# Features that go to the device; ids and raw titles stay on the host.
+DEVICE_FEATURES = ("image", "title_tokens", "label", "kind")
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedData:
+  records_dir: str
+  catalogue_csv: str
+  summary: dict[str, Any]
+
+  @property
+  def num_classes(self) -> int:
+    return int(self.summary["num_classes"])
+
+  @property
+  def vocab_size(self) -> int:
+    return int(self.summary["vocab_size"])
+
+
+def catalogue_paths(data: ml_collections.ConfigDict, workdir: str) -> tuple[str, str]:
+  root = data.root or os.path.join(workdir, "catalogue")
+  csv_path = data.csv if os.path.isabs(data.csv) else os.path.join(root, data.csv)
+  records_dir = data.records_dir or os.path.join(workdir, "records")
+  return csv_path, records_dir
+
+
+def prepare_data(data: ml_collections.ConfigDict, workdir: str, *, seed: int = 0, progress: bool = True) -> PreparedData:
+  """Generates (synthetic) or reads the catalogue and writes records; reruns reuse them."""
+  csv_path, records_dir = catalogue_paths(data, workdir)
+  if jax.process_index() == 0:
+    if data.source == "synthetic":
+      spec = synthetic_catalogue.CatalogueSpec(**data.synthetic.to_dict())
+      synthetic_catalogue.generate_catalogue(os.path.dirname(csv_path), spec, progress=progress)
+    columns = catalogue_lib.CatalogueColumns(**{k: (v or None) for k, v in data.columns.to_dict().items()})
+    read = catalogue_lib.read_catalogue(
+        csv_path, columns, eval_fraction=data.eval_fraction, split_seed=seed, max_rows=data.max_rows or None)
+    logging.info("Catalogue %s: %s", csv_path, read.counts)
+    train_titles = [row.title for row in read.rows if row.split == "train"]
+    tokenizer = (tokenizer_lib.TitleTokenizer.load(data.tokenizer) if data.tokenizer
+                 else tokenizer_lib.TitleTokenizer.train(train_titles, vocab_size=data.vocab_size))
+    summary = records_lib.write_records(
+        read.rows, records_dir, tokenizer=tokenizer, max_title_len=data.max_title_len,
+        num_shards=data.num_shards, stored_image_size=data.stored_image_size or None, progress=progress)
+    summary = {**summary, "catalogue_counts": read.counts}
+    with open(os.path.join(records_dir, "catalogue_counts.json"), "w", encoding="utf-8") as f:
+      json.dump(read.counts, f, indent=2)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("records_ready")
+  with open(os.path.join(records_dir, "records.json"), encoding="utf-8") as f:
+    summary = json.load(f)
+  return PreparedData(records_dir=records_dir, catalogue_csv=csv_path, summary=summary)
+
+
+def to_device_batch(batch: dict[str, np.ndarray], place) -> dict[str, jax.Array]:
+  return place({k: batch[k] for k in DEVICE_FEATURES})
+
+
+def train_batches(prepared: PreparedData, data: ml_collections.ConfigDict, *, global_batch_size: int,
+                  seed: int) -> Iterator[dict[str, np.ndarray]]:
+  """An endless iterator of this process's share of each global training batch (numpy)."""
+  from input_pipeline import pipeline  # pylint: disable=g-import-not-at-top  (imports TF)
+  if global_batch_size % jax.process_count():
+    raise ValueError(f"config.train.batch_size={global_batch_size} must divide over {jax.process_count()} processes")
+  ds = pipeline.make_dataset(
+      prepared.records_dir, "train", batch_size=global_batch_size // jax.process_count(),
+      preprocess=data.train_preprocess, shuffle=True, repeat=True, seed=seed,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      cache_decoded=data.cache_decoded)
+  return ds.as_numpy_iterator()

@@ -1,0 +1,26 @@
+"""Retrieval evaluation: exact and ScaNN search, metrics, and report figures."""
+from oclear_jax.evaluators.exact_search import exact_top_k
+from oclear_jax.evaluators.metrics import map_at_r
+from oclear_jax.evaluators.metrics import num_relevant
+from oclear_jax.evaluators.metrics import r_precision
+from oclear_jax.evaluators.metrics import recall_against_exact
+from oclear_jax.evaluators.metrics import recall_at_k
+from oclear_jax.evaluators.metrics import relevance_matrix
+from oclear_jax.evaluators.metrics import retrieval_metrics
+from oclear_jax.evaluators.plots import contact_sheet
+from oclear_jax.evaluators.plots import plot_recall_at_k
+from oclear_jax.evaluators.scann_search import ScannIndex
+
+__all__ = [
+    "ScannIndex",
+    "contact_sheet",
+    "exact_top_k",
+    "map_at_r",
+    "num_relevant",
+    "plot_recall_at_k",
+    "r_precision",
+    "recall_against_exact",
+    "recall_at_k",
+    "relevance_matrix",
+    "retrieval_metrics",
+]

@@ -1,0 +1,21 @@
+"""Classification heads: angular margins and the class-sharded softmax."""
+
+from oclear_jax.heads.margins import arcface
+from oclear_jax.heads.margins import combined_margin
+from oclear_jax.heads.margins import cosface
+from oclear_jax.heads.margins import make_margin
+from oclear_jax.heads.margins import MarginFn
+from oclear_jax.heads.sharded_softmax import margin_softmax_loss
+from oclear_jax.heads.sharded_softmax import num_class_shards
+from oclear_jax.heads.sharded_softmax import pad_num_classes
+
+__all__ = [
+    "MarginFn",
+    "arcface",
+    "combined_margin",
+    "cosface",
+    "make_margin",
+    "margin_softmax_loss",
+    "num_class_shards",
+    "pad_num_classes",
+]

@@ -1,0 +1,248 @@
+"""The one config-driven training loop, in sections like big_vision's train.py.
+
+mesh -> data -> model init (eval_shape + jit out_shardings) -> restore -> update step ->
+evaluators -> loop. The backbone is replicated (or FSDP by rule) and data-parallel; the class
+centres are split by class over the mesh; the margin softmax never gathers full logits.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from oclear_jax import checkpoint as checkpoint_lib
+from oclear_jax import config_schema
+from oclear_jax import datasets
+from oclear_jax import metric_writers
+from oclear_jax import sharding
+from oclear_jax.evaluators import plots
+from oclear_jax.evaluators import retrieval
+from oclear_jax.heads import margins
+from oclear_jax.heads import sharded_softmax
+from oclear_jax.models import build_model
+
+
+def make_optimizer(opt: ml_collections.ConfigDict, num_steps: int) -> optax.GradientTransformation:
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, opt.learning_rate, warmup_steps=min(opt.warmup_steps, max(num_steps - 1, 1)),
+      decay_steps=max(num_steps, opt.warmup_steps + 1), end_value=opt.learning_rate * 0.01)
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)  # no decay on biases / norms
+  return optax.chain(
+      optax.clip_by_global_norm(opt.grad_clip_norm) if opt.grad_clip_norm > 0 else optax.identity(),
+      optax.adamw(schedule, b2=opt.b2, weight_decay=opt.weight_decay, mask=decay_mask))
+
+
+class OclearTask:
+  """Model + class centres + optimizer for one config: builds states and the jitted steps."""
+
+  def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *, num_classes: int,
+               vocab_size: int):
+    self.config = config
+    self.mesh = mesh
+    self.rules = sharding.logical_rules(config.sharding.rules)
+    self.model = build_model(config.model, vocab_size=vocab_size, max_title_len=config.data.max_title_len)
+    self.num_classes = num_classes
+    self.batch_axes = sharding.mesh_axes("batch", self.rules)
+    self.class_axes = sharding.mesh_axes("classes", self.rules)
+    self.padded_classes = sharded_softmax.pad_num_classes(num_classes, sharding.num_shards(mesh, self.class_axes))
+    self.tx = make_optimizer(config.optimizer, config.train.num_steps)
+    head = config.head
+    self.margin_fn = margins.make_margin(head.margin, scale=head.scale, m1=head.m1, m2=head.m2, m3=head.m3)
+    size = config.data.stored_image_size
+    self._dummy = dict(
+        image=jnp.zeros((2, size, size, 3), jnp.float32),
+        title_tokens=jnp.zeros((2, config.data.max_title_len), jnp.int32),
+        kind=jnp.zeros((2,), jnp.int32))
+
+  # == Init: shapes from eval_shape, parameters created already sharded ===========================
+  def _init_boxed(self, rng: jax.Array) -> dict[str, Any]:
+    model_rng, centers_rng = jax.random.split(rng)
+    variables = self.model.init(
+        {"params": model_rng, "dropout": model_rng}, self._dummy["image"], self._dummy["title_tokens"],
+        self._dummy["kind"] == 1, train=False)
+    centers_init = nn.with_logical_partitioning(nn.initializers.normal(0.01), ("classes", "embed"))
+    params = {"encoder": variables["params"],
+              "class_centers": centers_init(centers_rng, (self.padded_classes, self.config.model.embed_dim))}
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": self.tx.init(params)}
+
+  def abstract_state(self):
+    """(abstract unboxed state, its NamedShardings)."""
+    with nn.logical_axis_rules(self.rules):
+      boxed = jax.eval_shape(self._init_boxed, jax.random.key(0))
+      shardings = sharding.tree_shardings(boxed, self.mesh, self.rules)
+    return nn.meta.unbox(boxed), shardings
+
+  def init_state(self, rng: jax.Array, shardings: Any) -> dict[str, Any]:
+    init = jax.jit(lambda r: nn.meta.unbox(self._init_boxed(r)), out_shardings=shardings)
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      return init(rng)
+
+  # == Update step ===============================================================================
+  def loss_fn(self, params, batch, rng):
+    embeddings = self.model.apply(
+        {"params": params["encoder"]}, batch["image"], batch["title_tokens"], batch["kind"] == 1,
+        train=True, rngs={"dropout": rng})
+    loss, aux = sharded_softmax.margin_softmax_loss(
+        embeddings, batch["label"], params["class_centers"], num_classes=self.num_classes,
+        margin_fn=self.margin_fn, mesh=self.mesh, batch_axes=self.batch_axes, class_axes=self.class_axes,
+        chunk_size=self.config.head.chunk_size or None)
+    return loss, aux
+
+  def train_step(self, state, batch, base_rng):
+    # The step's randomness is a function of the step alone, so a resumed run replays it exactly.
+    rng = jax.random.fold_in(base_rng, state["step"])
+    (loss, aux), grads = jax.value_and_grad(self.loss_fn, has_aux=True)(state["params"], batch, rng)
+    updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics = {"loss": loss, "accuracy": aux["accuracy"], "grad_norm": optax.global_norm(grads)}
+    return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+
+  def jit_train_step(self, shardings):
+    step = jax.jit(self.train_step, in_shardings=(shardings, None, None), out_shardings=(shardings, None),
+                   donate_argnums=(0,))
+
+    def run(state, batch, rng):
+      with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+        return step(state, batch, rng)
+    return run
+
+  # == Predict (for evaluators) ==================================================================
+  def jit_predict(self):
+    def predict(params, batch):
+      variables = {"params": params["encoder"]}
+      return {"query": self.model.apply(variables, batch["image"], method="embed_queries"),
+              "doc": self.model.apply(variables, batch["image"], batch["title_tokens"], method="embed_documents")}
+    predict = jax.jit(predict)
+
+    def run(params, batch):
+      with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+        return predict(params, batch)
+    return run
+
+
+def _evaluate(task: OclearTask, state, prepared: datasets.PreparedData, workdir: str, step: int, *,
+              artifacts: bool) -> dict[str, float]:
+  from input_pipeline import pipeline  # pylint: disable=g-import-not-at-top  (imports TF)
+  config = task.config
+  place = lambda b: sharding.global_batch(b, task.mesh, task.rules)
+  predict = task.jit_predict()
+  batches = pipeline.make_dataset(
+      prepared.records_dir, "eval", batch_size=config.eval.batch_size, preprocess=config.data.eval_preprocess,
+      shuffle=False, repeat=False, drop_remainder=False).as_numpy_iterator()
+  eval_set = retrieval.embed_eval_set(batches, lambda b: predict(state["params"], b), place, config.eval.batch_size)
+  result = retrieval.search_and_score(
+      eval_set, ks=tuple(config.eval.ks), use_scann=config.eval.scann,
+      scann_dir=os.path.join(workdir, "scann_index") if artifacts else None)
+  retrieval.save_metrics(os.path.join(workdir, "eval", f"step_{step}.json"), step, result.metrics)
+  if artifacts and config.eval.contact_sheet_queries > 0:
+    wanted = retrieval.contact_sheet_ids(eval_set, result, config.eval.contact_sheet_queries)
+    images = {}
+    for batch in pipeline.make_dataset(prepared.records_dir, "eval", batch_size=config.eval.batch_size,
+                                       preprocess=config.data.eval_preprocess, shuffle=False, repeat=False,
+                                       drop_remainder=False).as_numpy_iterator():
+      for i, ex_id in enumerate(batch["id"]):
+        if ex_id in wanted:
+          images[ex_id] = np.clip((batch["image"][i] + 1.0) * 127.5, 0, 255).astype(np.uint8)
+    retrieval.write_contact_sheet(eval_set, result, images, os.path.join(workdir, "contact_sheet.png"),
+                                  config.eval.contact_sheet_queries)
+  return result.metrics
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) -> dict[str, Any]:
+  """Runs (or resumes) the experiment in `workdir`; returns the first and last eval metrics."""
+  config_schema.validate(config)
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  # == Mesh ======================================================================================
+  mesh = sharding.make_mesh(config.mesh.shape)
+  logging.info("Mesh %s over %d devices", dict(mesh.shape), mesh.size)
+
+  # == Data ======================================================================================
+  prepared = datasets.prepare_data(config.data, workdir, seed=config.seed, progress=progress)
+  logging.info("Records in %s: %d classes, skipped %s", prepared.records_dir, prepared.num_classes,
+               prepared.summary.get("skipped", {}))
+
+  # == Model & init ==============================================================================
+  task = OclearTask(config, mesh, num_classes=prepared.num_classes, vocab_size=prepared.vocab_size)
+  abstract, shardings = task.abstract_state()
+  sharding.check_sufficiently_sharded(abstract, shardings, int(config.sharding.max_replicated_mib * 2**20))
+  store = checkpoint_lib.CheckpointStore(os.path.join(workdir, "checkpoints"),
+                                         max_to_keep=config.train.keep_checkpoints,
+                                         async_save=config.train.async_checkpoints)
+
+  # == Restore ===================================================================================
+  state, start_step = store.restore(checkpoint_lib.abstract_with_shardings(abstract, shardings))
+  if state is None:
+    state, start_step = task.init_state(jax.random.key(config.seed), shardings), 0
+  else:
+    logging.info("Resumed from step %d", start_step)
+
+  # == Evaluators ================================================================================
+  writer = metric_writers.MetricWriter(workdir)
+  evaluate = functools.partial(_evaluate, task, prepared=prepared, workdir=workdir)
+  eval_history = _load_eval_history(workdir)
+  if config.eval.at_start and start_step == 0 and 0 not in eval_history:
+    eval_history[0] = evaluate(state, step=0, artifacts=False)
+    writer.write(0, {f"eval/{k}": v for k, v in eval_history[0].items()})
+
+  # == Loop ======================================================================================
+  train_step = task.jit_train_step(shardings)
+  base_rng = jax.random.key(config.seed + 1)
+  batches = datasets.train_batches(prepared, config.data, global_batch_size=config.train.batch_size,
+                                   seed=config.seed + start_step)
+  progress_line = metric_writers.ProgressLine(config.train.num_steps, config.train.batch_size, start_step)
+  place = lambda b: sharding.global_batch(b, mesh, task.rules)
+  metrics = None
+  for step in range(start_step + 1, config.train.num_steps + 1):
+    state, metrics = train_step(state, datasets.to_device_batch(next(batches), place), base_rng)
+    if step % config.train.log_every == 0 or step == config.train.num_steps:
+      scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      if not np.isfinite(scalars["loss"]):
+        raise FloatingPointError(f"loss is {scalars['loss']} at step {step}; the last good checkpoint is kept")
+      line, examples_per_s = progress_line.update(step, scalars)
+      logging.info(line)
+      if progress:
+        print(line, flush=True)
+      writer.write(step, {**{f"train/{k}": v for k, v in scalars.items()}, "train/examples_per_s": examples_per_s})
+    if step % config.train.checkpoint_every == 0 or step == config.train.num_steps:
+      store.save(step, state)
+    if config.eval.every and step % config.eval.every == 0 and step != config.train.num_steps:
+      eval_history[step] = evaluate(state, step=step, artifacts=False)
+      writer.write(step, {f"eval/{k}": v for k, v in eval_history[step].items()})
+
+  final_step = int(jax.device_get(state["step"]))
+  if final_step not in eval_history or not os.path.exists(os.path.join(workdir, "contact_sheet.png")):
+    eval_history[final_step] = evaluate(state, step=final_step, artifacts=True)
+    writer.write(final_step, {f"eval/{k}": v for k, v in eval_history[final_step].items()})
+  store.close()
+  writer.close()
+  if jax.process_index() == 0:
+    curves = {("untrained" if s == 0 else f"step {s}"): {k: m[f"recall@{k}"] for k in config.eval.ks}
+              for s, m in sorted(eval_history.items()) if s in (0, final_step)}
+    plots.plot_recall_at_k(curves, os.path.join(workdir, "recall_at_k.png"))
+  return {"final_step": final_step, "eval": eval_history}
+
+
+def _load_eval_history(workdir: str) -> dict[int, dict[str, float]]:
+  history = {}
+  eval_dir = os.path.join(workdir, "eval")
+  if os.path.isdir(eval_dir):
+    for name in os.listdir(eval_dir):
+      if name.startswith("step_") and name.endswith(".json"):
+        with open(os.path.join(eval_dir, name), encoding="utf-8") as f:
+          record = json.load(f)
+        history[int(record.pop("step"))] = record
+  return history
