@@ -78,7 +78,8 @@ def _check_columns(csv_path: pathlib.Path, header: Sequence[str],
           f"set config.data.columns.{field.name}")
 
 
-def _checked_value(csv_path, line, field, value, allowed, columns) -> str:
+def _checked_value(csv_path: pathlib.Path, line: int, field: str, value: str,
+                   allowed: tuple[str, ...], columns: CatalogueColumns) -> str:
   value = value.strip().lower()
   if value not in allowed:
     raise ValueError(

@@ -34,7 +34,7 @@ class PreparedData:
 
   @property
   def num_classes(self) -> int:
-    return int(self.summary["num_classes"])
+    return int(self.summary["num_classes"]["train"])
 
   @property
   def vocab_size(self) -> int:
@@ -89,5 +89,5 @@ def train_batches(prepared: PreparedData, data: ml_collections.ConfigDict, *, gl
       prepared.records_dir, "train", batch_size=global_batch_size // jax.process_count(),
       preprocess=data.train_preprocess, shuffle=True, repeat=True, seed=seed,
       process_index=jax.process_index(), process_count=jax.process_count(),
-      cache_decoded=data.cache_decoded)
+      cache_decoded=data.cache_decoded, shuffle_buffer=data.shuffle_buffer)
   return ds.as_numpy_iterator()

@@ -113,13 +113,15 @@ def _combine(a: dict[str, jax.Array],
 def _local_stats(emb_n, labels, centers, offset, *, num_classes, margin_fn,
                  chunk_size):
   """Row statistics over this device's class shard, optionally chunked."""
-  stats = jax.checkpoint(
-      lambda e, c, o: _chunk_stats(e, labels, c, o, num_classes=num_classes,
-                                   margin_fn=margin_fn))
   c_local = centers.shape[0]
   if chunk_size is None or chunk_size >= c_local:
     return _chunk_stats(emb_n, labels, centers, offset,
                         num_classes=num_classes, margin_fn=margin_fn)
+  # Remat: the backward pass recomputes each chunk's [rows, chunk] logits
+  # instead of keeping all of them, so it too stays O(rows x chunk).
+  stats = jax.checkpoint(
+      lambda e, c, o: _chunk_stats(e, labels, c, o, num_classes=num_classes,
+                                   margin_fn=margin_fn))
   n_chunks = c_local // chunk_size
   chunks = centers.reshape(n_chunks, chunk_size, centers.shape[1])
   # The first chunk seeds the carry so that its types (including which mesh

@@ -1,0 +1,218 @@
+"""OCLEAR: one image tower for shopper photos and catalogue shots, separate heads, fused titles.
+
+query = normalize(query_head(image_tower(photo)))
+doc   = normalize(fusion(doc_head(image_tower(catalogue_image)), text_tower(title)))
+
+The image tower is shared because both sides are photos of the same products and the tower holds
+nearly all parameters; the two small heads absorb the domain gap (lighting, clutter, crops in
+shopper photos vs. clean studio shots). With `shared_heads=True` one head serves both sides, so an
+untitled document and a query of the same image get the same embedding. Class centres are not
+here: the trainer keeps them beside this module, sharded by class.
+
+Towers are looked up by name in `IMAGE_TOWERS` / `TEXT_TOWERS`; a new backbone (EfficientNet-Lite0,
+a pretrained MiniLM) registers a builder and needs no change here. An image tower maps
+f32[B, H, W, 3] in [-1, 1] to (tokens, pooled f32[B, width]); a text tower maps int32[B, L] ids
+(pad 0) to (tokens, pooled f32[B, width], mask).
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from oclear_jax.models import fusion as fusion_lib
+from oclear_jax.models import text as text_lib
+from oclear_jax.models import vit
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+  width: int = 128
+  depth: int = 2
+  num_heads: int = 4
+  mlp_dim: int = 256
+  pool: str = "mean"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """The `config.model` section; defaults match `oclear_jax.config_schema`."""
+  image_tower: str = "vit"
+  vit: Any = "mu"  # a VIT_PRESETS name, or {width, depth, num_heads, mlp_dim}
+  patch_size: int = 8
+  vit_pool: str = "mean"
+  dropout: float = 0.0
+  text_tower: str = "transformer"
+  text: TextConfig = dataclasses.field(default_factory=TextConfig)
+  embed_dim: int = 128
+  head_hidden: int = 256
+  fusion: str = "gated"
+  title_dropout: float = 0.1
+  shared_heads: bool = False
+  title_special_ids: tuple[int, ...] = fusion_lib.DEFAULT_SPECIAL_IDS
+
+  @classmethod
+  def from_config(cls, config: Any) -> ModelConfig:
+    """From a ModelConfig, a mapping or an ml_collections ConfigDict; absent fields keep defaults."""
+    if isinstance(config, cls):
+      return config
+    values = {f.name: _get(config, f.name) for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in values.items() if v is not None}
+    if "text" in values and not isinstance(values["text"], TextConfig):
+      text_values = {f.name: _get(values["text"], f.name) for f in dataclasses.fields(TextConfig)}
+      values["text"] = TextConfig(**{k: v for k, v in text_values.items() if v is not None})
+    if "title_special_ids" in values:
+      values["title_special_ids"] = tuple(int(i) for i in values["title_special_ids"])
+    return cls(**values)
+
+
+def _get(config: Any, name: str) -> Any:
+  if isinstance(config, Mapping):
+    return config.get(name)
+  return getattr(config, name, None)
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps))
+
+
+class ProjectionHead(nn.Module):
+  """Dense(width -> hidden) + GELU + Dense(-> embed_dim): maps tower features to the retrieval space."""
+  hidden: int
+  embed_dim: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = nn.gelu(vit.partitioned_dense(self.hidden, ("embed", "mlp"), name="fc1")(x))
+    x = nn.with_logical_constraint(x, ("batch", "mlp"))
+    x = vit.partitioned_dense(self.embed_dim, ("mlp", "proj"), name="fc2")(x)
+    return nn.with_logical_constraint(x, fusion_lib.EMBED_AXES)
+
+
+class OclearModel(nn.Module):
+  """Query and document embeddings (unit norm, f32[B, embed_dim]); see the module docstring."""
+  image_encoder: nn.Module
+  text_encoder: nn.Module | None
+  embed_dim: int
+  head_hidden: int
+  fusion: str = "gated"
+  title_dropout: float = 0.0
+  shared_heads: bool = False
+  title_special_ids: tuple[int, ...] = fusion_lib.DEFAULT_SPECIAL_IDS
+
+  def setup(self):
+    if self.fusion != "image_only" and self.text_encoder is None:
+      raise ValueError(f"fusion={self.fusion!r} needs a text_encoder; pass one or use fusion='image_only'")
+    if self.shared_heads:
+      self.shared_head = ProjectionHead(self.head_hidden, self.embed_dim)
+    else:
+      self.query_head = ProjectionHead(self.head_hidden, self.embed_dim)
+      self.doc_head = ProjectionHead(self.head_hidden, self.embed_dim)
+    self.doc_fusion = fusion_lib.DocumentFusion(self.fusion, self.title_dropout)
+
+  def _image_features(self, images: jax.Array, train: bool) -> jax.Array:
+    _, pooled = self.image_encoder(images, train=train)
+    return pooled
+
+  def _query_head(self, features: jax.Array) -> jax.Array:
+    return self.shared_head(features) if self.shared_heads else self.query_head(features)
+
+  def _doc_head(self, features: jax.Array) -> jax.Array:
+    return self.shared_head(features) if self.shared_heads else self.doc_head(features)
+
+  def _fuse_documents(self, doc_emb: jax.Array, title_tokens: jax.Array | None, train: bool) -> jax.Array:
+    if self.fusion == "image_only":
+      return self.doc_fusion(doc_emb, None, None, train=train)
+    if title_tokens is None:
+      raise ValueError(f"fusion={self.fusion!r} needs title_tokens int32[B, L] (all padding for no title)")
+    _, text_pooled, _ = self.text_encoder(title_tokens, train=train)
+    has_title = fusion_lib.title_present(title_tokens, self.title_special_ids)
+    return self.doc_fusion(doc_emb, text_pooled, has_title, train=train)
+
+  def embed_queries(self, images: jax.Array, *, train: bool = False) -> jax.Array:
+    """Shopper photos f32[B, H, W, 3] in [-1, 1] -> unit f32[B, embed_dim]."""
+    return l2_normalize(self._query_head(self._image_features(images, train)))
+
+  def embed_documents(self, images: jax.Array, title_tokens: jax.Array | None, *, train: bool = False) -> jax.Array:
+    """Catalogue images and title ids int32[B, L] (pad 0) -> unit f32[B, embed_dim]."""
+    doc_emb = self._doc_head(self._image_features(images, train))
+    return l2_normalize(self._fuse_documents(doc_emb, title_tokens, train))
+
+  def __call__(self, images: jax.Array, title_tokens: jax.Array | None, is_query: jax.Array, *,
+               train: bool = False) -> jax.Array:
+    """The training path on a mixed batch: one image-tower pass, both heads, a per-example pick.
+
+    Queries also run through the text tower (their titles are empty, so fusion leaves them
+    untouched); that costs a small text pass but keeps shapes static and the batch unsplit.
+    """
+    features = self._image_features(images, train)
+    queries = self._query_head(features)
+    documents = self._fuse_documents(self._doc_head(features), title_tokens, train)
+    return l2_normalize(jnp.where(jnp.asarray(is_query)[:, None], queries, documents))
+
+
+# == Tower registries ===========================================================================
+ImageTowerBuilder = Callable[[ModelConfig], nn.Module]
+TextTowerBuilder = Callable[[ModelConfig, int, int], nn.Module]  # (config, vocab_size, max_len)
+IMAGE_TOWERS: dict[str, ImageTowerBuilder] = {}
+TEXT_TOWERS: dict[str, TextTowerBuilder] = {}
+
+
+def register_image_tower(name: str) -> Callable[[ImageTowerBuilder], ImageTowerBuilder]:
+  def register(builder: ImageTowerBuilder) -> ImageTowerBuilder:
+    if name in IMAGE_TOWERS:
+      raise ValueError(f"image tower {name!r} is already registered")
+    IMAGE_TOWERS[name] = builder
+    return builder
+  return register
+
+
+def register_text_tower(name: str) -> Callable[[TextTowerBuilder], TextTowerBuilder]:
+  def register(builder: TextTowerBuilder) -> TextTowerBuilder:
+    if name in TEXT_TOWERS:
+      raise ValueError(f"text tower {name!r} is already registered")
+    TEXT_TOWERS[name] = builder
+    return builder
+  return register
+
+
+@register_image_tower("vit")
+def _build_vit(config: ModelConfig) -> nn.Module:
+  return vit.ViTEncoder(patch_size=config.patch_size, dropout=config.dropout, pool=config.vit_pool,
+                        **vit.vit_sizes(config.vit))
+
+
+@register_text_tower("transformer")
+def _build_text_transformer(config: ModelConfig, vocab_size: int, max_len: int) -> nn.Module:
+  t = config.text
+  return text_lib.TextEncoder(vocab_size=vocab_size, max_len=max_len, width=t.width, depth=t.depth,
+                              num_heads=t.num_heads, mlp_dim=t.mlp_dim, dropout=config.dropout, pool=t.pool)
+
+
+def build_model(model_config: Any, *, vocab_size: int, max_title_len: int) -> OclearModel:
+  """`config.model` (ConfigDict, mapping or ModelConfig) + tokenizer facts -> an OclearModel."""
+  config = ModelConfig.from_config(model_config)
+  if config.image_tower not in IMAGE_TOWERS:
+    raise ValueError(f"model.image_tower={config.image_tower!r} is unknown; registered: {sorted(IMAGE_TOWERS)}")
+  if config.fusion not in fusion_lib.FUSIONS:
+    raise ValueError(f"model.fusion={config.fusion!r} is unknown; use one of {fusion_lib.FUSIONS}")
+  if not 0.0 <= config.title_dropout <= 1.0:
+    raise ValueError(f"model.title_dropout={config.title_dropout} must lie in [0, 1]")
+  text_encoder = None
+  if config.fusion != "image_only":
+    if config.text_tower not in TEXT_TOWERS:
+      raise ValueError(f"model.text_tower={config.text_tower!r} is unknown; registered: {sorted(TEXT_TOWERS)}")
+    text_encoder = TEXT_TOWERS[config.text_tower](config, vocab_size, max_title_len)
+  return OclearModel(
+      image_encoder=IMAGE_TOWERS[config.image_tower](config),
+      text_encoder=text_encoder,
+      embed_dim=config.embed_dim,
+      head_hidden=config.head_hidden,
+      fusion=config.fusion,
+      title_dropout=config.title_dropout,
+      shared_heads=config.shared_heads,
+      title_special_ids=config.title_special_ids)

@@ -1,0 +1,169 @@
+"""The image tower: a small Vision Transformer, and the pre-LN block the text tower reuses.
+
+A ViT rather than a ConvNet because the demo trains on a 2-core CPU, where XLA:CPU convolutions
+(depthwise ones above all) are an order of magnitude slower than the same FLOPs as matmuls. Patches
+are therefore cut with a reshape and embedded with a Dense layer, not a strided convolution.
+
+Every parameter and block-boundary activation is named with *logical* axes only ('batch',
+'length', 'embed', 'mlp', 'heads', 'kv', 'patch'); `oclear_jax.sharding` maps them to the mesh.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# (width, depth, num_heads, mlp_dim). 'nano' is the seconds-long test size, 'mu' the CPU demo size;
+# 'ti', 's' and 'b' are the usual ViT-Ti/S/B.
+VIT_PRESETS: dict[str, tuple[int, int, int, int]] = {
+    "nano": (32, 1, 2, 64),
+    "mu": (128, 3, 4, 256),
+    "ti": (192, 12, 3, 768),
+    "s": (384, 12, 6, 1536),
+    "b": (768, 12, 12, 3072),
+}
+
+TOKEN_AXES = ("batch", "length", "embed")
+POOLED_AXES = ("batch", "embed")
+
+
+def partitioned_dense(features: int, kernel_axes: tuple[str, str], *, name: str | None = None) -> nn.Dense:
+  """A Dense layer whose kernel and bias carry logical axis names (the bias takes the output's)."""
+  return nn.Dense(
+      features,
+      kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(), kernel_axes),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), kernel_axes[-1:]),
+      name=name)
+
+
+def partitioned_layer_norm(*, name: str | None = None) -> nn.LayerNorm:
+  return nn.LayerNorm(
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
+      name=name)
+
+
+def pool_tokens(tokens: jax.Array, pool: str, mask: jax.Array | None = None) -> jax.Array:
+  """'cls' takes token 0; 'mean' averages the tokens where `mask` (default: all) is True.
+
+  An all-False mask row pools to zeros rather than NaN, so padded (empty) titles stay finite
+  and their gradients too.
+  """
+  if pool == "cls":
+    return tokens[:, 0]
+  if pool != "mean":
+    raise ValueError(f"pool={pool!r} is not supported; use 'mean' or 'cls'")
+  if mask is None:
+    return tokens.mean(axis=1)
+  weights = mask.astype(tokens.dtype)[..., None]
+  return (tokens * weights).sum(axis=1) / jnp.maximum(weights.sum(axis=1), 1.0)
+
+
+class MlpBlock(nn.Module):
+  """Dense(width -> mlp_dim) + GELU + Dense(-> width), as in ViT and BERT."""
+  mlp_dim: int
+  dropout: float = 0.0
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    width = x.shape[-1]
+    y = partitioned_dense(self.mlp_dim, ("embed", "mlp"), name="fc1")(x)
+    y = nn.with_logical_constraint(nn.gelu(y), ("batch", "length", "mlp"))
+    y = nn.Dropout(self.dropout)(y, deterministic=not train)
+    return partitioned_dense(width, ("mlp", "embed"), name="fc2")(y)
+
+
+class TransformerBlock(nn.Module):
+  """Pre-LN block: x + Attn(LN(x)), then x + MLP(LN(x)). Shared by the image and text towers.
+
+  `mask` is a [B, 1, L, L] boolean attention mask (True = may attend), or None for images.
+  """
+  num_heads: int
+  mlp_dim: int
+  dropout: float = 0.0
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None, *, train: bool = False) -> jax.Array:
+    x = nn.with_logical_constraint(x, TOKEN_AXES)
+    y = partitioned_layer_norm(name="ln_attn")(x)
+    y = nn.MultiHeadDotProductAttention(
+        num_heads=self.num_heads,
+        dropout_rate=self.dropout,
+        deterministic=not train,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(), ("embed", "heads", "kv")),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("heads", "kv")),
+        out_kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(), ("heads", "kv", "embed")),
+        out_bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
+        name="attn")(y, y, mask=mask)
+    y = nn.Dropout(self.dropout)(y, deterministic=not train)
+    x = nn.with_logical_constraint(x + y, TOKEN_AXES)
+    y = partitioned_layer_norm(name="ln_mlp")(x)
+    y = MlpBlock(self.mlp_dim, self.dropout, name="mlp")(y, train=train)
+    y = nn.Dropout(self.dropout)(y, deterministic=not train)
+    return nn.with_logical_constraint(x + y, TOKEN_AXES)
+
+
+def patchify(images: jax.Array, patch_size: int) -> jax.Array:
+  """f32[B, H, W, C] -> f32[B, (H/p)*(W/p), p*p*C], row-major over the patch grid."""
+  b, h, w, c = images.shape
+  if h % patch_size or w % patch_size:
+    raise ValueError(f"image size {h}x{w} is not divisible by patch_size={patch_size}; "
+                     f"resize in the preprocessing (e.g. resize({h - h % patch_size})) or change model.patch_size")
+  gh, gw = h // patch_size, w // patch_size
+  x = images.reshape(b, gh, patch_size, gw, patch_size, c)
+  x = x.transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, gh * gw, patch_size * patch_size * c)
+
+
+class ViTEncoder(nn.Module):
+  """Images f32[B, H, W, 3] -> (tokens f32[B, N, width], pooled f32[B, width]).
+
+  N = (H/p)*(W/p), plus one when pool='cls' (the class token is then tokens[:, 0]). Position
+  embeddings are learned for one image size; a different size at apply time fails on the shape.
+  """
+  patch_size: int
+  width: int
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  dropout: float = 0.0
+  pool: str = "mean"
+
+  @nn.compact
+  def __call__(self, images: jax.Array, *, train: bool = False) -> tuple[jax.Array, jax.Array]:
+    if self.pool not in ("mean", "cls"):
+      raise ValueError(f"ViTEncoder.pool={self.pool!r} is not supported; use 'mean' or 'cls'")
+    patches = nn.with_logical_constraint(patchify(images, self.patch_size), ("batch", "length", "patch"))
+    x = partitioned_dense(self.width, ("patch", "embed"), name="patch_embed")(patches)
+    pos = self.param("pos_embed", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("length", "embed")),
+                     x.shape[1:], jnp.float32)
+    x = x + pos[None]
+    if self.pool == "cls":
+      cls = self.param("cls_token", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
+                       (self.width,), jnp.float32)
+      x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.width)), x], axis=1)
+    x = nn.Dropout(self.dropout)(x, deterministic=not train)
+    for i in range(self.depth):
+      x = TransformerBlock(self.num_heads, self.mlp_dim, self.dropout, name=f"block{i}")(x, train=train)
+    tokens = nn.with_logical_constraint(partitioned_layer_norm(name="ln_final")(x), TOKEN_AXES)
+    pooled = nn.with_logical_constraint(pool_tokens(tokens, self.pool), POOLED_AXES)
+    return tokens, pooled
+
+
+def vit_sizes(spec: Any) -> dict[str, int]:
+  """A preset name ('mu') or explicit sizes (mapping or 4-sequence) -> ViTEncoder size kwargs."""
+  keys = ("width", "depth", "num_heads", "mlp_dim")
+  if isinstance(spec, str):
+    if spec not in VIT_PRESETS:
+      raise ValueError(f"model.vit={spec!r} is not a ViT preset; use one of {sorted(VIT_PRESETS)} "
+                       f"or explicit sizes {{width, depth, num_heads, mlp_dim}}")
+    return dict(zip(keys, VIT_PRESETS[spec]))
+  if isinstance(spec, Sequence):
+    return dict(zip(keys, (int(v) for v in spec), strict=True))
+  missing = [k for k in keys if k not in spec]
+  if missing:
+    raise ValueError(f"model.vit sizes lack {missing}; give all of {keys} or a preset {sorted(VIT_PRESETS)}")
+  return {k: int(spec[k]) for k in keys}
