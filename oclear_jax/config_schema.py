@@ -55,7 +55,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.head = ml_collections.ConfigDict()
   c.head.margin = "cosface"  # cosface | arcface | combined
   c.head.scale = 30.0
-  c.head.m1 = 1.0
+  c.head.margin_value = 0.35  # m of cosface (cos - m) or arcface (cos(theta + m))
+  c.head.m1 = 1.0  # combined only: cos(m1 * theta + m2) - m3
   c.head.m2 = 0.0
   c.head.m3 = 0.35
   c.head.chunk_size = 0  # >0: scan each device's class shard in chunks (exact online log-sum-exp)

@@ -10,7 +10,6 @@ import functools
 import json
 import logging
 import os
-import time
 from typing import Any
 
 import flax.linen as nn
@@ -42,6 +41,12 @@ def make_optimizer(opt: ml_collections.ConfigDict, num_steps: int) -> optax.Grad
       optax.adamw(schedule, b2=opt.b2, weight_decay=opt.weight_decay, mask=decay_mask))
 
 
+def margin_from_config(head: ml_collections.ConfigDict) -> margins.MarginFn:
+  if head.margin.lower() == "combined":
+    return margins.make_margin("combined", scale=head.scale, m1=head.m1, m2=head.m2, m3=head.m3)
+  return margins.make_margin(head.margin, scale=head.scale, margin=head.margin_value)
+
+
 class OclearTask:
   """Model + class centres + optimizer for one config: builds states and the jitted steps."""
 
@@ -54,10 +59,10 @@ class OclearTask:
     self.num_classes = num_classes
     self.batch_axes = sharding.mesh_axes("batch", self.rules)
     self.class_axes = sharding.mesh_axes("classes", self.rules)
-    self.padded_classes = sharded_softmax.pad_num_classes(num_classes, sharding.num_shards(mesh, self.class_axes))
+    self.padded_classes = sharded_softmax.pad_num_classes(
+        num_classes, sharding.num_shards(mesh, self.class_axes), chunk_size=config.head.chunk_size or None)
     self.tx = make_optimizer(config.optimizer, config.train.num_steps)
-    head = config.head
-    self.margin_fn = margins.make_margin(head.margin, scale=head.scale, m1=head.m1, m2=head.m2, m3=head.m3)
+    self.margin_fn = margin_from_config(config.head)
     size = config.data.stored_image_size
     self._dummy = dict(
         image=jnp.zeros((2, size, size, 3), jnp.float32),
