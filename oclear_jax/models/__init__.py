@@ -14,6 +14,7 @@ from oclear_jax.models.oclear import register_text_tower
 from oclear_jax.models.oclear import TEXT_TOWERS
 from oclear_jax.models.oclear import TextConfig
 from oclear_jax.models.text import TextEncoder
+from oclear_jax.models.vit import SelfAttention
 from oclear_jax.models.vit import TransformerBlock
 from oclear_jax.models.vit import VIT_PRESETS
 from oclear_jax.models.vit import ViTEncoder
@@ -28,6 +29,7 @@ __all__ = [
     "TEXT_TOWERS",
     "TextConfig",
     "TextEncoder",
+    "SelfAttention",
     "TransformerBlock",
     "VIT_PRESETS",
     "ViTEncoder",

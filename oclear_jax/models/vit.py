@@ -76,8 +76,51 @@ class MlpBlock(nn.Module):
     return partitioned_dense(width, ("mlp", "embed"), name="fc2")(y)
 
 
+class SelfAttention(nn.Module):
+  """Multi-head self-attention with 3-D projection kernels named ('embed', 'heads', 'kv').
+
+  Not `nn.MultiHeadDotProductAttention`: in flax 0.12.8 its DenseGeneral calls the kernel
+  initializer at the *flattened* 2-D shape and unboxes the result, so under `jax.set_mesh` a
+  3-name logical constraint hits a 2-D array and init fails. Here the kernels are created at
+  their true shapes, with flax's layout (query/key/value/out kernels and biases, flattened into
+  names like `query_kernel`), so weights convert one to one; the attention is `nn.dot_product_attention`.
+  """
+  num_heads: int
+  dropout: float = 0.0
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None, *, train: bool = False) -> jax.Array:
+    width = x.shape[-1]
+    if width % self.num_heads:
+      raise ValueError(f"width {width} is not divisible by num_heads={self.num_heads}")
+    head_dim = width // self.num_heads
+    qkv_init = nn.with_logical_partitioning(
+        nn.initializers.xavier_uniform(in_axis=0, out_axis=(1, 2)), ("embed", "heads", "kv"))
+    qkv_bias_init = nn.with_logical_partitioning(nn.initializers.zeros_init(), ("heads", "kv"))
+
+    def project(name: str) -> jax.Array:
+      kernel = self.param(f"{name}_kernel", qkv_init, (width, self.num_heads, head_dim), jnp.float32)
+      bias = self.param(f"{name}_bias", qkv_bias_init, (self.num_heads, head_dim), jnp.float32)
+      return nn.with_logical_constraint(jnp.einsum("ble,ehk->blhk", x, kernel) + bias,
+                                        ("batch", "length", "heads", "kv"))
+
+    q, k, v = project("query"), project("key"), project("value")
+    use_dropout = train and self.dropout > 0.0
+    y = nn.dot_product_attention(
+        q, k, v, mask=mask, dropout_rate=self.dropout, deterministic=not use_dropout,
+        dropout_rng=self.make_rng("dropout") if use_dropout else None)
+    out_kernel = self.param(
+        "out_kernel",
+        nn.with_logical_partitioning(nn.initializers.xavier_uniform(in_axis=(0, 1), out_axis=2),
+                                     ("heads", "kv", "embed")),
+        (self.num_heads, head_dim, width), jnp.float32)
+    out_bias = self.param("out_bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
+                          (width,), jnp.float32)
+    return jnp.einsum("blhk,hke->ble", y, out_kernel) + out_bias
+
+
 class TransformerBlock(nn.Module):
-  """Pre-LN block: x + Attn(LN(x)), then x + MLP(LN(x)). Shared by the image and text towers.
+  """Pre-LN block: x + SelfAttention(LN(x)), then x + MLP(LN(x)). Shared by the image and text towers.
 
   `mask` is a [B, 1, L, L] boolean attention mask (True = may attend), or None for images.
   """
@@ -89,15 +132,7 @@ class TransformerBlock(nn.Module):
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, *, train: bool = False) -> jax.Array:
     x = nn.with_logical_constraint(x, TOKEN_AXES)
     y = partitioned_layer_norm(name="ln_attn")(x)
-    y = nn.MultiHeadDotProductAttention(
-        num_heads=self.num_heads,
-        dropout_rate=self.dropout,
-        deterministic=not train,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(), ("embed", "heads", "kv")),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("heads", "kv")),
-        out_kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(), ("heads", "kv", "embed")),
-        out_bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
-        name="attn")(y, y, mask=mask)
+    y = SelfAttention(self.num_heads, self.dropout, name="attn")(y, mask, train=train)
     y = nn.Dropout(self.dropout)(y, deterministic=not train)
     x = nn.with_logical_constraint(x + y, TOKEN_AXES)
     y = partitioned_layer_norm(name="ln_mlp")(x)
