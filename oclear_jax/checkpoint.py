@@ -44,8 +44,11 @@ class CheckpointStore:
 
   def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 3, async_save: bool = True):
     self.directory = os.path.abspath(os.fspath(directory))
+    # The handler is named up front: a fresh manager on an existing directory must be able to
+    # read item metadata (for the compatibility check) before any save or restore.
     self._manager = ocp.CheckpointManager(
         self.directory,
+        item_handlers=ocp.StandardCheckpointHandler(),
         options=ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save))
 

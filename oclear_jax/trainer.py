@@ -109,7 +109,7 @@ class OclearTask:
     (loss, aux), grads = jax.value_and_grad(self.loss_fn, has_aux=True)(state["params"], batch, rng)
     updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    metrics = {"loss": loss, "accuracy": aux["accuracy"], "grad_norm": optax.global_norm(grads)}
+    metrics = {"loss": loss, "accuracy": aux["accuracy"], "grad_norm": optax.tree.norm(grads)}
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
   def jit_train_step(self, shardings):
