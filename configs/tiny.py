@@ -10,7 +10,7 @@ from oclear_jax import config_schema
 def get_config(arg: str | None = None):
   del arg
   c = config_schema.base_config()
-  c.data.synthetic.update(dict(num_products=24, queries_per_product=2, image_size=32,
+  c.data.synthetic.update(dict(num_products=48, queries_per_product=2, image_size=32, query_difficulty=0.3,
                                wrong_label_fraction=0.0, split_product_fraction=0.0))
   c.data.stored_image_size = 32
   c.data.num_shards = 2

@@ -45,6 +45,8 @@ def results_table(history: dict[int, dict[str, float]], ks=(1, 5, 10)) -> str:
 
 def main(argv):
   del argv
+  if not flags.FLAGS["verbosity"].present:  # progress lines are printed; library INFO chatter is not
+    logging.set_verbosity(logging.WARNING)
   if _CONFIG.value is None or _WORKDIR.value is None:
     raise app.UsageError("--config and --workdir are required, e.g. --config=configs/demo.py --workdir=workdirs/demo")
   # Imports after flag parsing: they load jax and TensorFlow.
@@ -58,7 +60,14 @@ def main(argv):
     prepared = datasets.prepare_data(config.data, workdir, seed=config.seed)
     print(f"records: {prepared.records_dir}\n{prepared.summary}")
     return
-  result = trainer.train_and_evaluate(config, workdir)
+  from oclear_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  try:
+    result = trainer.train_and_evaluate(config, workdir)
+  except (ValueError, FileNotFoundError, FloatingPointError, checkpoint.IncompatibleCheckpointError) as e:
+    # User-facing problems (config, catalogue, workdir) end with one clear line, not a traceback.
+    logging.error("%s: %s", type(e).__name__, e)
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
   history = {s: m for s, m in result["eval"].items() if s in (0, result["final_step"])}
   ks = tuple(k for k in config.eval.ks if k in (1, 5, 10))
   print("\nImage queries -> image+title documents (held-out products, exact search):")

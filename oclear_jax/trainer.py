@@ -218,9 +218,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
       if not np.isfinite(scalars["loss"]):
         raise FloatingPointError(f"loss is {scalars['loss']} at step {step}; the last good checkpoint is kept")
       line, examples_per_s = progress_line.update(step, scalars)
-      logging.info(line)
       if progress:
         print(line, flush=True)
+      else:
+        logging.info(line)
       writer.write(step, {**{f"train/{k}": v for k, v in scalars.items()}, "train/examples_per_s": examples_per_s})
     if step % config.train.checkpoint_every == 0 or step == config.train.num_steps:
       store.save(step, state)
