@@ -88,7 +88,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.every = 0  # 0 = only at the start (untrained) and the end
   c.eval.at_start = True
   c.eval.batch_size = 128
-  c.eval.ks = (1, 5, 10)
+  c.eval.ks = (1, 2, 5, 10, 20, 50)  # the table shows 1/5/10; the plot all
   c.eval.scann = True
   c.eval.contact_sheet_queries = 6
   return c

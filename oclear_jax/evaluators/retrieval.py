@@ -97,7 +97,8 @@ def search_and_score(es: EvalSet, *, ks=(1, 5, 10), use_scann: bool = True, max_
     ann = np.asarray(ann)
     ann_metrics = metrics_lib.retrieval_metrics(ann, q_labels, g_labels, ks=ks)
     result.update({f"scann/{k_}": v for k_, v in ann_metrics.items() if k_.startswith("recall@")})
-    result["scann/recall_vs_exact@10"] = metrics_lib.recall_against_exact(ann[:, :max(ks)], retrieved[:, :max(ks)])
+    k_cmp = min(10, max(ks))
+    result[f"scann/recall_vs_exact@{k_cmp}"] = metrics_lib.recall_against_exact(ann[:, :k_cmp], retrieved[:, :k_cmp])
     if scann_dir:
       index.save(scann_dir)
   return SearchResult(metrics=result, query_rows=query_rows, gallery_rows=gallery_rows,
