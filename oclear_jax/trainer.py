@@ -141,10 +141,11 @@ def _evaluate(task: OclearTask, state, prepared: datasets.PreparedData, workdir:
   config = task.config
   place = lambda b: sharding.global_batch(b, task.mesh, task.rules)
   predict = task.jit_predict()
-  batches = pipeline.make_dataset(
+  eval_batches = lambda: pipeline.make_dataset(
       prepared.records_dir, "eval", batch_size=config.eval.batch_size, preprocess=config.data.eval_preprocess,
       shuffle=False, repeat=False, drop_remainder=False).as_numpy_iterator()
-  eval_set = retrieval.embed_eval_set(batches, lambda b: predict(state["params"], b), place, config.eval.batch_size)
+  eval_set = retrieval.embed_eval_set(eval_batches(), lambda b: predict(state["params"], b), place,
+                                      config.eval.batch_size)
   result = retrieval.search_and_score(
       eval_set, ks=tuple(config.eval.ks), use_scann=config.eval.scann,
       scann_dir=os.path.join(workdir, "scann_index") if artifacts else None)
@@ -152,9 +153,7 @@ def _evaluate(task: OclearTask, state, prepared: datasets.PreparedData, workdir:
   if artifacts and config.eval.contact_sheet_queries > 0:
     wanted = retrieval.contact_sheet_ids(eval_set, result, config.eval.contact_sheet_queries)
     images = {}
-    for batch in pipeline.make_dataset(prepared.records_dir, "eval", batch_size=config.eval.batch_size,
-                                       preprocess=config.data.eval_preprocess, shuffle=False, repeat=False,
-                                       drop_remainder=False).as_numpy_iterator():
+    for batch in eval_batches():  # a second pass fetches only the images the sheet shows
       for i, ex_id in enumerate(batch["id"]):
         if ex_id in wanted:
           images[ex_id] = np.clip((batch["image"][i] + 1.0) * 127.5, 0, 255).astype(np.uint8)
