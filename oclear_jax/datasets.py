@@ -62,10 +62,9 @@ def prepare_data(data: ml_collections.ConfigDict, workdir: str, *, seed: int = 0
     train_titles = [row.title for row in read.rows if row.split == "train"]
     tokenizer = (tokenizer_lib.TitleTokenizer.load(data.tokenizer) if data.tokenizer
                  else tokenizer_lib.TitleTokenizer.train(train_titles, vocab_size=data.vocab_size))
-    summary = records_lib.write_records(
+    records_lib.write_records(
         read.rows, records_dir, tokenizer=tokenizer, max_title_len=data.max_title_len,
         num_shards=data.num_shards, stored_image_size=data.stored_image_size or None, progress=progress)
-    summary = {**summary, "catalogue_counts": read.counts}
     with open(os.path.join(records_dir, "catalogue_counts.json"), "w", encoding="utf-8") as f:
       json.dump(read.counts, f, indent=2)
   if jax.process_count() > 1:

@@ -162,22 +162,19 @@ IMAGE_TOWERS: dict[str, ImageTowerBuilder] = {}
 TEXT_TOWERS: dict[str, TextTowerBuilder] = {}
 
 
-def register_image_tower(name: str) -> Callable[[ImageTowerBuilder], ImageTowerBuilder]:
-  def register(builder: ImageTowerBuilder) -> ImageTowerBuilder:
-    if name in IMAGE_TOWERS:
-      raise ValueError(f"image tower {name!r} is already registered")
-    IMAGE_TOWERS[name] = builder
-    return builder
-  return register
+def _registrar(table: dict[str, Callable], kind: str) -> Callable[[str], Callable[[Callable], Callable]]:
+  def register_as(name: str) -> Callable[[Callable], Callable]:
+    def register(builder: Callable) -> Callable:
+      if name in table:
+        raise ValueError(f"{kind} tower {name!r} is already registered")
+      table[name] = builder
+      return builder
+    return register
+  return register_as
 
 
-def register_text_tower(name: str) -> Callable[[TextTowerBuilder], TextTowerBuilder]:
-  def register(builder: TextTowerBuilder) -> TextTowerBuilder:
-    if name in TEXT_TOWERS:
-      raise ValueError(f"text tower {name!r} is already registered")
-    TEXT_TOWERS[name] = builder
-    return builder
-  return register
+register_image_tower = _registrar(IMAGE_TOWERS, "image")
+register_text_tower = _registrar(TEXT_TOWERS, "text")
 
 
 @register_image_tower("vit")
