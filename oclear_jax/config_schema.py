@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ml_collections
 
+HEAD_DTYPES = ("float32", "bfloat16")
 REQUIRED = ("data.source", "train.batch_size", "train.num_steps", "model.embed_dim")
 
 
@@ -68,7 +69,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.head.m3 = 0.35
   c.head.chunk_size = 0  # >0: scan each device's class shard in chunks (exact online log-sum-exp)
   c.head.partial_fc_rate = 1.0  # <1: each shard keeps its positives plus sampled negatives (Partial FC)
-  c.head.dtype = "float32"  # 'bfloat16': bf16 class centres and logits, f32 softmax accumulation
+  c.head.dtype = "float32"  # 'bfloat16': bf16 matmul operands and stored cosines, f32 softmax statistics
+  c.head.param_dtype = "float32"  # 'bfloat16': store the class centres (and their Adam moments) in bf16
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (-1, 1)  # ('data', 'model'); -1 takes the remaining devices
@@ -76,7 +78,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.sharding = ml_collections.ConfigDict()
   # Logical axis -> mesh axes. Backbone axes absent from the rules are replicated.
   c.sharding.rules = (("batch", ("data", "model")), ("classes", ("data", "model")))
-  c.sharding.max_replicated_mib = 256  # refuse to start if a bigger state array would be replicated
+  c.sharding.max_replicated_mib = 256.0  # refuse to start if a bigger state array would be replicated
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.learning_rate = 1e-3
@@ -120,6 +122,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.data.source={config.data.source!r}: use 'synthetic' or 'csv'")
   if config.data.source == "csv" and not config.data.root:
     raise ValueError("config.data.root is required when config.data.source='csv' (the catalogue folder)")
+  for key in ("head.dtype", "head.param_dtype"):
+    if _get(config, key) not in HEAD_DTYPES:
+      raise ValueError(f"config.{key}={_get(config, key)!r}: use one of {HEAD_DTYPES}")
+  if not 0.0 < config.head.partial_fc_rate <= 1.0:
+    raise ValueError(f"config.head.partial_fc_rate={config.head.partial_fc_rate} must lie in (0, 1]")
   for key in ("train.batch_size", "train.num_steps", "eval.batch_size", "model.embed_dim"):
     if _get(config, key) <= 0:
       raise ValueError(f"config.{key} must be positive, got {_get(config, key)}")

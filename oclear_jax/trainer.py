@@ -76,8 +76,9 @@ class OclearTask:
         {"params": model_rng, "dropout": model_rng}, self._dummy["image"], self._dummy["title_tokens"],
         self._dummy["kind"] == 1, train=False)
     centers_init = nn.with_logical_partitioning(nn.initializers.normal(0.01), ("classes", "embed"))
+    centers_shape = (self.padded_classes, self.config.model.embed_dim)
     params = {"encoder": variables["params"],
-              "class_centers": centers_init(centers_rng, (self.padded_classes, self.config.model.embed_dim))}
+              "class_centers": centers_init(centers_rng, centers_shape, jnp.dtype(self.config.head.param_dtype))}
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": self.tx.init(params)}
 
   def abstract_state(self):
@@ -94,13 +95,16 @@ class OclearTask:
 
   # == Update step ===============================================================================
   def loss_fn(self, params, batch, rng):
+    dropout_rng, sample_rng = jax.random.split(rng)
     embeddings = self.model.apply(
         {"params": params["encoder"]}, batch["image"], batch["title_tokens"], batch["kind"] == 1,
-        train=True, rngs={"dropout": rng})
+        train=True, rngs={"dropout": dropout_rng})
+    head = self.config.head
     loss, aux = sharded_softmax.margin_softmax_loss(
         embeddings, batch["label"], params["class_centers"], num_classes=self.num_classes,
         margin_fn=self.margin_fn, mesh=self.mesh, batch_axes=self.batch_axes, class_axes=self.class_axes,
-        chunk_size=self.config.head.chunk_size or None)
+        chunk_size=head.chunk_size or None, compute_dtype=jnp.dtype(head.dtype),
+        partial_fc_rate=head.partial_fc_rate if head.partial_fc_rate < 1 else None, sample_key=sample_rng)
     return loss, aux
 
   def train_step(self, state, batch, base_rng):

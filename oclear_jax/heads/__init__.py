@@ -7,7 +7,9 @@ from oclear_jax.heads.margins import make_margin
 from oclear_jax.heads.margins import MarginFn
 from oclear_jax.heads.sharded_softmax import margin_softmax_loss
 from oclear_jax.heads.sharded_softmax import num_class_shards
+from oclear_jax.heads.sharded_softmax import num_sampled_classes
 from oclear_jax.heads.sharded_softmax import pad_num_classes
+from oclear_jax.heads.sharded_softmax import sample_classes
 
 __all__ = [
     "MarginFn",
@@ -17,5 +19,7 @@ __all__ = [
     "make_margin",
     "margin_softmax_loss",
     "num_class_shards",
+    "num_sampled_classes",
     "pad_num_classes",
+    "sample_classes",
 ]

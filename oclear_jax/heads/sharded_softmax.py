@@ -17,10 +17,21 @@ a full logits row:
 
 Gradients are left to autodiff through the collectives (the transpose of the
 all-gather is a reduce-scatter, of psum a broadcast); there is no custom_vjp.
+
+Partial FC (``partial_fc_rate``): each shard scores only a sample of its
+classes: every positive class of the rows it sees plus uniformly drawn
+negatives, a static number per shard. The sampled centres are gathered by
+index, so their gradients scatter back into exactly those rows. At rate 1.0
+the sample is the whole shard (in another order) and the loss is the full one.
+
+Precision (``compute_dtype``): with bfloat16 the matmul takes bf16 operands,
+accumulates in f32 and stores the [rows, classes] cosines in bf16 (half the
+temporaries); margins, max, exp-sums and the loss are computed in f32.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Sequence
 
@@ -78,16 +89,19 @@ def _linear_axis_index(axes: Sequence[str], mesh: Mesh) -> jax.Array:
   return idx
 
 
-def _chunk_stats(emb_n, labels, centers, offset, *, num_classes,
-                 margin_fn) -> dict[str, jax.Array]:
-  """Row statistics of one block of classes starting at global ``offset``.
+def _chunk_stats(emb_n, labels, centers, gidx, *, num_classes, margin_fn,
+                 compute_dtype) -> dict[str, jax.Array]:
+  """Row statistics of one block of classes with global indices ``gidx``.
 
   Returns a dict of [rows] vectors: ``m`` (max logit, no grad), ``s``
   (sum exp(logit - m)), ``t`` (target logit, 0 if not in block), ``cmax``
   (max valid cosine, for accuracy) and ``tcos`` (target cosine).
   """
-  cos = emb_n @ _l2_normalize(centers).T  # [R, K]
-  gidx = offset + jnp.arange(centers.shape[0], dtype=jnp.int32)
+  cos = jnp.matmul(emb_n.astype(compute_dtype),
+                   _l2_normalize(centers).astype(compute_dtype).T,
+                   preferred_element_type=jnp.float32)
+  # The [R, K] block is stored in compute_dtype; everything after is f32.
+  cos = cos.astype(compute_dtype).astype(jnp.float32)
   valid = (gidx < num_classes)[None, :]
   tmask = labels[:, None] == gidx[None, :]
   logits = jnp.where(valid, margin_fn(cos, tmask), _NEG)
@@ -110,31 +124,69 @@ def _combine(a: dict[str, jax.Array],
               tcos=a["tcos"] + b["tcos"])
 
 
-def _local_stats(emb_n, labels, centers, offset, *, num_classes, margin_fn,
-                 chunk_size):
-  """Row statistics over this device's class shard, optionally chunked."""
+def _local_stats(emb_n, labels, centers, gidx, *, num_classes, margin_fn,
+                 chunk_size, compute_dtype):
+  """Row statistics over this device's (sampled) classes, optionally chunked."""
   c_local = centers.shape[0]
+  stats = functools.partial(_chunk_stats, num_classes=num_classes,
+                            margin_fn=margin_fn, compute_dtype=compute_dtype)
   if chunk_size is None or chunk_size >= c_local:
-    return _chunk_stats(emb_n, labels, centers, offset,
-                        num_classes=num_classes, margin_fn=margin_fn)
+    return stats(emb_n, labels, centers, gidx)
   # Remat: the backward pass recomputes each chunk's [rows, chunk] logits
   # instead of keeping all of them, so it too stays O(rows x chunk).
-  stats = jax.checkpoint(
-      lambda e, c, o: _chunk_stats(e, labels, c, o, num_classes=num_classes,
-                                   margin_fn=margin_fn))
+  chunk_stats = jax.checkpoint(lambda e, c, g: stats(e, labels, c, g))
   n_chunks = c_local // chunk_size
   chunks = centers.reshape(n_chunks, chunk_size, centers.shape[1])
+  chunk_gidx = gidx.reshape(n_chunks, chunk_size)
   # The first chunk seeds the carry so that its types (including which mesh
   # axes it varies over) match the loop body's output exactly.
-  init = stats(emb_n, chunks[0], offset)
+  init = chunk_stats(emb_n, chunks[0], chunk_gidx[0])
 
   def body(carry, xs):
-    i, chunk = xs
-    return _combine(carry, stats(emb_n, chunk, offset + i * chunk_size)), None
+    chunk, g = xs
+    return _combine(carry, chunk_stats(emb_n, chunk, g)), None
 
-  steps = jnp.arange(1, n_chunks, dtype=jnp.int32)
-  out, _ = jax.lax.scan(body, init, (steps, chunks[1:]))
+  out, _ = jax.lax.scan(body, init, (chunks[1:], chunk_gidx[1:]))
   return out
+
+
+def num_sampled_classes(c_local: int, rows: int, rate: float,
+                        chunk_size: int | None = None) -> int:
+  """Classes one shard scores under Partial FC: a static count.
+
+  ``ceil(rate * c_local)``, but never fewer than the ``rows`` the shard sees
+  (so every positive class fits), rounded up to whole chunks, at most the
+  whole shard.
+  """
+  if not 0.0 < rate <= 1.0:
+    raise ValueError(f"partial_fc_rate={rate} must lie in (0, 1]")
+  n = max(math.ceil(rate * c_local), rows)
+  if chunk_size:
+    n = -(-n // chunk_size) * chunk_size
+  return min(n, c_local)
+
+
+def sample_classes(key: jax.Array, labels: jax.Array, offset: jax.Array,
+                   c_local: int, num_classes: int,
+                   num_sampled: int) -> jax.Array:
+  """Sorted local indices of ``num_sampled`` classes of one shard.
+
+  Every positive class (a label of ``labels`` inside this shard) is taken;
+  the rest are uniform draws among the shard's real (non-padding) classes.
+  Positives score in [2, 3), negatives in [0, 1), padding -1, and ``top_k``
+  keeps the best: static shapes, no rejection loop. If the shard has fewer
+  real classes than ``num_sampled``, padding fills the rest and stays masked
+  out of the softmax by its global index.
+  """
+  local = labels - offset
+  inside = (local >= 0) & (local < c_local)
+  positive = jnp.zeros((c_local,), jnp.bool_).at[
+      jnp.where(inside, local, c_local)].set(True, mode="drop")
+  real = offset + jnp.arange(c_local, dtype=jnp.int32) < num_classes
+  score = jax.random.uniform(key, (c_local,)) + 2.0 * positive
+  score = jnp.where(real, score, -1.0)
+  _, idx = jax.lax.top_k(score, num_sampled)
+  return jnp.sort(idx).astype(jnp.int32)
 
 
 def margin_softmax_loss(
@@ -149,6 +201,9 @@ def margin_softmax_loss(
     class_axes: Sequence[str],
     weights: jax.Array | None = None,
     chunk_size: int | None = None,
+    partial_fc_rate: float | None = None,
+    sample_key: jax.Array | None = None,
+    compute_dtype: Any = jnp.float32,
 ) -> tuple[jax.Array, dict[str, Any]]:
   """Weighted-mean margin softmax cross-entropy with sharded class centres.
 
@@ -168,11 +223,18 @@ def margin_softmax_loss(
       backward pass, so temporaries are O(rows x chunk_size). The local shard
       size C_pad / num_class_shards must be a multiple of it (pad with
       ``pad_num_classes(..., chunk_size=...)``).
+    partial_fc_rate: if set, Partial FC: each shard scores all positive
+      classes of its rows plus sampled negatives, ``num_sampled_classes``
+      in all (see :func:`sample_classes`). ``None`` scores every class.
+    sample_key: PRNG key for Partial FC (required with it); each class shard
+      folds in its index, so shards draw different negatives.
+    compute_dtype: dtype of the matmul operands and of the stored cosines
+      (``jnp.bfloat16`` halves the logits' memory); accumulation is f32.
 
   Returns:
     (loss, aux): replicated f32 scalar, and ``aux["accuracy"]``, the fraction
     of rows whose highest-cosine (margin-free, i.e. inference-time) class is
-    the label.
+    the label (among the sampled classes under Partial FC).
   """
   batch_axes, class_axes = tuple(batch_axes), tuple(class_axes)
   c_pad = centers.shape[0]
@@ -191,16 +253,32 @@ def margin_softmax_loss(
     weights = jnp.ones(labels.shape, jnp.float32)
   shared = tuple(a for a in batch_axes if a in class_axes)
   num_rows = embeddings.shape[0]
+  num_sampled = None
+  if partial_fc_rate is not None:
+    if sample_key is None:
+      raise ValueError("partial_fc_rate needs a sample_key")
+    group_rows = num_rows // math.prod(mesh.shape[a] for a in batch_axes)
+    group_rows *= math.prod(mesh.shape[a] for a in shared)
+    num_sampled = num_sampled_classes(c_local, group_rows, partial_fc_rate,
+                                      chunk_size)
+  else:
+    sample_key = jax.random.key(0)  # unused; keeps one shard_map signature
 
-  def local(emb, lab, w, cen):
+  def local(emb, lab, w, cen, key):
     rows = emb.shape[0]
     if shared:  # Every device of a class group now scores the same rows.
       emb, lab = (jax.lax.all_gather(x, shared, axis=0, tiled=True)
                   for x in (emb, lab))
-    offset = _linear_axis_index(class_axes, mesh) * c_local
-    st = _local_stats(_l2_normalize(emb), lab, cen, offset,
+    shard = _linear_axis_index(class_axes, mesh)
+    offset = shard * c_local
+    gidx = offset + jnp.arange(c_local, dtype=jnp.int32)
+    if num_sampled is not None:
+      idx = sample_classes(jax.random.fold_in(key, shard), lab, offset,
+                           c_local, num_classes, num_sampled)
+      cen, gidx = jnp.take(cen, idx, axis=0), offset + idx
+    st = _local_stats(_l2_normalize(emb), lab, cen, gidx,
                       num_classes=num_classes, margin_fn=margin_fn,
-                      chunk_size=chunk_size)
+                      chunk_size=chunk_size, compute_dtype=compute_dtype)
     gmax = jax.lax.stop_gradient(_pmax(st["m"], class_axes))
     sumexp = _psum(st["s"] * jnp.exp(st["m"] - gmax), class_axes)
     row_loss = gmax + jnp.log(sumexp) - _psum(st["t"], class_axes)
@@ -224,7 +302,7 @@ def margin_softmax_loss(
       local,
       mesh=mesh,
       in_specs=(P(batch_axes or None, None), row_spec, row_spec,
-                P(class_axes or None, None)),
+                P(class_axes or None, None), P()),
       out_specs=(P(), {"accuracy": P()}))
   return fn(embeddings, labels.astype(jnp.int32),
-            weights.astype(jnp.float32), centers)
+            weights.astype(jnp.float32), centers, sample_key)
