@@ -173,6 +173,14 @@ def test_make_margin_errors():
     heads.make_margin("arcface", m2=0.5)
 
 
+def test_padding_cuts_shards_into_equal_chunks():
+  # 10^6 classes, 8 shards of 125,000 -> 16 chunks of 7,813 (not 8,192): 64 padding rows, not 48,576.
+  assert heads.pad_num_classes(1_000_000, 8, chunk_size=8192) == 8 * 16 * 7813
+  assert heads.pad_num_classes(37, 8) == 40
+  assert heads.pad_num_classes(37, 8, chunk_size=2) == 48  # shards of 5 -> 3 chunks of 2
+  assert heads.pad_num_classes(37, 8, chunk_size=100) == 40  # one chunk per shard
+
+
 def test_bad_chunk_size_raises():
   mesh = _mesh((2, 4))
   emb, labels, centers, _ = _inputs(40)

@@ -86,7 +86,8 @@ def test_sampler_keeps_every_positive_with_static_size():
 def test_sampled_count_never_drops_positives():
   assert sharded_softmax.num_sampled_classes(1000, rows=16, rate=0.1) == 100
   assert sharded_softmax.num_sampled_classes(1000, rows=256, rate=0.1) == 256  # every row's class fits
-  assert sharded_softmax.num_sampled_classes(1000, rows=16, rate=0.1, chunk_size=64) == 128
+  assert sharded_softmax.num_sampled_classes(1000, rows=16, rate=0.1, chunk_size=64) == 100  # 2 chunks of 50
+  assert sharded_softmax.num_sampled_classes(1000, rows=16, rate=0.101, chunk_size=64) == 102  # 2 chunks of 51
   assert sharded_softmax.num_sampled_classes(50, rows=256, rate=0.1) == 50
   with pytest.raises(ValueError, match="partial_fc_rate"):
     sharded_softmax.num_sampled_classes(1000, rows=16, rate=0.0)

@@ -55,16 +55,27 @@ def num_class_shards(mesh: Mesh, class_axes: Sequence[str]) -> int:
 def pad_num_classes(num_classes: int,
                     num_class_shards: int,
                     chunk_size: int | None = None) -> int:
-  """Smallest C_pad >= num_classes that every class shard (and chunk) divides.
+  """Smallest C_pad >= num_classes that splits evenly into shards (and chunks).
+
+  With ``chunk_size`` (the *largest* chunk), each shard of ``ceil(C / shards)``
+  classes is cut into ``n = ceil(shard / chunk_size)`` equal chunks, so the
+  padding is under ``n`` classes per shard rather than up to a whole chunk:
+  10^6 classes on 8 shards in chunks of at most 8,192 pad to 1,000,064, not
+  1,048,576.
 
   Args:
     num_classes: real number of classes.
     num_class_shards: see :func:`num_class_shards`.
-    chunk_size: if set, also make each local shard a multiple of it, as
-      required by ``margin_softmax_loss(..., chunk_size=...)``.
+    chunk_size: if set, the largest chunk ``margin_softmax_loss(...,
+      chunk_size=...)`` will use.
   """
-  multiple = num_class_shards * (chunk_size or 1)
-  return -(-num_classes // multiple) * multiple
+  local = -(-num_classes // num_class_shards)
+  n_chunks = _num_chunks(local, chunk_size)
+  return -(-local // n_chunks) * n_chunks * num_class_shards
+
+
+def _num_chunks(c_local: int, chunk_size: int | None) -> int:
+  return 1 if not chunk_size or chunk_size >= c_local else -(-c_local // chunk_size)
 
 
 def _l2_normalize(x: jax.Array) -> jax.Array:
@@ -130,12 +141,13 @@ def _local_stats(emb_n, labels, centers, gidx, *, num_classes, margin_fn,
   c_local = centers.shape[0]
   stats = functools.partial(_chunk_stats, num_classes=num_classes,
                             margin_fn=margin_fn, compute_dtype=compute_dtype)
-  if chunk_size is None or chunk_size >= c_local:
+  n_chunks = _num_chunks(c_local, chunk_size)
+  if n_chunks == 1:
     return stats(emb_n, labels, centers, gidx)
+  chunk_size = c_local // n_chunks  # equal chunks; callers checked divisibility
   # Remat: the backward pass recomputes each chunk's [rows, chunk] logits
   # instead of keeping all of them, so it too stays O(rows x chunk).
   chunk_stats = jax.checkpoint(lambda e, c, g: stats(e, labels, c, g))
-  n_chunks = c_local // chunk_size
   chunks = centers.reshape(n_chunks, chunk_size, centers.shape[1])
   chunk_gidx = gidx.reshape(n_chunks, chunk_size)
   # The first chunk seeds the carry so that its types (including which mesh
@@ -160,10 +172,9 @@ def num_sampled_classes(c_local: int, rows: int, rate: float,
   """
   if not 0.0 < rate <= 1.0:
     raise ValueError(f"partial_fc_rate={rate} must lie in (0, 1]")
-  n = max(math.ceil(rate * c_local), rows)
-  if chunk_size:
-    n = -(-n // chunk_size) * chunk_size
-  return min(n, c_local)
+  n = min(max(math.ceil(rate * c_local), rows), c_local)
+  n_chunks = _num_chunks(n, chunk_size)
+  return min(-(-n // n_chunks) * n_chunks, c_local)
 
 
 def sample_classes(key: jax.Array, labels: jax.Array, offset: jax.Array,
@@ -219,10 +230,10 @@ def margin_softmax_loss(
     class_axes: mesh axes sharding the class dim (may be empty: replicated).
     weights: optional f32[B] per-example weights; default uniform.
     chunk_size: if set, score each local class shard in chunks of this many
-      classes with an online log-sum-exp (exact), rematerialised in the
-      backward pass, so temporaries are O(rows x chunk_size). The local shard
-      size C_pad / num_class_shards must be a multiple of it (pad with
-      ``pad_num_classes(..., chunk_size=...)``).
+      classes at most, in equal chunks, with an online log-sum-exp (exact),
+      rematerialised in the backward pass, so temporaries are
+      O(rows x chunk_size). Pad the centres with
+      ``pad_num_classes(..., chunk_size=...)`` so the chunks come out equal.
     partial_fc_rate: if set, Partial FC: each shard scores all positive
       classes of its rows plus sampled negatives, ``num_sampled_classes``
       in all (see :func:`sample_classes`). ``None`` scores every class.
@@ -244,11 +255,12 @@ def margin_softmax_loss(
         f"centers has {c_pad} rows; need >= num_classes={num_classes} and a "
         f"multiple of the {n_shards} class shards: use pad_num_classes().")
   c_local = c_pad // n_shards
-  if chunk_size is not None and c_local % chunk_size:
+  if c_local % _num_chunks(c_local, chunk_size):
     raise ValueError(
-        f"chunk_size={chunk_size} does not divide the local class shard size "
-        f"{c_local} (= {c_pad} / {n_shards} shards); pad the centres with "
-        f"pad_num_classes(num_classes, {n_shards}, chunk_size={chunk_size}).")
+        f"chunk_size={chunk_size} does not cut the local class shard of "
+        f"{c_local} (= {c_pad} / {n_shards} shards) into equal chunks; pad the "
+        f"centres with pad_num_classes(num_classes, {n_shards}, "
+        f"chunk_size={chunk_size}).")
   if weights is None:
     weights = jnp.ones(labels.shape, jnp.float32)
   shared = tuple(a for a in batch_axes if a in class_axes)

@@ -1,0 +1,236 @@
+r"""Per-device memory and step time of the class-sharded margin-softmax head.
+
+  python benchmarks/classifier_scaling.py            # memory table (compile only) + step-time ratio
+  python benchmarks/classifier_scaling.py --pod_config  # also compile configs/pod_100m.py's head
+
+Memory comes from XLA's compiled memory analysis of the head's whole train step (loss, gradients
+w.r.t. embeddings and centres, AdamW update, donated state): `jit(...).lower(...).compile()
+.memory_analysis()` on simulated CPU devices; nothing is allocated, so 10^8 x 512 on 256 devices
+compiles on a laptop. `ratio` = per-device (centres + optimizer state) / the ideal
+C*d*bytes*(1 + Adam's 2 slots)/N. Temporaries hold two centres-shard-sized arrays (the centres'
+gradient and Adam's update: O(C*d/N), like the parameters) plus the softmax work;
+`rest/block` = (temp - 2 * shard) / one [rows x classes] f32 block (rows = the whole global batch:
+each device scores every row against its own classes), where the block is `C/N` classes without
+chunking and `chunk` classes with it: a constant column means O(B*C/N), resp. O(B*chunk).
+
+Step time: 8 simulated devices, C = 1M, d = 256: the sharded head vs the same head with its
+centres replicated (plain data parallelism), both timed in this run on this machine.
+"""
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=256"
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import argparse  # noqa: E402
+import functools  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+
+from oclear_jax import heads  # noqa: E402
+
+GIB = 2.0**30
+ADAM_SLOTS = 2
+AXES = ("data", "model")
+
+
+def _mesh(num_devices: int) -> jax.sharding.Mesh:
+  return jax.make_mesh((num_devices, 1), AXES, devices=jax.devices()[:num_devices],
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+
+def head_train_step(mesh, *, num_classes, batch, dim, chunk, class_axes, compute_dtype, param_dtype,
+                    partial_fc_rate=None):
+  """(jitted step, abstract args) for the head alone: loss + grads + AdamW on the centres."""
+  batch_axes = AXES
+  n_shards = heads.num_class_shards(mesh, class_axes)
+  c_pad = heads.pad_num_classes(num_classes, n_shards, chunk_size=chunk)
+  tx = optax.adamw(1e-3, weight_decay=1e-4)
+  margin = heads.make_margin("cosface", scale=64.0, margin=0.35)
+
+  def loss(centers, emb, labels, key):
+    return heads.margin_softmax_loss(
+        emb, labels, centers, num_classes=num_classes, margin_fn=margin, mesh=mesh, batch_axes=batch_axes,
+        class_axes=class_axes, chunk_size=chunk, compute_dtype=compute_dtype, partial_fc_rate=partial_fc_rate,
+        sample_key=key)[0]
+
+  def step(state, emb, labels, key):
+    value, (g_centers, g_emb) = jax.value_and_grad(loss, argnums=(0, 1))(state["centers"], emb, labels, key)
+    updates, opt_state = tx.update(g_centers, state["opt"], state["centers"])
+    return {"centers": optax.apply_updates(state["centers"], updates), "opt": opt_state}, value, g_emb
+
+  centers_sharding = NamedSharding(mesh, P(class_axes or None, None))
+  centers = jax.ShapeDtypeStruct((c_pad, dim), param_dtype, sharding=centers_sharding)
+  opt = jax.eval_shape(tx.init, centers)
+  replicated = NamedSharding(mesh, P())
+  opt = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=(
+      centers_sharding if x.shape == centers.shape else replicated)), opt)
+  state = {"centers": centers, "opt": opt}
+  state_shardings = jax.tree.map(lambda x: x.sharding, state)
+  emb = jax.ShapeDtypeStruct((batch, dim), jnp.float32, sharding=NamedSharding(mesh, P(batch_axes, None)))
+  labels = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=NamedSharding(mesh, P(batch_axes)))
+  key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated)
+  jitted = jax.jit(step, in_shardings=(state_shardings, emb.sharding, labels.sharding, replicated),
+                   out_shardings=(state_shardings, replicated, emb.sharding), donate_argnums=(0,))
+  return jitted, (state, emb, labels, key), c_pad
+
+
+def memory_row(num_devices, num_classes, dim, batch, chunk, compute_dtype="float32", param_dtype="float32",
+               partial_fc_rate=None):
+  mesh = _mesh(num_devices)
+  step, args, c_pad = head_train_step(
+      mesh, num_classes=num_classes, batch=batch, dim=dim, chunk=chunk, class_axes=AXES,
+      compute_dtype=jnp.dtype(compute_dtype), param_dtype=jnp.dtype(param_dtype), partial_fc_rate=partial_fc_rate)
+  t0 = time.perf_counter()
+  mem = step.lower(*args).compile().memory_analysis()
+  compile_s = time.perf_counter() - t0
+  pbytes = jnp.dtype(param_dtype).itemsize
+  state_bytes = c_pad * dim * pbytes * (1 + ADAM_SLOTS) / num_devices + 4  # + Adam's step count
+  inputs_bytes = (batch * dim * 4 + batch * 4) / num_devices
+  ideal = num_classes * dim * pbytes * (1 + ADAM_SLOTS) / num_devices
+  block = chunk or c_pad // num_devices
+  logits_block = batch * block * 4
+  shard_bytes = c_pad * dim * pbytes / num_devices
+  return dict(
+      N=num_devices, C=num_classes, d=dim, chunk=chunk or "-", dtype=f"{_short(param_dtype)}/{_short(compute_dtype)}",
+      args_gib=mem.argument_size_in_bytes / GIB, temp_gib=mem.temp_size_in_bytes / GIB, shard_gib=shard_bytes / GIB,
+      ratio=(mem.argument_size_in_bytes - inputs_bytes) / ideal,
+      padded=c_pad / num_classes - 1,
+      rest_per_block=(mem.temp_size_in_bytes - 2 * shard_bytes) / logits_block,
+      peak_gib=(mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes
+                - mem.alias_size_in_bytes) / GIB,
+      compile_s=compile_s, state_check=abs(state_bytes + inputs_bytes - mem.argument_size_in_bytes) < 1024)
+
+
+def _short(dtype: str) -> str:
+  return {"float32": "f32", "bfloat16": "bf16"}[dtype]
+
+
+def print_table(rows, columns):
+  fmt = {float: "{:.3f}", int: "{:,}"}
+  cells = [[fmt.get(type(r[c]), "{}").format(r[c]) for c in columns] for r in rows]
+  widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+  print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
+  print("  ".join("-" * w for w in widths))
+  for row in cells:
+    print("  ".join(v.rjust(w) for v, w in zip(row, widths)))
+  sys.stdout.flush()
+
+
+def _compiled_head(mesh, class_axes, *, num_classes, batch, dim, chunk):
+  step, args, _ = head_train_step(
+      mesh, num_classes=num_classes, batch=batch, dim=dim, chunk=chunk, class_axes=class_axes,
+      compute_dtype=jnp.float32, param_dtype=jnp.float32)
+  compiled = step.lower(*args).compile()
+  mem = compiled.memory_analysis()
+  return compiled, args, (mem.argument_size_in_bytes + mem.temp_size_in_bytes) * mesh.size / GIB
+
+
+def largest_fitting_classes(mesh, *, num_classes, batch, dim, budget_gib):
+  """The replicated head holds 8 copies of centres + Adam: halve C until it fits this host."""
+  while num_classes > 1000:
+    *_, total = _compiled_head(mesh, (), num_classes=num_classes, batch=batch, dim=dim, chunk=None)
+    if total <= budget_gib:
+      return num_classes, total
+    num_classes //= 2
+  return num_classes, float("nan")
+
+
+def time_step(mesh, class_axes, *, num_classes, batch, dim, chunk, repeats):
+  compiled, (state, emb, labels, key), total = _compiled_head(
+      mesh, class_axes, num_classes=num_classes, batch=batch, dim=dim, chunk=chunk)
+  init = jax.jit(lambda k: {"centers": jax.random.normal(k, state["centers"].shape) * 0.01},
+                 out_shardings={"centers": state["centers"].sharding})
+  real = init(jax.random.key(0))
+  real["opt"] = jax.jit(optax.adamw(1e-3).init, out_shardings=jax.tree.map(lambda x: x.sharding, state["opt"]))(
+      real["centers"])
+  e = jax.device_put(np.random.default_rng(0).normal(size=emb.shape).astype(np.float32), emb.sharding)
+  l = jax.device_put(np.random.default_rng(1).integers(0, num_classes, labels.shape).astype(np.int32), labels.sharding)
+  k = jax.device_put(jax.random.key(0), key.sharding)
+  real, loss, _ = compiled(real, e, l, k)  # warm-up
+  loss.block_until_ready()
+  t0 = time.perf_counter()
+  for _ in range(repeats):
+    real, loss, _ = compiled(real, e, l, k)
+  loss.block_until_ready()
+  return (time.perf_counter() - t0) / repeats, total
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--devices", default="8,64,256")
+  parser.add_argument("--classes", default="1000000,10000000,100000000")
+  parser.add_argument("--dims", default="256,512")
+  parser.add_argument("--batch", type=int, default=4096)
+  parser.add_argument("--chunk", type=int, default=8192)
+  parser.add_argument("--pod_config", action="store_true", help="also compile configs/pod_100m.py's head")
+  parser.add_argument("--time_classes", type=int, default=1_000_000)
+  parser.add_argument("--time_dim", type=int, default=256)
+  parser.add_argument("--time_batch", type=int, default=1024)
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--skip_timing", action="store_true")
+  args = parser.parse_args()
+  columns = ["N", "C", "d", "chunk", "dtype", "args_gib", "shard_gib", "temp_gib", "rest_per_block", "peak_gib",
+             "ratio", "compile_s"]
+
+  print(f"\n== Per-device memory of the head train step, global batch {args.batch} (compile only) ==")
+  rows = []
+  for n in map(int, args.devices.split(",")):
+    for c in map(int, args.classes.split(",")):
+      for d in map(int, args.dims.split(",")):
+        for chunk in (None, args.chunk):
+          if chunk and (c // n) <= chunk:
+            continue  # the shard is a single chunk already
+          rows.append(memory_row(n, c, d, args.batch, chunk))
+          print(f"compiled N={n} C={c:,} d={d} chunk={chunk}: peak {rows[-1]['peak_gib']:.2f} GiB", flush=True)
+  print("\nAll rows:")
+  print_table(rows, columns)
+  worst = max(r["ratio"] for r in rows)
+  print(f"max params+optimizer ratio to ideal: {worst:.4f} (target <= 1.05); argument bytes equal "
+        f"padded centres + 2 Adam slots + this device's batch in {sum(r['state_check'] for r in rows)}/{len(rows)} rows")
+  big = [r for r in rows if r["N"] == 256 and r["C"] == 100_000_000 and r["d"] == 512]
+  for r in big:
+    print(f"100M x 512 on 256 devices, chunk {r['chunk']}: peak {r['peak_gib']:.2f} GiB per device "
+          f"({'fits' if r['peak_gib'] <= 16 else 'does NOT fit'} in 16 GiB)")
+
+  if args.pod_config:
+    from configs import pod_100m  # pylint: disable=g-import-not-at-top
+    cfg = pod_100m.get_config()
+    n = abs(int(np.prod(cfg.mesh.shape))) if -1 not in cfg.mesh.shape else 256
+    print(f"\n== configs/pod_100m.py head on {n} devices ==")
+    pod = [memory_row(n, pod_100m.NUM_CLASSES, cfg.model.embed_dim, cfg.train.batch_size, cfg.head.chunk_size,
+                      cfg.head.dtype, cfg.head.param_dtype,
+                      cfg.head.partial_fc_rate if cfg.head.partial_fc_rate < 1 else None)]
+    print_table(pod, columns)
+
+  if not args.skip_timing:
+    mesh = _mesh(8)
+    host_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+    classes, replicated_gib = largest_fitting_classes(
+        mesh, num_classes=args.time_classes, batch=args.time_batch, dim=args.time_dim, budget_gib=0.5 * host_gib)
+    if classes != args.time_classes:
+      *_, wanted_gib = _compiled_head(mesh, (), num_classes=args.time_classes, batch=args.time_batch,
+                                      dim=args.time_dim, chunk=None)
+      print(f"\nThe replicated head at C={args.time_classes:,} needs {wanted_gib:.1f} GiB on this {host_gib:.0f} GiB "
+            f"host (8 copies of centres + Adam); timing both heads at C={classes:,} instead "
+            f"({replicated_gib:.1f} GiB).")
+    print(f"\n== Step time, 8 simulated devices, C={classes:,}, d={args.time_dim}, "
+          f"global batch {args.time_batch} ==")
+    results = []
+    for name, class_axes in (("sharded by class", AXES), ("replicated (data parallel)", ())):
+      seconds, total_gib = time_step(mesh, class_axes, num_classes=classes, batch=args.time_batch,
+                                     dim=args.time_dim, chunk=None, repeats=args.repeats)
+      results.append((name, seconds, total_gib))
+    base = results[1][1]
+    print(f"{'head':28s} {'s/step':>8s} {'vs replicated':>14s} {'host GiB (all 8)':>17s}")
+    for name, seconds, total_gib in results:
+      print(f"{name:28s} {seconds:8.3f} {base / seconds:13.2f}x {total_gib:17.2f}")
+
+
+if __name__ == "__main__":
+  main()
