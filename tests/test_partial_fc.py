@@ -148,3 +148,30 @@ def test_bf16_head_matches_f32_reference_and_keeps_bf16_centres():
   cosine = np.sum(np.asarray(gc, np.float32) * np.asarray(gc_ref)) / (
       np.linalg.norm(np.asarray(gc, np.float32)) * np.linalg.norm(np.asarray(gc_ref)))
   assert cosine > 0.99, cosine
+
+
+def test_trainer_step_with_partial_fc_and_bf16_centres_learns_a_fixed_batch():
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  from oclear_jax import sharding  # pylint: disable=g-import-not-at-top
+  from oclear_jax import trainer  # pylint: disable=g-import-not-at-top
+  config = tiny.get_config()
+  config.head.partial_fc_rate = 0.25
+  config.head.dtype = config.head.param_dtype = "bfloat16"
+  config.optimizer.warmup_steps = 1
+  mesh = sharding.make_mesh(config.mesh.shape)
+  task = trainer.OclearTask(config, mesh, num_classes=400, vocab_size=300)
+  _, shardings = task.abstract_state()
+  state = task.init_state(jax.random.key(0), shardings)
+  assert state["params"]["class_centers"].dtype == jnp.bfloat16
+  rng = np.random.default_rng(0)
+  batch = sharding.global_batch({
+      "image": rng.uniform(-1, 1, (32, 32, 32, 3)).astype(np.float32),
+      "title_tokens": rng.integers(0, 300, (32, 16)).astype(np.int32),
+      "label": rng.integers(0, 400, 32).astype(np.int32),
+      "kind": rng.integers(0, 2, 32).astype(np.int32)}, mesh, task.rules)
+  step = task.jit_train_step(shardings)
+  losses = []
+  for _ in range(8):
+    state, metrics = step(state, batch, jax.random.key(1))
+    losses.append(float(metrics["loss"]))
+  assert np.isfinite(losses).all() and losses[-1] < losses[0] - 0.5, losses
