@@ -3,11 +3,17 @@
 Checkpoints are written as global sharded arrays (OCDBT), not per-device files, so a state
 saved on one mesh restores onto another: the restore target is an abstract tree of
 `jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(new_mesh, spec))`.
+
+Atomicity: orbax writes each step into a temporary directory and renames it when complete, so
+a save cut off by preemption never looks like a checkpoint (its leftovers are cleaned up on the
+next start). A finalized step that still cannot be read (a truncated file, a lost shard) is
+moved aside to `<dir>.broken/` and reported, and the previous step is restored instead.
 """
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 from typing import Any
 
 import jax
@@ -50,7 +56,9 @@ class CheckpointStore:
         self.directory,
         item_handlers=ocp.StandardCheckpointHandler(),
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save))
+            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True))
+    self.broken: list[tuple[int, str]] = []  # (step, reason) of unreadable checkpoints set aside
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -68,14 +76,35 @@ class CheckpointStore:
           f"It was left untouched; use a new --workdir (or delete {self.directory}) to start afresh")
 
   def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, int] | tuple[None, None]:
-    """Restores `step` (default: latest) onto the shardings carried by `abstract_state`."""
-    step = self.latest_step() if step is None else step
-    if step is None:
-      return None, None
-    self.check_compatible(step, abstract_state)
-    logging.info("Restoring checkpoint %s/%d", self.directory, step)
-    state = self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
-    return state, step
+    """Restores `step` (default: the latest readable one) onto the shardings of `abstract_state`.
+
+    An incompatible checkpoint (another model) stops with `IncompatibleCheckpointError`; an
+    unreadable one is set aside (see `self.broken`) and the next older step is tried.
+    """
+    steps = sorted(self._manager.all_steps(), reverse=True) if step is None else [step]
+    for candidate in steps:
+      try:
+        self.check_compatible(candidate, abstract_state)
+        logging.info("Restoring checkpoint %s/%d", self.directory, candidate)
+        state = self._manager.restore(candidate, args=ocp.args.StandardRestore(abstract_state))
+        return state, candidate
+      except IncompatibleCheckpointError:
+        raise
+      except Exception as e:  # pylint: disable=broad-except  (any read failure means "torn")
+        if step is not None:
+          raise
+        self._set_aside(candidate, f"{type(e).__name__}: {e}")
+    return None, None
+
+  def _set_aside(self, step: int, reason: str) -> None:
+    broken_dir = f"{self.directory}.broken"
+    os.makedirs(broken_dir, exist_ok=True)
+    target = os.path.join(broken_dir, str(step))
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(os.path.join(self.directory, str(step)), target)
+    self._manager.reload()
+    self.broken.append((step, reason.splitlines()[0][:300]))
+    logging.warning("Checkpoint step %d is unreadable (%s); moved to %s, trying an older one", step, reason, target)
 
   def wait(self) -> None:
     self._manager.wait_until_finished()

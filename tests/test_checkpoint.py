@@ -43,3 +43,38 @@ def test_other_model_is_refused_naming_the_array(tmp_path):
   target["params"]["class_centers"] = jax.ShapeDtypeStruct((41, 6), jnp.float32)
   with pytest.raises(checkpoint_lib.IncompatibleCheckpointError, match="class_centers has shape"):
     checkpoint_lib.CheckpointStore(tmp_path / "ckpt").restore(target)
+
+
+def test_torn_checkpoint_is_set_aside_and_the_previous_one_used(tmp_path):
+  mesh = sharding.make_mesh((8, 1))
+  store = checkpoint_lib.CheckpointStore(tmp_path / "ckpt", async_save=False)
+  first = _state(mesh)
+  store.save(1, first)
+  second = jax.tree.map(lambda x: x + 1, first)
+  store.save(2, second)
+  store.close()
+  # Cut every data file of step 2 in half, as a disk filling up mid-write would.
+  data_files = [p for p in (tmp_path / "ckpt" / "2").rglob("*") if p.is_file() and p.stat().st_size > 64]
+  assert data_files
+  for path in data_files:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+  store = checkpoint_lib.CheckpointStore(tmp_path / "ckpt")
+  restored, step = store.restore(_target(mesh, P(("data", "model"), None)))
+  assert step == 1 and [s for s, _ in store.broken] == [2]
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), restored, first)
+  assert (tmp_path / "ckpt.broken" / "2").is_dir() and not (tmp_path / "ckpt" / "2").exists()
+  store.save(2, second)  # the run goes on and writes step 2 afresh
+  store.close()
+  assert checkpoint_lib.CheckpointStore(tmp_path / "ckpt").restore(_target(mesh, P("data", None)))[1] == 2
+
+
+def test_state_saved_on_four_devices_restores_onto_eight(tmp_path):
+  four = sharding.make_mesh((2, 2), devices=jax.devices()[:4])
+  saved = _state(four)
+  store = checkpoint_lib.CheckpointStore(tmp_path / "ckpt", async_save=False)
+  store.save(5, saved)
+  store.close()
+  restored, _ = checkpoint_lib.CheckpointStore(tmp_path / "ckpt").restore(
+      _target(sharding.make_mesh((1, 8)), P(("data", "model"), None)))
+  assert len(restored["params"]["class_centers"].sharding.device_set) == 8
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), restored, saved)
