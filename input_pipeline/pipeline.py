@@ -77,7 +77,7 @@ def make_dataset(record_dir: str | os.PathLike, split: str, *, batch_size: int,
                  drop_remainder: bool = True, process_index: int = 0,
                  process_count: int = 1, cache_decoded: bool = False,
                  kinds: Optional[str | Sequence[str]] = None,
-                 shuffle_buffer: int = 10_000) -> tf.data.Dataset:
+                 shuffle_buffer: int = 10_000, skip_examples: int = 0) -> tf.data.Dataset:
   """Batches of {image f32[B,H,W,3], title_tokens i32[B,L], label i32[B], kind i32[B],
   id str[B], title str[B]} from one split, this process's share only.
 
@@ -95,6 +95,10 @@ def make_dataset(record_dir: str | os.PathLike, split: str, *, batch_size: int,
       'decode' (only the ops after it run each epoch). For small stored images.
     kinds: keep only 'doc' or 'query' examples (or a list of both).
     shuffle_buffer: examples in the shuffle buffer.
+    skip_examples: start this far into the (shuffled, repeated) stream, as if that many
+      examples had been read: a resumed run passes step * batch_size and sees exactly the
+      batches an uninterrupted run would. Skipped examples are not augmented (their random
+      ops are keyed by stream position, which the skip preserves).
   """
   summary = read_summary(record_dir)
   if split not in summary["files"]:
@@ -132,7 +136,10 @@ def make_dataset(record_dir: str | os.PathLike, split: str, *, batch_size: int,
     ex["image"] = tf.cast(ex["image"], tf.float32)
     return ex
 
-  ds = ds.enumerate().map(with_seed, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.enumerate()
+  if skip_examples:
+    ds = ds.skip(skip_examples)
+  ds = ds.map(with_seed, num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.batch(batch_size, drop_remainder=drop_remainder)
   options = tf.data.Options()
   options.deterministic = True

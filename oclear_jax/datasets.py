@@ -79,8 +79,12 @@ def to_device_batch(batch: dict[str, np.ndarray], place) -> dict[str, jax.Array]
 
 
 def train_batches(prepared: PreparedData, data: ml_collections.ConfigDict, *, global_batch_size: int,
-                  seed: int) -> Iterator[dict[str, np.ndarray]]:
-  """An endless iterator of this process's share of each global training batch (numpy)."""
+                  seed: int, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
+  """An endless iterator of this process's share of each global training batch (numpy).
+
+  The stream is a function of `seed` alone; `start_step` batches are skipped, so a run resumed
+  from the checkpoint of step k continues with exactly batch k+1 of the uninterrupted run.
+  """
   from input_pipeline import pipeline  # pylint: disable=g-import-not-at-top  (imports TF)
   if global_batch_size % jax.process_count():
     raise ValueError(f"config.train.batch_size={global_batch_size} must divide over {jax.process_count()} processes")
@@ -88,5 +92,6 @@ def train_batches(prepared: PreparedData, data: ml_collections.ConfigDict, *, gl
       prepared.records_dir, "train", batch_size=global_batch_size // jax.process_count(),
       preprocess=data.train_preprocess, shuffle=True, repeat=True, seed=seed,
       process_index=jax.process_index(), process_count=jax.process_count(),
-      cache_decoded=data.cache_decoded, shuffle_buffer=data.shuffle_buffer)
+      cache_decoded=data.cache_decoded, shuffle_buffer=data.shuffle_buffer,
+      skip_examples=start_step * (global_batch_size // jax.process_count()))
   return ds.as_numpy_iterator()

@@ -10,6 +10,7 @@ import functools
 import json
 import logging
 import os
+import sys
 from typing import Any
 
 import flax.linen as nn
@@ -113,7 +114,9 @@ class OclearTask:
     (loss, aux), grads = jax.value_and_grad(self.loss_fn, has_aux=True)(state["params"], batch, rng)
     updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    metrics = {"loss": loss, "accuracy": aux["accuracy"], "grad_norm": optax.tree.norm(grads)}
+    grad_norm = optax.tree.norm(grads)
+    metrics = {"loss": loss, "accuracy": aux["accuracy"], "grad_norm": grad_norm,
+               "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm)}
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
   def jit_train_step(self, shardings):
@@ -166,8 +169,16 @@ def _evaluate(task: OclearTask, state, prepared: datasets.PreparedData, workdir:
   return result.metrics
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) -> dict[str, Any]:
-  """Runs (or resumes) the experiment in `workdir`; returns the first and last eval metrics."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
+                       stop_at_step: int | None = None) -> dict[str, Any]:
+  """Runs (or resumes) the experiment in `workdir`; returns the first and last eval metrics.
+
+  Resumption is exact: the checkpoint of step k holds everything but the input position, which
+  is k itself (the batch stream is a function of the seed), and step k+1's randomness is
+  `fold_in(seed, k+1)`; on CPU a resumed run ends bitwise equal to an uninterrupted one.
+  `stop_at_step` ends the loop after that step without the final evaluation, as a preempted job
+  would (for preemption drills and tests).
+  """
   config_schema.validate(config)
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
@@ -197,6 +208,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
     state, start_step = task.init_state(jax.random.key(config.seed), shardings), 0
   else:
     logging.info("Resumed from step %d", start_step)
+  for broken_step, reason in store.broken:
+    print(f"warning: checkpoint step {broken_step} was unreadable ({reason}); set aside in "
+          f"{store.directory}.broken/; resumed from step {start_step or 0}", file=sys.stderr)
 
   # == Evaluators ================================================================================
   writer = metric_writers.MetricWriter(workdir)
@@ -210,27 +224,42 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
   train_step = task.jit_train_step(shardings)
   base_rng = jax.random.key(config.seed + 1)
   batches = datasets.train_batches(prepared, config.data, global_batch_size=config.train.batch_size,
-                                   seed=config.seed + start_step)
+                                   seed=config.seed, start_step=start_step)
   progress_line = metric_writers.ProgressLine(config.train.num_steps, config.train.batch_size, start_step)
   place = lambda b: sharding.global_batch(b, mesh, task.rules)
-  metrics = None
-  for step in range(start_step + 1, config.train.num_steps + 1):
-    state, metrics = train_step(state, datasets.to_device_batch(next(batches), place), base_rng)
-    if step % config.train.log_every == 0 or step == config.train.num_steps:
-      scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      if not np.isfinite(scalars["loss"]):
-        raise FloatingPointError(f"loss is {scalars['loss']} at step {step}; the last good checkpoint is kept")
-      line, examples_per_s = progress_line.update(step, scalars)
-      if progress:
-        print(line, flush=True)
-      else:
-        logging.info(line)
-      writer.write(step, {**{f"train/{k}": v for k, v in scalars.items()}, "train/examples_per_s": examples_per_s})
-    if step % config.train.checkpoint_every == 0 or step == config.train.num_steps:
-      store.save(step, state)
-    if config.eval.every and step % config.eval.every == 0 and step != config.train.num_steps:
-      eval_history[step] = evaluate(state, step=step, artifacts=False)
-      writer.write(step, {f"eval/{k}": v for k, v in eval_history[step].items()})
+  last_step = min(config.train.num_steps, stop_at_step or config.train.num_steps)
+  unchecked = None  # (step, metrics, batch ids): finiteness is read one step late, not to stall the device
+  try:
+    for step in range(start_step + 1, last_step + 1):
+      host_batch = next(batches)
+      state, metrics = train_step(state, datasets.to_device_batch(host_batch, place), base_rng)
+      if unchecked:
+        _check_finite(*unchecked, workdir=workdir, store=store)
+      unchecked = (step, metrics, host_batch["id"])
+      if step % config.train.log_every == 0 or step == config.train.num_steps:
+        scalars = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "finite"}
+        line, examples_per_s = progress_line.update(step, scalars)
+        if progress:
+          print(line, flush=True)
+        else:
+          logging.info(line)
+        writer.write(step, {**{f"train/{k}": v for k, v in scalars.items()}, "train/examples_per_s": examples_per_s})
+      if step % config.train.checkpoint_every == 0 or step == config.train.num_steps:
+        _check_finite(*unchecked, workdir=workdir, store=store)  # never save a state that saw a NaN
+        store.save(step, state)
+      if config.eval.every and step % config.eval.every == 0 and step != config.train.num_steps:
+        eval_history[step] = evaluate(state, step=step, artifacts=False)
+        writer.write(step, {f"eval/{k}": v for k, v in eval_history[step].items()})
+    if unchecked:
+      _check_finite(*unchecked, workdir=workdir, store=store)
+  except BaseException:
+    store.close()
+    writer.close()
+    raise
+  if last_step < config.train.num_steps:  # a drill: stop as a preempted job would, minus the kill
+    store.close()
+    writer.close()
+    return {"final_step": last_step, "eval": eval_history}
 
   final_step = int(jax.device_get(state["step"]))
   if final_step not in eval_history or not os.path.exists(os.path.join(workdir, "contact_sheet.png")):
@@ -243,6 +272,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
               for s, m in sorted(eval_history.items()) if s in (0, final_step)}
     plots.plot_recall_at_k(curves, os.path.join(workdir, "recall_at_k.png"))
   return {"final_step": final_step, "eval": eval_history}
+
+
+def _check_finite(step: int, metrics: dict[str, jax.Array], batch_ids: np.ndarray, *, workdir: str,
+                  store: checkpoint_lib.CheckpointStore) -> None:
+  """Stops the run at a non-finite loss or gradient, naming the step and writing the batch's ids."""
+  if bool(jax.device_get(metrics["finite"])):
+    return
+  loss, grad_norm = (float(jax.device_get(metrics[k])) for k in ("loss", "grad_norm"))
+  path = os.path.join(workdir, "nonfinite", f"step_{step}.json")
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    ids = [i.decode("utf-8", "replace") if isinstance(i, bytes) else str(i) for i in np.asarray(batch_ids).tolist()]
+    with open(path, "w", encoding="utf-8") as f:
+      json.dump({"step": step, "loss": loss, "grad_norm": grad_norm, "ids": ids}, f, indent=1)
+  store.wait()
+  raise FloatingPointError(
+      f"the loss ({loss}) or gradient norm ({grad_norm}) is not finite at step {step}; this process's batch ids "
+      f"are in {path}. Nothing after step {store.latest_step()} was saved (the last good checkpoint); "
+      f"look at those examples, or lower config.optimizer.learning_rate, then rerun to resume")
 
 
 def _load_eval_history(workdir: str) -> dict[int, dict[str, float]]:
