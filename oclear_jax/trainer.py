@@ -274,6 +274,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
   return {"final_step": final_step, "eval": eval_history}
 
 
+def restore_trained_state(config: ml_collections.ConfigDict, workdir: str, step: int | None = None):
+  """(task, state, step) of the run in `workdir` (latest checkpoint by default), on this config's mesh."""
+  prepared = datasets.prepare_data(config.data, workdir, seed=config.seed, progress=False)
+  task = OclearTask(config, sharding.make_mesh(config.mesh.shape), num_classes=prepared.num_classes,
+                    vocab_size=prepared.vocab_size)
+  abstract, shardings = task.abstract_state()
+  store = checkpoint_lib.CheckpointStore(os.path.join(workdir, "checkpoints"))
+  try:
+    state, step = store.restore(checkpoint_lib.abstract_with_shardings(abstract, shardings), step)
+  finally:
+    store.close()
+  if state is None:
+    raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints; train first (--mode=train)")
+  return task, state, step
+
+
 def _check_finite(step: int, metrics: dict[str, jax.Array], batch_ids: np.ndarray, *, workdir: str,
                   store: checkpoint_lib.CheckpointStore) -> None:
   """Stops the run at a non-finite loss or gradient, naming the step and writing the batch's ids."""

@@ -10,9 +10,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from oclear_jax import checkpoint as checkpoint_lib
 from oclear_jax import datasets
-from oclear_jax import sharding
 from oclear_jax import trainer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -26,13 +24,7 @@ def _config(**train):
 
 
 def _final_params(config, workdir):
-  prepared = datasets.prepare_data(config.data, workdir, progress=False)
-  task = trainer.OclearTask(config, sharding.make_mesh(config.mesh.shape), num_classes=prepared.num_classes,
-                            vocab_size=prepared.vocab_size)
-  abstract, shardings = task.abstract_state()
-  store = checkpoint_lib.CheckpointStore(os.path.join(workdir, "checkpoints"))
-  state, step = store.restore(checkpoint_lib.abstract_with_shardings(abstract, shardings))
-  store.close()
+  _, state, step = trainer.restore_trained_state(config, workdir)
   return step, state
 
 
