@@ -23,92 +23,16 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_p
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import argparse  # noqa: E402
-import functools  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
-from oclear_jax import heads  # noqa: E402
+from oclear_jax.heads import memory_analysis  # noqa: E402
+from oclear_jax.heads.memory_analysis import AXES, GIB, head_train_step  # noqa: E402
 
-GIB = 2.0**30
-ADAM_SLOTS = 2
-AXES = ("data", "model")
-
-
-def _mesh(num_devices: int) -> jax.sharding.Mesh:
-  return jax.make_mesh((num_devices, 1), AXES, devices=jax.devices()[:num_devices],
-                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
-
-
-def head_train_step(mesh, *, num_classes, batch, dim, chunk, class_axes, compute_dtype, param_dtype,
-                    partial_fc_rate=None):
-  """(jitted step, abstract args) for the head alone: loss + grads + AdamW on the centres."""
-  batch_axes = AXES
-  n_shards = heads.num_class_shards(mesh, class_axes)
-  c_pad = heads.pad_num_classes(num_classes, n_shards, chunk_size=chunk)
-  tx = optax.adamw(1e-3, weight_decay=1e-4)
-  margin = heads.make_margin("cosface", scale=64.0, margin=0.35)
-
-  def loss(centers, emb, labels, key):
-    return heads.margin_softmax_loss(
-        emb, labels, centers, num_classes=num_classes, margin_fn=margin, mesh=mesh, batch_axes=batch_axes,
-        class_axes=class_axes, chunk_size=chunk, compute_dtype=compute_dtype, partial_fc_rate=partial_fc_rate,
-        sample_key=key)[0]
-
-  def step(state, emb, labels, key):
-    value, (g_centers, g_emb) = jax.value_and_grad(loss, argnums=(0, 1))(state["centers"], emb, labels, key)
-    updates, opt_state = tx.update(g_centers, state["opt"], state["centers"])
-    return {"centers": optax.apply_updates(state["centers"], updates), "opt": opt_state}, value, g_emb
-
-  centers_sharding = NamedSharding(mesh, P(class_axes or None, None))
-  centers = jax.ShapeDtypeStruct((c_pad, dim), param_dtype, sharding=centers_sharding)
-  opt = jax.eval_shape(tx.init, centers)
-  replicated = NamedSharding(mesh, P())
-  opt = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=(
-      centers_sharding if x.shape == centers.shape else replicated)), opt)
-  state = {"centers": centers, "opt": opt}
-  state_shardings = jax.tree.map(lambda x: x.sharding, state)
-  emb = jax.ShapeDtypeStruct((batch, dim), jnp.float32, sharding=NamedSharding(mesh, P(batch_axes, None)))
-  labels = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=NamedSharding(mesh, P(batch_axes)))
-  key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated)
-  jitted = jax.jit(step, in_shardings=(state_shardings, emb.sharding, labels.sharding, replicated),
-                   out_shardings=(state_shardings, replicated, emb.sharding), donate_argnums=(0,))
-  return jitted, (state, emb, labels, key), c_pad
-
-
-def memory_row(num_devices, num_classes, dim, batch, chunk, compute_dtype="float32", param_dtype="float32",
-               partial_fc_rate=None):
-  mesh = _mesh(num_devices)
-  step, args, c_pad = head_train_step(
-      mesh, num_classes=num_classes, batch=batch, dim=dim, chunk=chunk, class_axes=AXES,
-      compute_dtype=jnp.dtype(compute_dtype), param_dtype=jnp.dtype(param_dtype), partial_fc_rate=partial_fc_rate)
-  t0 = time.perf_counter()
-  mem = step.lower(*args).compile().memory_analysis()
-  compile_s = time.perf_counter() - t0
-  pbytes = jnp.dtype(param_dtype).itemsize
-  state_bytes = c_pad * dim * pbytes * (1 + ADAM_SLOTS) / num_devices + 4  # + Adam's step count
-  inputs_bytes = (batch * dim * 4 + batch * 4) / num_devices
-  ideal = num_classes * dim * pbytes * (1 + ADAM_SLOTS) / num_devices
-  block = chunk or c_pad // num_devices
-  logits_block = batch * block * 4
-  shard_bytes = c_pad * dim * pbytes / num_devices
-  return dict(
-      N=num_devices, C=num_classes, d=dim, chunk=chunk or "-", dtype=f"{_short(param_dtype)}/{_short(compute_dtype)}",
-      args_gib=mem.argument_size_in_bytes / GIB, temp_gib=mem.temp_size_in_bytes / GIB, shard_gib=shard_bytes / GIB,
-      ratio=(mem.argument_size_in_bytes - inputs_bytes) / ideal,
-      padded=c_pad / num_classes - 1,
-      rest_per_block=(mem.temp_size_in_bytes - 2 * shard_bytes) / logits_block,
-      peak_gib=(mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes
-                - mem.alias_size_in_bytes) / GIB,
-      compile_s=compile_s, state_check=abs(state_bytes + inputs_bytes - mem.argument_size_in_bytes) < 1024)
-
-
-def _short(dtype: str) -> str:
-  return {"float32": "f32", "bfloat16": "bf16"}[dtype]
 
 
 def print_table(rows, columns):
@@ -186,7 +110,7 @@ def main():
         for chunk in (None, args.chunk):
           if chunk and (c // n) <= chunk:
             continue  # the shard is a single chunk already
-          rows.append(memory_row(n, c, d, args.batch, chunk))
+          rows.append(memory_analysis.head_memory(n, c, d, args.batch, chunk))
           print(f"compiled N={n} C={c:,} d={d} chunk={chunk}: peak {rows[-1]['peak_gib']:.2f} GiB", flush=True)
   print("\nAll rows:")
   print_table(rows, columns)
@@ -203,13 +127,13 @@ def main():
     cfg = pod_100m.get_config()
     n = abs(int(np.prod(cfg.mesh.shape))) if -1 not in cfg.mesh.shape else 256
     print(f"\n== configs/pod_100m.py head on {n} devices ==")
-    pod = [memory_row(n, pod_100m.NUM_CLASSES, cfg.model.embed_dim, cfg.train.batch_size, cfg.head.chunk_size,
+    pod = [memory_analysis.head_memory(n, pod_100m.NUM_CLASSES, cfg.model.embed_dim, cfg.train.batch_size, cfg.head.chunk_size,
                       cfg.head.dtype, cfg.head.param_dtype,
                       cfg.head.partial_fc_rate if cfg.head.partial_fc_rate < 1 else None)]
     print_table(pod, columns)
 
   if not args.skip_timing:
-    mesh = _mesh(8)
+    mesh = memory_analysis.mesh_of(8)
     host_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
     classes, replicated_gib = largest_fitting_classes(
         mesh, num_classes=args.time_classes, batch=args.time_batch, dim=args.time_dim, budget_gib=0.5 * host_gib)
