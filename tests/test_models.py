@@ -147,7 +147,7 @@ def test_title_dropout_removes_whole_titles_in_training():
 
 
 def test_build_model_rejects_unknown_names():
-  with pytest.raises(ValueError, match=r"image_tower='resnet'.*\['vit'\]"):
+  with pytest.raises(ValueError, match=r"image_tower='resnet'.*registered: \[.*'vit'.*\]"):
     _model(image_tower="resnet")
   with pytest.raises(ValueError, match=r"fusion='concat'.*image_only"):
     _model(fusion="concat")

@@ -1,0 +1,185 @@
+"""Frozen EfficientNet-Lite0 ImageNet features of image files, computed once and cached on disk.
+
+Why: governance (dedupe, outliers, merges) and benchmarks need image features of a whole
+catalogue, and on a 2-core CPU a ConvNet pass costs seconds per hundred images, so the features
+are computed once and reused. The cache key hashes everything that decides the numbers: the
+weights file's bytes, the image size, the token grid, the preprocessing version and the sorted
+set of paths with their sizes and mtimes, so a changed file or setting never reuses stale
+features, and the same set of paths in another order still hits.
+
+Preprocessing matches the eval pipeline (`decode|resize(S)|value_range(-1, 1)`): PIL decode to
+RGB, a square resize to `image_size` (bilinear, antialiased when shrinking), x / 127.5 - 1.
+Unreadable images are never dropped silently: their rows are zeros, `ok` is False for them and
+`failures` names each file and the reason.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import hashlib
+import json
+import os
+import pathlib
+import tempfile
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+from PIL import Image
+
+from oclear_jax.models import efficientnet
+from oclear_jax.weights import efficientnet_lite0
+
+PREPROCESS_VERSION = "pil-rgb|resize-bilinear-square|value_range(-1,1)|v1"
+
+
+@functools.lru_cache(maxsize=4)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+  del size, mtime_ns  # Part of the lru key only: a rewritten file is hashed again.
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def _stat(path: str) -> tuple[int, int]:
+  try:
+    st = os.stat(path)
+  except OSError:
+    return -1, -1  # Missing now; it will be reported as a failure, and a later copy changes the key.
+  return st.st_size, st.st_mtime_ns
+
+
+def cache_key(paths: Sequence[str], *, image_size: int, token_grid: int) -> str:
+  """The hex key of a feature set: weights bytes, settings, preprocessing and (path, size, mtime)s."""
+  weights = str(efficientnet_lite0.weights_path())
+  payload = {
+      "weights_sha256": _file_sha256(weights, *_stat(weights)),
+      "image_size": int(image_size),
+      "token_grid": int(token_grid),
+      "preprocess": PREPROCESS_VERSION,
+      "files": [(p, *_stat(p)) for p in sorted(set(paths))],
+  }
+  return hashlib.sha256(json.dumps(payload).encode()).hexdigest()
+
+
+def load_image(path: str, image_size: int) -> np.ndarray:
+  """One file -> f32[S, S, 3] in [-1, 1]; raises OSError/ValueError naming the file if unreadable."""
+  try:
+    with Image.open(path) as image:
+      image = image.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
+      pixels = np.asarray(image, np.float32)
+  except Exception as e:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError, ...).
+    raise ValueError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from e
+  return pixels / 127.5 - 1.0
+
+
+def adaptive_pool_matrix(size: int, grid: int) -> np.ndarray:
+  """f32[grid, size]: row i averages cells floor(i*size/grid) .. ceil((i+1)*size/grid)-1 (torch's rule)."""
+  matrix = np.zeros((grid, size), np.float32)
+  for i in range(grid):
+    start, end = (i * size) // grid, -(-((i + 1) * size) // grid)
+    matrix[i, start:end] = 1.0 / (end - start)
+  return matrix
+
+
+def _make_forward(image_size: int, token_grid: int):
+  """A jitted (params, images f32[B, S, S, 3]) -> (pooled f32[B, 1280], tokens f16[B, g*g, 1280] | None)."""
+  model = efficientnet.EfficientNetLite0()
+  side = -(-image_size // 32)  # Five stride-2 SAME convs.
+  pool = jnp.asarray(adaptive_pool_matrix(side, token_grid)) if token_grid > 0 else None
+
+  @jax.jit
+  def forward(params, images):
+    tokens, pooled = model.apply({"params": params}, images)
+    if pool is None:
+      return pooled, None
+    grid = tokens.reshape(tokens.shape[0], side, side, tokens.shape[-1])
+    pooled_grid = jnp.einsum("gh,bhwc,kw->bgkc", pool, grid, pool)
+    return pooled, pooled_grid.reshape(tokens.shape[0], token_grid * token_grid, -1).astype(jnp.float16)
+
+  return forward
+
+
+def _compute(paths: list[str], image_size: int, batch_size: int, token_grid: int,
+             progress: bool) -> dict[str, np.ndarray]:
+  params = jax.tree.map(jnp.asarray, efficientnet_lite0.load_params())
+  forward = _make_forward(image_size, token_grid)
+  n = len(paths)
+  pooled = np.zeros((n, efficientnet.HEAD_WIDTH), np.float32)
+  tokens = np.zeros((n, token_grid * token_grid, efficientnet.HEAD_WIDTH), np.float16) if token_grid else None
+  ok = np.zeros((n,), bool)
+  failures: list[str] = []
+
+  def decode(start: int) -> np.ndarray:
+    batch = np.zeros((batch_size, image_size, image_size, 3), np.float32)  # Fixed shape: one compile.
+    for row, path in enumerate(paths[start:start + batch_size]):
+      try:
+        batch[row] = load_image(path, image_size)
+        ok[start + row] = True
+      except ValueError as e:
+        failures.append(str(e))
+    return batch
+
+  starts = list(range(0, n, batch_size))
+  with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool, \
+      tqdm.tqdm(total=n, unit="img", desc="efficientnet_lite0 features", disable=not progress) as bar:
+    pending = pool.submit(decode, starts[0]) if starts else None
+    for k, start in enumerate(starts):
+      batch = pending.result()
+      if k + 1 < len(starts):  # Decode the next batch while this one runs.
+        pending = pool.submit(decode, starts[k + 1])
+      out_pooled, out_tokens = forward(params, batch)
+      count = min(batch_size, n - start)
+      rows = slice(start, start + count)
+      pooled[rows] = np.asarray(out_pooled)[:count] * ok[rows, None]
+      if tokens is not None:
+        tokens[rows] = np.asarray(out_tokens)[:count] * ok[rows, None, None]
+      bar.update(count)
+  result = {"pooled": pooled, "ok": ok, "failures": np.asarray(sorted(failures), dtype=str)}
+  if tokens is not None:
+    result["tokens"] = tokens
+  return result
+
+
+def extract_features(image_paths: Sequence[str], *, image_size: int = 224, batch_size: int = 64,
+                     token_grid: int = 0, cache_dir: str | os.PathLike | None = None,
+                     progress: bool = True) -> dict[str, np.ndarray]:
+  """Frozen Lite0 features of image files, in the order of `image_paths`.
+
+  Returns:
+    'pooled': f32[N, 1280], the mean of the final feature map;
+    'tokens' (only when token_grid > 0): f16[N, g*g, 1280], the map adaptively average-pooled
+      to g x g (row-major);
+    'ok': bool[N], False where the file could not be read (its rows are zeros);
+    'failures': str[F], 'path: reason' for each unreadable file.
+  With `cache_dir`, results are stored there and reused while the key (see `cache_key`) matches.
+  """
+  if image_size < 32 or batch_size < 1 or token_grid < 0:
+    raise ValueError(f"extract_features: need image_size >= 32, batch_size >= 1, token_grid >= 0; "
+                     f"got {image_size}, {batch_size}, {token_grid}")
+  paths = [os.fspath(p) for p in image_paths]
+  unique = sorted(set(paths))
+  cache_file = None
+  if cache_dir is not None:
+    key = cache_key(unique, image_size=image_size, token_grid=token_grid)
+    cache_file = pathlib.Path(cache_dir) / f"efficientnet_lite0-{image_size}px-g{token_grid}-{key[:24]}.npz"
+  if cache_file is not None and cache_file.exists():
+    with np.load(cache_file, allow_pickle=False) as stored:
+      features = {name: stored[name] for name in stored.files}
+  else:
+    features = _compute(unique, image_size, batch_size, token_grid, progress)
+    features["paths"] = np.asarray(unique, dtype=str)
+    if cache_file is not None:
+      cache_file.parent.mkdir(parents=True, exist_ok=True)
+      with tempfile.NamedTemporaryFile(dir=cache_file.parent, suffix=".npz", delete=False) as tmp:
+        np.savez(tmp, **features)
+      os.replace(tmp.name, cache_file)  # Atomic: a reader never sees half a cache file.
+  index = {p: i for i, p in enumerate(features["paths"].tolist())}
+  order = np.asarray([index[p] for p in paths], np.int64)
+  result = {name: features[name][order] for name in ("pooled", "ok", "tokens") if name in features}
+  result["failures"] = features["failures"]
+  return result
