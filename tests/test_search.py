@@ -159,3 +159,33 @@ def test_contact_sheet_writes_small_png(tmp_path):
     assert img.format == "PNG"
     assert img.width >= 11 * 128 and img.height >= 4 * 128
   assert 0 < path.stat().st_size < 1_000_000
+
+
+def test_scann_search_time_knobs_trade_recall_for_speed(clustered, built_index):
+  gallery, queries = clustered
+  _, exact_idx = exact_top_k(queries, gallery, 10)
+  leaves = built_index.params["num_leaves"]
+  # Probing every leaf and re-scoring 1,000 candidates leaves nothing to chance on this data.
+  _, all_leaves = built_index.search(queries, 10, leaves_to_search=leaves, reorder=1000)
+  _, one_leaf = built_index.search(queries, 10, leaves_to_search=1, reorder=10)
+  assert recall_against_exact(all_leaves, exact_idx) >= 0.99
+  assert recall_against_exact(one_leaf, exact_idx) < recall_against_exact(all_leaves, exact_idx) - 0.1
+  # Parallel search returns what the serial one does.
+  for a, b in zip(built_index.search(queries, 10, parallel=True), built_index.search(queries, 10, parallel=False)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_scann_params_come_from_config():
+  from oclear_jax import config_schema  # pylint: disable=g-import-not-at-top
+  from oclear_jax.evaluators import scann_search  # pylint: disable=g-import-not-at-top
+  index_cfg = config_schema.base_config().index
+  index_cfg.update(num_leaves=50, num_leaves_to_search=7, reorder=60, dims_per_block=4, min_points_for_tree=100)
+  rng = np.random.default_rng(6)
+  gallery = rng.normal(size=(2000, 16)).astype(np.float32)
+  index = ScannIndex.build(gallery, k=10, **scann_search.params_from_config(index_cfg))
+  assert (index.params["num_leaves"], index.params["num_leaves_to_search"], index.params["reorder"],
+          index.params["dims_per_block"]) == (50, 7, 60, 4)
+  assert "AH(4, 0.2)" in index.description
+  forced = ScannIndex.build(gallery[:300], k=5, brute_force=True)
+  _, idx = forced.search(gallery[:4], 5)
+  np.testing.assert_array_equal(idx, exact_top_k(gallery[:4], gallery[:300], 5)[1])

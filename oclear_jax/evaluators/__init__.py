@@ -1,5 +1,10 @@
-"""Retrieval evaluation: exact and ScaNN search, metrics, and report figures."""
+"""Retrieval evaluation: exact and ScaNN search, metrics, and report figures.
+
+Product1M's metrics are `oclear_jax.evaluators.product1m_metrics.product1m_metrics` (not
+re-exported here: the function shares its module's name).
+"""
 from oclear_jax.evaluators.exact_search import exact_top_k
+from oclear_jax.evaluators.exact_search import exact_top_k_blocks
 from oclear_jax.evaluators.metrics import map_at_r
 from oclear_jax.evaluators.metrics import num_relevant
 from oclear_jax.evaluators.metrics import r_precision
@@ -15,6 +20,7 @@ __all__ = [
     "ScannIndex",
     "contact_sheet",
     "exact_top_k",
+    "exact_top_k_blocks",
     "map_at_r",
     "num_relevant",
     "plot_recall_at_k",

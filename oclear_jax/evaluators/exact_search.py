@@ -8,19 +8,26 @@ therefore ``query_batch x gallery_chunk`` scores, not ``Q x N``, so catalogues
 far larger than one matmul fit, and every shape is static, so one compilation
 serves every batch.
 
+Galleries larger than memory stream through `exact_top_k_blocks` one block at a
+time (e.g. the memory-mapped shards of an embedding export): the running top k of
+every query is carried from block to block as the scan's initial value, so device
+memory holds one block, never the gallery.
+
 Embeddings are expected L2-normalised, which makes the dot product the cosine
 similarity.
 
 Tie-breaking is deterministic: among equal scores the lower gallery index
 ranks first. `jax.lax.top_k` is documented to put the lower position first,
-and the merge concatenates the running top k (earlier chunks, lower indices)
-before the new chunk's, so the property survives merging.
+and the merge concatenates the running top k (earlier chunks and blocks, lower
+indices) before the new chunk's, so the property survives merging.
 """
+from collections.abc import Iterable, Iterator
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 
 
 def _dense_ids(query_ids: np.ndarray, gallery_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -32,22 +39,25 @@ def _dense_ids(query_ids: np.ndarray, gallery_ids: np.ndarray) -> tuple[np.ndarr
 
 
 @functools.partial(jax.jit, static_argnames=("k",))
-def _search_batch(queries, query_ids, chunks, chunk_ids, chunk_valid, *, k):
-  """Top k over all chunks for one query batch.
+def _search_batch(queries, query_ids, chunks, chunk_ids, chunk_valid, best_scores, best_idx, offset, *, k):
+  """Merges one gallery block into the running top k of one query batch.
 
   Args:
     queries: f32[B, d].
     query_ids: int32[B]; -1 means "no self-exclusion" for that query.
-    chunks: f32[C, S, d], the padded gallery.
+    chunks: f32[C, S, d], the padded gallery block.
     chunk_ids: int32[C, S] gallery ids (-2 where unused, never equal to a
       query id).
     chunk_valid: bool[C, S]; False on padding.
+    best_scores: f32[B, k] running top scores (-inf when empty).
+    best_idx: int32[B, k] their global gallery indices (-1 when empty).
+    offset: int32 global index of the block's first row.
     k: number of results.
 
   Returns:
     (scores f32[B, k], indices int32[B, k]); -inf / -1 in empty slots.
   """
-  b, s = queries.shape[0], chunks.shape[1]
+  s = chunks.shape[1]
   k_chunk = min(k, s)
 
   def step(carry, xs):
@@ -65,11 +75,113 @@ def _search_batch(queries, query_ids, chunks, chunk_ids, chunk_valid, *, k):
     new_idx = jnp.take_along_axis(merged_idx, pos, axis=1)
     return (new_scores, new_idx), None
 
-  init = (jnp.full((b, k), -jnp.inf, jnp.float32), jnp.full((b, k), -1, jnp.int32))
-  starts = jnp.arange(chunks.shape[0], dtype=jnp.int32) * s
-  (scores, idx), _ = jax.lax.scan(step, init, (chunks, chunk_ids, chunk_valid, starts))
+  starts = offset + jnp.arange(chunks.shape[0], dtype=jnp.int32) * s
+  (scores, idx), _ = jax.lax.scan(step, (best_scores, best_idx), (chunks, chunk_ids, chunk_valid, starts))
   idx = jnp.where(jnp.isneginf(scores), -1, idx)
   return scores, idx
+
+
+def _check(queries: np.ndarray, d: int | None, k: int) -> np.ndarray:
+  queries = np.asarray(queries, np.float32)
+  if queries.ndim != 2 or (d is not None and queries.shape[1] != d):
+    raise ValueError(f"need queries [Q, d] and gallery [N, d], got {queries.shape} and d={d}")
+  if k < 1:
+    raise ValueError(f"k must be >= 1, got {k}")
+  return queries
+
+
+def _padded_block(block: np.ndarray, ids: np.ndarray, chunk: int):
+  """(chunks f32[C, chunk, d], ids int32[C, chunk], valid bool[C, chunk]) on device."""
+  n, d = block.shape
+  num_chunks = -(-n // chunk)
+  if num_chunks * chunk == n:
+    padded = np.ascontiguousarray(block, np.float32)
+  else:
+    padded = np.zeros((num_chunks * chunk, d), np.float32)
+    padded[:n] = block
+  chunk_ids = np.full(num_chunks * chunk, -2, np.int32)
+  chunk_ids[:n] = ids
+  valid = np.arange(num_chunks * chunk) < n
+  return (jnp.asarray(padded.reshape(num_chunks, chunk, d)), jnp.asarray(chunk_ids.reshape(num_chunks, chunk)),
+          jnp.asarray(valid.reshape(num_chunks, chunk)))
+
+
+def exact_top_k_blocks(
+    queries: np.ndarray,
+    blocks: Iterable[np.ndarray],
+    k: int,
+    *,
+    gallery_chunk: int = 65536,
+    query_batch: int = 1024,
+    exclude: tuple[np.ndarray, np.ndarray] | None = None,
+    num_blocks: int | None = None,
+    progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+  """Exact top-k over a gallery given as consecutive row blocks f32[n_i, d].
+
+  Indices are global (block offsets added), so the result equals `exact_top_k`
+  on the concatenated gallery, ties included. Each block is read once; blocks of
+  equal size share one compilation (make blocks a multiple of `gallery_chunk`,
+  or give every block but the last the same size).
+
+  Args:
+    queries: f32[Q, d].
+    blocks: gallery rows in order, e.g. memory-mapped embedding shards.
+    k: results per query (-1 / -inf pad where the gallery is smaller).
+    gallery_chunk: gallery rows scored per scan step (memory knob).
+    query_batch: queries per jitted call (memory knob).
+    exclude: optional ``(query_ids [Q], gallery_ids [N])`` over the whole
+      gallery, for leave-one-out evaluation (see `exact_top_k`).
+    num_blocks: for the progress bar only.
+    progress: show a tqdm bar over blocks.
+
+  Returns:
+    ``(scores f32[Q, k], indices int32[Q, k])``, best first.
+  """
+  queries = _check(queries, None, k)
+  num_q = queries.shape[0]
+  best_scores = np.full((num_q, k), -np.inf, np.float32)
+  best_idx = np.full((num_q, k), -1, np.int32)
+  if exclude is not None:
+    q_ids, g_ids = _dense_ids(*exclude)
+    if len(q_ids) != num_q:
+      raise ValueError("exclude ids must be [Q] and [N]")
+  else:
+    q_ids, g_ids = np.full(num_q, -1, np.int32), None
+  offset = 0
+  batch = max(1, min(query_batch, num_q))
+  for block in tqdm.tqdm(blocks, total=num_blocks, desc="exact search", unit="block", disable=not progress):
+    block = np.asarray(block)
+    if block.ndim != 2 or block.shape[1] != queries.shape[1]:
+      raise ValueError(f"need queries [Q, d] and gallery blocks [n, d], got {queries.shape} and {block.shape}")
+    n = block.shape[0]
+    if n == 0 or num_q == 0:
+      continue
+    ids = np.full(n, -2, np.int32) if g_ids is None else g_ids[offset:offset + n]
+    if len(ids) != n:
+      raise ValueError(f"exclude gallery ids cover {len(g_ids)} rows but the blocks have more")
+    chunks, chunk_ids, chunk_valid = _padded_block(block, ids, min(gallery_chunk, n))
+    for s in range(0, num_q, batch):
+      valid = min(batch, num_q - s)
+      q, qi = queries[s:s + batch], q_ids[s:s + batch]
+      bs, bi = best_scores[s:s + batch], best_idx[s:s + batch]
+      if valid < batch:  # the last batch is padded so one compilation serves all batches
+        pad = batch - valid
+        q, qi = np.pad(q, ((0, pad), (0, 0))), np.pad(qi, (0, pad), constant_values=-1)
+        bs = np.pad(bs, ((0, pad), (0, 0)), constant_values=-np.inf)
+        bi = np.pad(bi, ((0, pad), (0, 0)), constant_values=-1)
+      scores, idx = _search_batch(q, qi, chunks, chunk_ids, chunk_valid, bs, bi, np.int32(offset), k=k)
+      best_scores[s:s + valid] = np.asarray(scores)[:valid]
+      best_idx[s:s + valid] = np.asarray(idx)[:valid]
+    offset += n
+  if g_ids is not None and offset != len(g_ids):
+    raise ValueError(f"exclude gallery ids cover {len(g_ids)} rows but the blocks hold {offset}")
+  return best_scores, best_idx
+
+
+def _row_blocks(gallery: np.ndarray, rows: int) -> Iterator[np.ndarray]:
+  for s in range(0, gallery.shape[0], rows):
+    yield gallery[s:s + rows]
 
 
 def exact_top_k(
@@ -80,12 +192,13 @@ def exact_top_k(
     gallery_chunk: int = 65536,
     query_batch: int = 1024,
     exclude: tuple[np.ndarray, np.ndarray] | None = None,
+    gallery_block: int = 1 << 20,
 ) -> tuple[np.ndarray, np.ndarray]:
   """Exact top-k gallery items by dot product for every query.
 
   Args:
     queries: f32[Q, d].
-    gallery: f32[N, d].
+    gallery: f32[N, d] (a memory-mapped array works: it is read block by block).
     k: results per query. If k exceeds the number of candidates (N, or N - 1
       under self-exclusion) the tail is padded with index -1 and score -inf.
     gallery_chunk: gallery rows scored per scan step (memory knob).
@@ -94,47 +207,20 @@ def exact_top_k(
     exclude: optional ``(query_ids [Q], gallery_ids [N])`` for leave-one-out
       evaluation: gallery items whose id equals the query's id are never
       returned. Ids may be of any dtype.
+    gallery_block: gallery rows on the device at once (rounded down to a
+      multiple of `gallery_chunk`).
 
   Returns:
     ``(scores f32[Q, k], indices int32[Q, k])``, best first; ties go to the
     lower gallery index.
   """
-  queries = np.asarray(queries, np.float32)
-  gallery = np.asarray(gallery, np.float32)
-  if queries.ndim != 2 or gallery.ndim != 2 or queries.shape[1] != gallery.shape[1]:
-    raise ValueError(f"need [Q, d] and [N, d], got {queries.shape} and {gallery.shape}")
-  if k < 1:
-    raise ValueError(f"k must be >= 1, got {k}")
-  num_q, n = queries.shape[0], gallery.shape[0]
-  if num_q == 0 or n == 0:
-    return (np.full((num_q, k), -np.inf, np.float32), np.full((num_q, k), -1, np.int32))
-
-  if exclude is None:
-    q_ids = np.full(num_q, -1, np.int32)
-    g_ids = np.full(n, -2, np.int32)
-  else:
-    q_ids, g_ids = _dense_ids(*exclude)
-    if len(q_ids) != num_q or len(g_ids) != n:
-      raise ValueError("exclude ids must be [Q] and [N]")
-
-  chunk = min(gallery_chunk, n)
-  num_chunks = -(-n // chunk)
-  pad = num_chunks * chunk - n
-  d = gallery.shape[1]
-  chunks = jnp.asarray(np.pad(gallery, ((0, pad), (0, 0))).reshape(num_chunks, chunk, d))
-  chunk_ids = jnp.asarray(np.pad(g_ids, (0, pad), constant_values=-2).reshape(num_chunks, chunk))
-  chunk_valid = jnp.asarray((np.arange(num_chunks * chunk) < n).reshape(num_chunks, chunk))
-
-  batch = min(query_batch, num_q)
-  all_scores, all_idx = [], []
-  for s in range(0, num_q, batch):
-    q = queries[s:s + batch]
-    qi = q_ids[s:s + batch]
-    valid = len(q)
-    if valid < batch:
-      q = np.pad(q, ((0, batch - valid), (0, 0)))
-      qi = np.pad(qi, (0, batch - valid), constant_values=-1)
-    scores, idx = _search_batch(q, qi, chunks, chunk_ids, chunk_valid, k=k)
-    all_scores.append(np.asarray(scores)[:valid])
-    all_idx.append(np.asarray(idx)[:valid])
-  return np.concatenate(all_scores), np.concatenate(all_idx).astype(np.int32)
+  queries = _check(queries, None, k)
+  if np.ndim(gallery) != 2 or np.shape(gallery)[1] != queries.shape[1]:
+    raise ValueError(f"need [Q, d] and [N, d], got {queries.shape} and {np.shape(gallery)}")
+  n = gallery.shape[0]
+  if exclude is not None and (len(exclude[0]) != queries.shape[0] or len(exclude[1]) != n):
+    raise ValueError("exclude ids must be [Q] and [N]")
+  chunk = max(1, min(gallery_chunk, n))
+  rows = max(chunk, gallery_block // chunk * chunk)
+  return exact_top_k_blocks(queries, _row_blocks(gallery, rows), k, gallery_chunk=chunk, query_batch=query_batch,
+                            exclude=exclude)

@@ -1,15 +1,24 @@
 """Retrieval metrics on ranked lists: Recall@K, MAP@R and R-precision.
 
 Everything here is plain numpy on host arrays, so the numbers do not depend on
-which search backend (exact JAX, ScaNN) produced the rankings.
+which search backend (exact JAX, ScaNN) produced the rankings. Product1M's
+Prec@R, mAP@R and mAR@R live in `product1m_metrics`; both share the label
+encoding of `labels`.
 
 Conventions shared by every function:
 
 * ``retrieved`` is ``int[Q, K]``: row ``q`` lists gallery indices best first.
   ``-1`` marks an empty slot (the gallery had fewer than K candidates, or a
   slot was freed by self-exclusion); an empty slot is never relevant.
-* A gallery item is *relevant* to a query when their labels are equal. Labels
-  may be any numpy-comparable dtype (ints, strings).
+* A gallery item is *relevant* to a query when its label is one of the
+  query's labels: one label per query (a 1-D array), or several for photos of
+  several products (see `labels` for the accepted forms). Labels may be any
+  numpy-comparable dtype (ints, strings).
+* Ties: the metrics read the ranking as given and never re-sort it. Equal
+  scores are ordered by the search that produced the ranking; the exact
+  search (`exact_search`) puts the lower gallery index first, so with it a
+  tie between a relevant and an irrelevant document is decided by their
+  order in the gallery, deterministically, not in the query's favour.
 * Leave-one-out evaluation (a catalogue with no separate query set, where
   every item queries all the others) passes ``query_ids`` / ``gallery_ids``:
   a gallery item whose id equals the query's id is the query itself. The
@@ -24,19 +33,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
-
-def _factorize(*arrays: np.ndarray) -> list[np.ndarray]:
-  """Maps values of several arrays onto shared dense int64 codes."""
-  arrays = [np.asarray(a) for a in arrays]
-  _, codes = np.unique(np.concatenate(arrays), return_inverse=True)
-  codes = codes.reshape(-1).astype(np.int64)
-  splits = np.cumsum([len(a) for a in arrays])[:-1]
-  return np.split(codes, splits)
+from oclear_jax.evaluators import labels as labels_lib
 
 
 def relevance_matrix(
     retrieved: np.ndarray,
-    query_labels: np.ndarray,
+    query_labels,
     gallery_labels: np.ndarray,
     *,
     query_ids: np.ndarray | None = None,
@@ -45,13 +47,13 @@ def relevance_matrix(
   """Marks which retrieved slots hold a relevant gallery item.
 
   ``rel[q, j] = retrieved[q, j] >= 0 and
-  gallery_labels[retrieved[q, j]] == query_labels[q]`` and, when ids are
-  given, ``gallery_ids[retrieved[q, j]] != query_ids[q]`` (the query itself is
+  gallery_labels[retrieved[q, j]] in labels(q)`` and, when ids are given,
+  ``gallery_ids[retrieved[q, j]] != query_ids[q]`` (the query itself is
   never a hit, even if a search backend failed to remove it).
 
   Args:
     retrieved: int[Q, K] gallery indices, best first; -1 for empty slots.
-    query_labels: [Q] labels of the queries.
+    query_labels: the queries' labels: [Q], or one list of labels per query.
     gallery_labels: [N] labels of the gallery items.
     query_ids: optional [Q] ids for self-exclusion.
     gallery_ids: optional [N] ids for self-exclusion.
@@ -59,23 +61,12 @@ def relevance_matrix(
   Returns:
     bool[Q, K].
   """
-  retrieved = np.asarray(retrieved)
-  query_labels = np.asarray(query_labels)
-  gallery_labels = np.asarray(gallery_labels)
-  if retrieved.ndim != 2 or retrieved.shape[0] != len(query_labels):
-    raise ValueError(f"retrieved must be [Q={len(query_labels)}, K], got {retrieved.shape}")
-  valid = retrieved >= 0
-  safe = np.where(valid, retrieved, 0)
-  rel = valid & (gallery_labels[safe] == query_labels[:, None])
-  if (query_ids is None) != (gallery_ids is None):
-    raise ValueError("pass both query_ids and gallery_ids, or neither")
-  if query_ids is not None:
-    rel &= np.asarray(gallery_ids)[safe] != np.asarray(query_ids)[:, None]
-  return rel
+  enc = labels_lib.encode(query_labels, gallery_labels)
+  return labels_lib.relevance(enc, retrieved, query_ids, gallery_ids)
 
 
 def num_relevant(
-    query_labels: np.ndarray,
+    query_labels,
     gallery_labels: np.ndarray,
     *,
     query_ids: np.ndarray | None = None,
@@ -83,14 +74,14 @@ def num_relevant(
 ) -> np.ndarray:
   """Counts the relevant gallery items of each query (R in MAP@R).
 
-  ``R[q] = #{n : gallery_labels[n] == query_labels[q]}``, minus, when ids are
+  ``R[q] = #{n : gallery_labels[n] in labels(q)}``, minus, when ids are
   given, the gallery items that are the query itself
-  (``gallery_ids[n] == query_ids[q]`` with the same label). Runs in
+  (``gallery_ids[n] == query_ids[q]`` with one of its labels). Runs in
   O((Q + N) log(Q + N)) via label histograms, never forming a [Q, N] matrix,
   so it scales to million-item catalogues.
 
   Args:
-    query_labels: [Q] labels.
+    query_labels: the queries' labels: [Q], or one list of labels per query.
     gallery_labels: [N] labels.
     query_ids: optional [Q] ids for leave-one-out self-exclusion.
     gallery_ids: optional [N] ids for leave-one-out self-exclusion.
@@ -98,21 +89,8 @@ def num_relevant(
   Returns:
     int64[Q].
   """
-  q_lab, g_lab = _factorize(query_labels, gallery_labels)
-  num_labels = int(max(q_lab.max(initial=-1), g_lab.max(initial=-1))) + 1
-  counts = np.bincount(g_lab, minlength=num_labels)[q_lab].astype(np.int64)
-  if (query_ids is None) != (gallery_ids is None):
-    raise ValueError("pass both query_ids and gallery_ids, or neither")
-  if query_ids is not None:
-    q_id, g_id = _factorize(query_ids, gallery_ids)
-    # One key per (id, label) pair; a query's self-matches are the gallery
-    # items sharing both its id and its label.
-    g_keys, g_counts = np.unique(g_id * num_labels + g_lab, return_counts=True)
-    q_keys = q_id * num_labels + q_lab
-    if len(g_keys):
-      pos = np.minimum(np.searchsorted(g_keys, q_keys), len(g_keys) - 1)
-      counts -= np.where(g_keys[pos] == q_keys, g_counts[pos], 0)
-  return counts
+  enc = labels_lib.encode(query_labels, gallery_labels)
+  return labels_lib.positives_per_query(enc, query_ids, gallery_ids)
 
 
 def _has_positives(relevance: np.ndarray, num_rel: np.ndarray | None) -> np.ndarray:

@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 _GREEN = (30, 160, 60)
 _RED = (210, 40, 40)
 _BLUE = (40, 90, 200)
+_GREY = (150, 150, 150)  # relevance unknown (a user's search, not an evaluation)
 
 
 def plot_recall_at_k(
@@ -116,13 +117,14 @@ def contact_sheet(
 ) -> None:
   """Renders one row per query: the query, then its ranked results.
 
-  Each result is framed green when relevant and red when not; the query is
-  framed blue. Captions (e.g. "0.83 · Blue denim jacket") are wrapped to the
-  tile width and truncated with an ellipsis after `caption_lines` lines.
+  Each result is framed green when relevant, red when not and grey when
+  unknown (None, e.g. a user's search); the query is framed blue. Captions
+  (e.g. "0.83 · Blue denim jacket") are wrapped to the tile width and
+  truncated with an ellipsis after `caption_lines` lines.
 
   Args:
     query_images: Q images, HxWx3 uint8 (any size; letterboxed into tiles).
-    results: per query, a ranked list of (image, caption, is_relevant).
+    results: per query, a ranked list of (image, caption, is_relevant or None).
     path: output path; ".png" is palette-quantised to stay small (about
       1 MB for 10 rows x 11 tiles of photos), ".jpg" is also fine.
     query_captions: optional Q captions for the query tiles.
@@ -148,7 +150,7 @@ def contact_sheet(
     sheet.paste(_tile(query, caption, _BLUE, tile, border, font, caption_lines, line_height), (0, y))
     for col, (image, text, relevant) in enumerate(row_results, start=1):
       x = col * (tile + gap) + gap
-      colour = _GREEN if relevant else _RED
+      colour = _GREY if relevant is None else _GREEN if relevant else _RED
       sheet.paste(_tile(image, f"{col}. {text}", colour, tile, border, font, caption_lines,
                         line_height), (x, y))
   path = os.fspath(path)

@@ -19,6 +19,7 @@ import numpy as np
 from oclear_jax.evaluators import exact_search
 from oclear_jax.evaluators import metrics as metrics_lib
 from oclear_jax.evaluators import plots
+from oclear_jax.evaluators import product1m_metrics
 from oclear_jax.evaluators import scann_search
 
 QUERY, DOC = 1, 0
@@ -69,8 +70,14 @@ class SearchResult:
 
 
 def search_and_score(es: EvalSet, *, ks=(1, 5, 10), use_scann: bool = True, max_k: int = 1000,
-                     scann_dir: str | None = None) -> SearchResult:
-  """Exact search is ground truth; ScaNN is scored against the labels and against exact."""
+                     scann_dir: str | None = None, cutoffs=(10, 50, 100),
+                     scann_params: dict | None = None) -> SearchResult:
+  """Exact search is ground truth; ScaNN is scored against the labels and against exact.
+
+  Metrics: Recall@K for `ks`, Musgrave's MAP@R / R-precision (``map@r``, ``prec@r``) and
+  Product1M's Prec@R, mAP@R, mAR@R for each R in `cutoffs` (see `product1m_metrics`).
+  `scann_params` are `ScannIndex.build` keyword arguments (`scann_search.params_from_config`).
+  """
   gallery_rows = np.flatnonzero(es.kinds == DOC)
   query_rows = np.flatnonzero(es.kinds == QUERY)
   leave_one_out = len(query_rows) == 0
@@ -83,16 +90,22 @@ def search_and_score(es: EvalSet, *, ks=(1, 5, 10), use_scann: bool = True, max_
   # k must cover the largest R (number of relevant documents) for MAP@R, capped for big galleries.
   counts = np.unique(g_labels, return_counts=True)
   max_r = int(counts[1].max()) if len(counts[1]) else 1
-  k = int(min(max(max(ks), max_r), max(max_k, max(ks))))
+  cutoffs = tuple(cutoffs or ())
+  longest = max(max(ks), *cutoffs) if cutoffs else max(ks)
+  k = int(min(max(longest, max_r), max(max_k, longest)))
   scores, retrieved = exact_search.exact_top_k(queries, gallery, k, exclude=exclude)
   scores, retrieved = np.asarray(scores), np.asarray(retrieved)
   result = dict(metrics_lib.retrieval_metrics(
       retrieved, q_labels, g_labels, ks=ks, query_ids=q_ids if leave_one_out else None,
       gallery_ids=g_ids if leave_one_out else None))
+  if cutoffs:
+    result.update(product1m_metrics.product1m_metrics(
+        retrieved, q_labels, g_labels, cutoffs, query_ids=q_ids if leave_one_out else None,
+        gallery_ids=g_ids if leave_one_out else None))
   result["num_gallery"] = float(len(gallery_rows))
   result["leave_one_out"] = float(leave_one_out)
   if use_scann:
-    index = scann_search.ScannIndex.build(gallery, k=max(ks))
+    index = scann_search.ScannIndex.build(gallery, k=max(ks), **(scann_params or {}))
     _, ann = index.search(queries, max(ks), exclude=exclude)
     ann = np.asarray(ann)
     ann_metrics = metrics_lib.retrieval_metrics(ann, q_labels, g_labels, ks=ks)

@@ -1,0 +1,309 @@
+"""Embedding export: a gallery of any size, embedded on the mesh, written as resumable shards.
+
+Embedding a million-document catalogue takes long enough to be interrupted, so the output
+is a directory of fixed-size shards plus a manifest, and a rerun only redoes what is missing:
+
+  manifest.json             fingerprint, total rows, shard size, dim, columns, and per
+                            finished shard its row count and the byte size of each file
+  shard-00000.vectors.npy   f32[rows, dim]
+  shard-00000.<column>.npy  1-D, one per column (ids and titles as UTF-8 bytes, labels, ...)
+
+Shard i always holds rows [i * shard_size, (i + 1) * shard_size) of the source order, so a
+shard is a pure function of (source, fingerprint) and can be redone alone. Files are written
+under a temporary name and renamed, then the manifest is replaced atomically; a shard counts
+as finished only when the manifest lists it *and* every file has the recorded size and loads
+with the recorded shape, so a deleted or truncated ("torn") shard is simply redone. A
+different fingerprint (another checkpoint, other records, another preprocessing) starts the
+export afresh instead of mixing embeddings of two models.
+
+`device_embedder` turns the task's jitted predict function into "host batch in, numpy
+vectors out": the batch is padded to the fixed batch size (one compilation; the last batch
+is short), placed on the mesh with `sharding.global_batch`, and the padding cut off again.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import tqdm
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+VECTORS = "vectors"
+
+Batch = dict[str, np.ndarray]
+
+
+def device_embedder(predict: Callable, params: Any, place: Callable[[Batch], Any], batch_size: int, head: str,
+                    inputs: Sequence[str] = ("image", "title_tokens")) -> Callable[[Batch], np.ndarray]:
+  """`embed(host_batch) -> f32[n, d]` from `task.jit_predict()` and the state's params.
+
+  Args:
+    predict: `predict(params, device_batch) -> {'query': ..., 'doc': ...}`.
+    params: the state's params.
+    place: host batch -> global device batch (`sharding.global_batch` on the mesh).
+    batch_size: the fixed device batch (a multiple of the mesh's batch shards).
+    head: 'query' (shopper photos) or 'doc' (catalogue image + title).
+    inputs: the batch keys the predict function reads.
+  """
+  def embed(batch: Batch) -> np.ndarray:
+    n = len(batch[inputs[0]])
+    if n > batch_size:
+      raise ValueError(f"batch of {n} rows exceeds the device batch size {batch_size}")
+    padded = {}
+    for key in inputs:
+      value = np.asarray(batch[key])
+      if n < batch_size:  # repeat the last row: real inputs, cut off below
+        value = np.concatenate([value, np.repeat(value[-1:], batch_size - n, axis=0)])
+      padded[key] = value
+    return np.asarray(predict(params, place(padded))[head], np.float32)[:n]
+  return embed
+
+
+def _column_array(name: str, values) -> np.ndarray:
+  """A 1-D array np.save can write without pickle (strings become UTF-8 bytes)."""
+  values = np.asarray(values)
+  if values.dtype == object:
+    items = values.tolist()
+    if all(isinstance(v, bytes) for v in items):
+      values = np.asarray(items, dtype=bytes)
+    elif all(isinstance(v, str) for v in items):
+      values = np.asarray([v.encode("utf-8") for v in items], dtype=bytes)
+    else:
+      raise ValueError(f"column {name!r} mixes types; export columns hold numbers, str or bytes")
+  elif values.dtype.kind == "U":
+    values = np.char.encode(values, "utf-8")
+  if values.ndim != 1:
+    raise ValueError(f"column {name!r} must be 1-D per batch, got shape {values.shape}")
+  return values
+
+
+def _shard_file(index: int, name: str) -> str:
+  return f"shard-{index:05d}.{name}.npy"
+
+
+def _read_manifest(directory: str) -> dict | None:
+  path = os.path.join(directory, MANIFEST)
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None  # a torn manifest: start afresh
+
+
+def _write_json_atomic(path: str, value: dict) -> None:
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(value, f, indent=1)
+  os.replace(tmp, path)
+
+
+def _shard_ok(directory: str, manifest: dict, index: int) -> bool:
+  entry = manifest["shards"].get(str(index))
+  if entry is None:
+    return False
+  for name, size in entry["files"].items():
+    path = os.path.join(directory, _shard_file(index, name))
+    try:
+      if os.path.getsize(path) != size:
+        return False
+      array = np.load(path, mmap_mode="r")
+    except (OSError, ValueError):
+      return False
+    if array.shape[0] != entry["rows"] or (name == VECTORS and array.shape[1:] != (manifest["dim"],)):
+      return False
+  return set(entry["files"]) == {VECTORS, *manifest["columns"]}
+
+
+class _DuplicateCheck:
+  """Remembers the row of every id seen; a repeat names both rows."""
+
+  def __init__(self, what: str, directory: str):
+    self.rows: dict[Any, int] = {}
+    self.what, self.directory = what, directory
+
+  def add(self, ids: np.ndarray, first_row: int) -> None:
+    for offset, value in enumerate(ids.tolist()):
+      previous = self.rows.setdefault(value, first_row + offset)
+      if previous != first_row + offset:
+        shown = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+        raise ValueError(
+            f"duplicate {self.what} id {shown!r} at rows {previous} and {first_row + offset} of the export into "
+            f"{self.directory}: ids must be unique. Fix the catalogue (give the rows distinct ids or drop one), "
+            f"then rerun")
+
+
+def export_embeddings(
+    directory: str,
+    source: Callable[[int], Iterable[Batch]],
+    total: int,
+    embed: Callable[[Batch], np.ndarray],
+    *,
+    columns: Sequence[str] = ("id",),
+    unique_column: str | None = "id",
+    shard_size: int = 65536,
+    fingerprint: str = "",
+    what: str = "gallery",
+    progress: bool = True,
+) -> "ExportedEmbeddings":
+  """Embeds `total` rows into `directory`, skipping shards a previous run finished.
+
+  Args:
+    directory: the export directory (created).
+    source: `source(start_row)` -> host batches from that row on, in a fixed order (each
+      a dict with the embed function's inputs and `columns`).
+    total: rows the source holds.
+    embed: host batch -> f32[n, d] (e.g. `device_embedder`).
+    columns: batch keys saved beside the vectors, e.g. ('id', 'title', 'label').
+    unique_column: a column whose values must be unique (None: no check).
+    shard_size: rows per shard: the unit of resumption.
+    fingerprint: identifies the model and inputs; a change restarts the export.
+    what: names the rows in messages ('document', 'query').
+    progress: show a tqdm bar over rows.
+
+  Returns:
+    The finished export.
+
+  Raises:
+    ValueError: duplicate ids (naming the id and rows), or a source that ends early.
+  """
+  os.makedirs(directory, exist_ok=True)
+  columns = list(columns)
+  settings = {"format": FORMAT_VERSION, "fingerprint": fingerprint, "total": int(total),
+              "shard_size": int(shard_size), "columns": columns}
+  manifest = _read_manifest(directory)
+  if manifest is None or any(manifest.get(k) != v for k, v in settings.items()):
+    _remove_shards(directory)
+    manifest = {**settings, "dim": None, "shards": {}}
+  num_shards = -(-total // shard_size)
+  done = [i for i in range(num_shards) if manifest["dim"] is not None and _shard_ok(directory, manifest, i)]
+  manifest["shards"] = {str(i): manifest["shards"][str(i)] for i in done}
+  duplicates = _DuplicateCheck(what, directory) if unique_column else None
+  if duplicates:
+    for i in done:
+      duplicates.add(np.load(os.path.join(directory, _shard_file(i, unique_column))), i * shard_size)
+  bar = tqdm.tqdm(total=total, initial=sum(manifest["shards"][str(i)]["rows"] for i in done),
+                  desc=f"{what} embeddings", unit="row", disable=not progress)
+  missing = [i for i in range(num_shards) if i not in set(done)]
+  for first, last in _runs(missing):
+    start, stop = first * shard_size, min((last + 1) * shard_size, total)
+    buffered: list[tuple[np.ndarray, dict[str, np.ndarray]]] = []
+    row = start
+    batches = iter(source(start))
+    while row < stop:
+      batch = next(batches, None)
+      if batch is None:
+        raise ValueError(f"the {what} source ended at row {row} but {total} rows were expected; the records "
+                         f"changed under the export: rerun to start it afresh")
+      take = min(len(batch[columns[0]]) if columns else len(next(iter(batch.values()))), stop - row)
+      vectors = np.asarray(embed(batch), np.float32)[:take]
+      cols = {c: _column_array(c, batch[c])[:take] for c in columns}
+      if duplicates:
+        duplicates.add(cols[unique_column], row)
+      buffered.append((vectors, cols))
+      row += take
+      bar.update(take)
+      while sum(len(v) for v, _ in buffered) >= shard_size or (row == stop and buffered):
+        buffered = _flush(directory, manifest, buffered, shard_size, start_row=row - sum(len(v) for v, _ in buffered))
+  bar.close()
+  manifest["complete"] = True
+  _write_json_atomic(os.path.join(directory, MANIFEST), manifest)
+  return ExportedEmbeddings(directory)
+
+
+def _runs(indices: list[int]) -> Iterator[tuple[int, int]]:
+  """Contiguous runs [first, last] of sorted indices."""
+  run = []
+  for i in indices:
+    if run and i != run[-1] + 1:
+      yield run[0], run[-1]
+      run = []
+    run.append(i)
+  if run:
+    yield run[0], run[-1]
+
+
+def _flush(directory: str, manifest: dict, buffered, shard_size: int, start_row: int):
+  """Writes the first shard's worth of buffered rows (from start_row); returns the rest."""
+  vectors = np.concatenate([v for v, _ in buffered])
+  cols = {c: np.concatenate([b[c] for _, b in buffered]) for c in buffered[0][1]}
+  index = start_row // shard_size
+  n = min(shard_size, len(vectors))
+  if manifest["dim"] is None:
+    manifest["dim"] = int(vectors.shape[1])
+  sizes = {}
+  for name, array in [(VECTORS, vectors[:n]), *((c, v[:n]) for c, v in cols.items())]:
+    path = os.path.join(directory, _shard_file(index, name))
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+      np.save(f, np.ascontiguousarray(array))
+    os.replace(tmp, path)
+    sizes[name] = os.path.getsize(path)
+  manifest["shards"][str(index)] = {"rows": int(n), "files": sizes}
+  manifest["complete"] = False
+  _write_json_atomic(os.path.join(directory, MANIFEST), manifest)
+  rest = vectors[n:]
+  return [(rest, {c: v[n:] for c, v in cols.items()})] if len(rest) else []
+
+
+def _remove_shards(directory: str) -> None:
+  for name in os.listdir(directory):
+    if name.startswith("shard-") or name == MANIFEST:
+      os.remove(os.path.join(directory, name))
+
+
+class ExportedEmbeddings:
+  """Read access to a finished export: vectors (memory-mapped, shard by shard) and columns."""
+
+  def __init__(self, directory: str):
+    self.directory = directory
+    manifest = _read_manifest(directory)
+    if manifest is None:
+      raise FileNotFoundError(f"no embedding export in {directory} ({MANIFEST} missing); build it with "
+                              f"python -m oclear_jax.main --mode=index --workdir=...")
+    self.manifest = manifest
+    num_shards = -(-manifest["total"] // manifest["shard_size"])
+    broken = [i for i in range(num_shards) if not _shard_ok(directory, manifest, i)]
+    if broken or manifest["dim"] is None:
+      raise ValueError(f"the embedding export in {directory} is incomplete or damaged (shards {broken[:5]} of "
+                       f"{num_shards} missing or torn); rerun --mode=index to redo only those")
+    self.num_shards = num_shards
+
+  @property
+  def num_rows(self) -> int:
+    return int(self.manifest["total"])
+
+  @property
+  def dim(self) -> int:
+    return int(self.manifest["dim"])
+
+  @property
+  def fingerprint(self) -> str:
+    return self.manifest["fingerprint"]
+
+  def _load(self, index: int, name: str, mmap: bool) -> np.ndarray:
+    return np.load(os.path.join(self.directory, _shard_file(index, name)), mmap_mode="r" if mmap else None)
+
+  def blocks(self) -> Iterator[np.ndarray]:
+    """Memory-mapped f32[rows, dim] per shard, in row order (for `exact_top_k_blocks`)."""
+    for i in range(self.num_shards):
+      yield self._load(i, VECTORS, mmap=True)
+
+  def vectors(self) -> np.ndarray:
+    """All vectors in memory, f32[total, dim]."""
+    out = np.empty((self.num_rows, self.dim), np.float32)
+    row = 0
+    for block in self.blocks():
+      out[row:row + len(block)] = block
+      row += len(block)
+    return out
+
+  def column(self, name: str) -> np.ndarray:
+    if name not in self.manifest["columns"]:
+      raise KeyError(f"column {name!r} not in the export {self.directory}; it has {self.manifest['columns']}")
+    return np.concatenate([self._load(i, name, mmap=False) for i in range(self.num_shards)])
