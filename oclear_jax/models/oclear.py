@@ -54,6 +54,10 @@ class ModelConfig:
   title_dropout: float = 0.1
   shared_heads: bool = False
   title_special_ids: tuple[int, ...] = fusion_lib.DEFAULT_SPECIAL_IDS
+  concept_slots: int = 16
+  concept_heads: int = 4
+  freeze_image_tower: bool = False
+  freeze_text_tower: bool = False
 
   @classmethod
   def from_config(cls, config: Any) -> ModelConfig:
@@ -103,6 +107,12 @@ class OclearModel(nn.Module):
   title_dropout: float = 0.0
   shared_heads: bool = False
   title_special_ids: tuple[int, ...] = fusion_lib.DEFAULT_SPECIAL_IDS
+  concept_slots: int = 16
+  concept_heads: int = 4
+  # A frozen tower runs in inference mode behind stop_gradient: no backward pass through it (the
+  # trainer's optimizer also leaves its parameters untouched, weight decay included).
+  freeze_image_tower: bool = False
+  freeze_text_tower: bool = False
 
   def setup(self):
     if self.fusion != "image_only" and self.text_encoder is None:
@@ -112,11 +122,26 @@ class OclearModel(nn.Module):
     else:
       self.query_head = ProjectionHead(self.head_hidden, self.embed_dim)
       self.doc_head = ProjectionHead(self.head_hidden, self.embed_dim)
-    self.doc_fusion = fusion_lib.DocumentFusion(self.fusion, self.title_dropout)
+    self.doc_fusion = fusion_lib.DocumentFusion(self.fusion, self.title_dropout, self.concept_slots,
+                                                self.concept_heads)
 
-  def _image_features(self, images: jax.Array, train: bool) -> jax.Array:
-    _, pooled = self.image_encoder(images, train=train)
-    return pooled
+  def _image_features(self, images: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
+    """(spatial tokens f32[B, N, W], pooled f32[B, W]) of the image tower."""
+    tokens, pooled = self.image_encoder(images, train=train and not self.freeze_image_tower)
+    if self.freeze_image_tower:
+      tokens, pooled = jax.lax.stop_gradient((tokens, pooled))
+    return tokens, pooled
+
+  def _title_features(self, title_tokens: jax.Array | None, train: bool) -> fusion_lib.TitleFeatures | None:
+    if self.fusion == "image_only":
+      return None
+    if title_tokens is None:
+      raise ValueError(f"fusion={self.fusion!r} needs title_tokens int32[B, L] (all padding for no title)")
+    tokens, pooled, mask = self.text_encoder(title_tokens, train=train and not self.freeze_text_tower)
+    if self.freeze_text_tower:
+      tokens, pooled = jax.lax.stop_gradient((tokens, pooled))
+    return fusion_lib.TitleFeatures(tokens, pooled, mask,
+                                    fusion_lib.title_present(title_tokens, self.title_special_ids))
 
   def _query_head(self, features: jax.Array) -> jax.Array:
     return self.shared_head(features) if self.shared_heads else self.query_head(features)
@@ -124,23 +149,14 @@ class OclearModel(nn.Module):
   def _doc_head(self, features: jax.Array) -> jax.Array:
     return self.shared_head(features) if self.shared_heads else self.doc_head(features)
 
-  def _fuse_documents(self, doc_emb: jax.Array, title_tokens: jax.Array | None, train: bool) -> jax.Array:
-    if self.fusion == "image_only":
-      return self.doc_fusion(doc_emb, None, None, train=train)
-    if title_tokens is None:
-      raise ValueError(f"fusion={self.fusion!r} needs title_tokens int32[B, L] (all padding for no title)")
-    _, text_pooled, _ = self.text_encoder(title_tokens, train=train)
-    has_title = fusion_lib.title_present(title_tokens, self.title_special_ids)
-    return self.doc_fusion(doc_emb, text_pooled, has_title, train=train)
-
   def embed_queries(self, images: jax.Array, *, train: bool = False) -> jax.Array:
-    """Shopper photos f32[B, H, W, 3] in [-1, 1] -> unit f32[B, embed_dim]."""
-    return l2_normalize(self._query_head(self._image_features(images, train)))
+    """Shopper photos f32[B, H, W, 3] in [-1, 1] -> unit f32[B, embed_dim]. Queries never read text."""
+    return self.queries_from_features(self._image_features(images, train)[1])
 
   def embed_documents(self, images: jax.Array, title_tokens: jax.Array | None, *, train: bool = False) -> jax.Array:
     """Catalogue images and title ids int32[B, L] (pad 0) -> unit f32[B, embed_dim]."""
-    doc_emb = self._doc_head(self._image_features(images, train))
-    return l2_normalize(self._fuse_documents(doc_emb, title_tokens, train))
+    tokens, pooled = self._image_features(images, train)
+    return self.documents_from_features(tokens, pooled, self._title_features(title_tokens, train), train=train)
 
   def __call__(self, images: jax.Array, title_tokens: jax.Array | None, is_query: jax.Array, *,
                train: bool = False) -> jax.Array:
@@ -149,9 +165,22 @@ class OclearModel(nn.Module):
     Queries also run through the text tower (their titles are empty, so fusion leaves them
     untouched); that costs a small text pass but keeps shapes static and the batch unsplit.
     """
-    features = self._image_features(images, train)
-    queries = self._query_head(features)
-    documents = self._fuse_documents(self._doc_head(features), title_tokens, train)
+    tokens, pooled = self._image_features(images, train)
+    return self.from_features(tokens, pooled, self._title_features(title_tokens, train), is_query, train=train)
+
+  # == From tower features: the same heads and fusion over precomputed (frozen) tower outputs ====
+  def queries_from_features(self, image_pooled: jax.Array) -> jax.Array:
+    return l2_normalize(self._query_head(image_pooled))
+
+  def documents_from_features(self, image_tokens: jax.Array, image_pooled: jax.Array,
+                              title: fusion_lib.TitleFeatures | None, *, train: bool = False) -> jax.Array:
+    return l2_normalize(self.doc_fusion(self._doc_head(image_pooled), title, image_tokens, train=train))
+
+  def from_features(self, image_tokens: jax.Array, image_pooled: jax.Array, title: fusion_lib.TitleFeatures | None,
+                    is_query: jax.Array, *, train: bool = False) -> jax.Array:
+    """`__call__` after the towers: with frozen towers, cached features train the same model."""
+    queries = self._query_head(image_pooled)
+    documents = self.doc_fusion(self._doc_head(image_pooled), title, image_tokens, train=train)
     return l2_normalize(jnp.where(jnp.asarray(is_query)[:, None], queries, documents))
 
 
@@ -190,9 +219,29 @@ def _build_text_transformer(config: ModelConfig, vocab_size: int, max_len: int) 
                               num_heads=t.num_heads, mlp_dim=t.mlp_dim, dropout=config.dropout, pool=t.pool)
 
 
-def build_model(model_config: Any, *, vocab_size: int, max_title_len: int) -> OclearModel:
-  """`config.model` (ConfigDict, mapping or ModelConfig) + tokenizer facts -> an OclearModel."""
+def _with_tokenizer_special_ids(model_config: Any, config: ModelConfig, special_ids: Any) -> ModelConfig:
+  """The tokenizer's [CLS]/[SEP] ids win; a config that names other ids is a mistake, not an override."""
+  special_ids = tuple(int(i) for i in special_ids)
+  configured = _get(model_config, "title_special_ids")
+  if isinstance(model_config, ModelConfig) and configured == fusion_lib.DEFAULT_SPECIAL_IDS:
+    configured = None  # A dataclass default, not a choice.
+  if configured is not None and tuple(int(i) for i in configured) != special_ids:
+    raise ValueError(f"config.model.title_special_ids={tuple(configured)} but the tokenizer's [CLS], [SEP] "
+                     f"ids are {special_ids}; remove config.model.title_special_ids (the records' "
+                     f"tokenizer decides them)")
+  return dataclasses.replace(config, title_special_ids=special_ids)
+
+
+def build_model(model_config: Any, *, vocab_size: int, max_title_len: int,
+                title_special_ids: Any = None) -> OclearModel:
+  """`config.model` (ConfigDict, mapping or ModelConfig) + tokenizer facts -> an OclearModel.
+
+  Tokenizer facts: `vocab_size`, `max_title_len` and `title_special_ids` (the tokenizer's [CLS],
+  [SEP] ids, e.g. `PreparedData.title_special_ids`; None keeps `model.title_special_ids`).
+  """
   config = ModelConfig.from_config(model_config)
+  if title_special_ids is not None:
+    config = _with_tokenizer_special_ids(model_config, config, title_special_ids)
   if config.image_tower not in IMAGE_TOWERS:
     raise ValueError(f"model.image_tower={config.image_tower!r} is unknown; registered: {sorted(IMAGE_TOWERS)}")
   if config.fusion not in fusion_lib.FUSIONS:
@@ -212,4 +261,8 @@ def build_model(model_config: Any, *, vocab_size: int, max_title_len: int) -> Oc
       fusion=config.fusion,
       title_dropout=config.title_dropout,
       shared_heads=config.shared_heads,
-      title_special_ids=config.title_special_ids)
+      title_special_ids=config.title_special_ids,
+      concept_slots=config.concept_slots,
+      concept_heads=config.concept_heads,
+      freeze_image_tower=config.freeze_image_tower,
+      freeze_text_tower=config.freeze_text_tower)
