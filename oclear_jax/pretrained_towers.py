@@ -8,9 +8,9 @@ Two ablation axes of the method live here, beside the trainer rather than in it:
   the shardings the init used. The loaded tree must match the tower's parameters exactly (same
   keys, same shapes); a mismatch names every differing path, so a wrong tower name or size in the
   config fails at start-up, not as a silent partial load.
-* frozen or fine-tuned: `freeze_towers` wraps the optimizer in `optax.multi_transform` so frozen
-  parameters get `set_to_zero` updates -- no Adam step, no weight decay, no optimizer state at all
-  (the moments exist only for trained leaves). The model puts a stop_gradient behind frozen towers
+* frozen or fine-tuned: `freeze_towers` runs the optimizer on the other parameters only and gives
+  frozen ones zero updates -- no Adam step, no weight decay, no optimizer state at all (the
+  moments exist only for trained leaves). The model puts a stop_gradient behind frozen towers
   and runs them in inference mode, so no backward pass is spent on them either.
 
 With nothing frozen the optimizer is returned unchanged, so existing checkpoints and the golden
@@ -22,12 +22,12 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
 # `config.model` switches -> the encoder's parameter subtree they act on.
 IMAGE_SUBTREE, TEXT_SUBTREE = "image_encoder", "text_encoder"
-TRAINED, FROZEN = "trained", "frozen"
 
 
 def _uses_text(model_config: Any) -> bool:
@@ -54,21 +54,33 @@ def pretrained_towers(model_config: Any) -> dict[str, str]:
   return towers
 
 
-def param_labels(params: Mapping[str, Any], frozen: Sequence[str]) -> Any:
-  """A tree like `params` ({'encoder': ..., 'class_centers': ...}) of 'trained' / 'frozen' labels."""
-  def label(path, _):
-    keys = [getattr(k, "key", None) for k in path]
-    return FROZEN if len(keys) > 1 and keys[0] == "encoder" and keys[1] in frozen else TRAINED
-  return jax.tree_util.tree_map_with_path(label, params)
+def _without(tree: Mapping[str, Any], frozen: Sequence[str]) -> dict[str, Any]:
+  """`tree` ({'encoder': ..., 'class_centers': ...}) without the frozen encoder subtrees."""
+  return {**tree, "encoder": {k: v for k, v in tree["encoder"].items() if k not in frozen}}
 
 
 def freeze_towers(tx: optax.GradientTransformation, frozen: Sequence[str]) -> optax.GradientTransformation:
-  """`tx` for trained parameters, zero updates (and no state) for the frozen towers' parameters."""
+  """`tx` on the trained parameters only; zero updates and no optimizer state for the frozen towers.
+
+  Not `optax.multi_transform` / `optax.masked`: their states hold `MaskedNode`s where the frozen
+  leaves were, which the logical-sharding helpers and the checkpoint restore target turn into
+  mismatched trees. Here the inner state is simply built over the params minus the frozen subtrees.
+  """
   if not frozen:
     return tx
   frozen = tuple(frozen)
-  return optax.multi_transform({TRAINED: tx, FROZEN: optax.set_to_zero()},
-                               lambda params: param_labels(params, frozen))
+
+  def init(params):
+    return tx.init(_without(params, frozen))
+
+  def update(updates, state, params=None):
+    trained, state = tx.update(_without(updates, frozen), state,
+                               None if params is None else _without(params, frozen))
+    encoder = {k: (jax.tree.map(jnp.zeros_like, v) if k in frozen else trained["encoder"][k])
+               for k, v in updates["encoder"].items()}
+    return {**trained, "encoder": encoder}, state
+
+  return optax.GradientTransformation(init, update)
 
 
 def _flat(tree: Any) -> dict[str, Any]:

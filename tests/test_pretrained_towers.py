@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
+from oclear_jax import checkpoint as checkpoint_lib
 from oclear_jax import config_schema
 from oclear_jax import pretrained_towers
 from oclear_jax import sharding
@@ -49,10 +50,10 @@ def _sizes(tree) -> int:
   return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree) if np.ndim(x) > 0)
 
 
-def test_frozen_image_tower_is_bitwise_unchanged_after_a_train_step():
+def test_frozen_image_tower_is_bitwise_unchanged_after_a_train_step(tmp_path):
   config = _config(freeze_image_tower=True)
   task = _task(config)
-  _, shardings = task.abstract_state()
+  abstract, shardings = task.abstract_state()
   state = task.init_state(jax.random.key(0), shardings)
   before = jax.device_get(state["params"])
   # Adam moments exist only for trained leaves: 2 x (all parameters - the frozen tower's).
@@ -69,6 +70,13 @@ def test_frozen_image_tower_is_bitwise_unchanged_after_a_train_step():
                                                jax.tree_util.tree_leaves(after["encoder"][name]))]
     assert any(changed), name
   assert np.any(before["class_centers"] != after["class_centers"])
+  # The frozen optimizer's state checkpoints and restores onto the same layout.
+  store = checkpoint_lib.CheckpointStore(str(tmp_path), async_save=False)
+  store.save(1, state, force=True)
+  restored, _ = store.restore(checkpoint_lib.abstract_with_shardings(abstract, shardings))
+  store.close()
+  for saved, loaded in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(restored)):
+    np.testing.assert_array_equal(np.asarray(saved), np.asarray(loaded))
 
 
 @pytest.mark.parametrize("frozen", ["image", "text"])
@@ -140,7 +148,7 @@ def test_pretrained_minilm_lands_in_the_state():
     (dict(text_pretrained=True), r"text_pretrained=True but no pretrained weights ship for .*'transformer'"),
     (dict(image_pretrained=True), r"image_pretrained=True but no pretrained weights ship for .*'vit'"),
     (dict(freeze_image_tower=True), r"freeze_image_tower=True with config.model.image_pretrained=False"),
-    (dict(concept_heads=5), r"concept_heads=5 must divide config.model.embed_dim=32"),
+    (dict(fusion="concept_attention", concept_heads=5), r"concept_heads=5 must divide config.model.embed_dim=32"),
 ])
 def test_validate_refuses_impossible_tower_switches(model, message):
   config = _config(**model)
