@@ -52,6 +52,28 @@ def count_examples(record_dir: str | os.PathLike, split: str,
   return sum(counts[k] for k in _kind_names(kinds))
 
 
+CLASS_WEIGHTS_FILE = "class_weights.json"  # {"weights": {label: acceptance probability in (0, 1]}}
+
+
+def read_class_weights(record_dir: str | os.PathLike, split: str) -> Optional[list[float]]:
+  """Per label id of `split`, the sampling weight from record_dir/class_weights.json; None without
+  the file. Written by governance (oclear_jax/governance/long_tail.py); a label it does not name
+  gets weight 1 (never starved)."""
+  path = pathlib.Path(record_dir) / CLASS_WEIGHTS_FILE
+  if not path.exists():
+    return None
+  weights = json.loads(path.read_text())["weights"]
+  label_ids = json.loads((pathlib.Path(record_dir) / records.LABELS_FILE).read_text())[split]
+  vector = [1.0] * len(label_ids)
+  for label, index in label_ids.items():
+    w = float(weights.get(label, 1.0))
+    if not 0.0 < w <= 1.0:
+      raise ValueError(f"{path}: weight {w} of label {label!r} must lie in (0, 1] (it is an acceptance "
+                       "probability); rerun --mode=govern or delete the file")
+    vector[index] = w
+  return vector
+
+
 def _kind_names(kinds: str | Sequence[str]) -> list[str]:
   kinds = [kinds] if isinstance(kinds, str) else list(kinds)
   unknown = [k for k in kinds if k not in records.KIND_IDS]
@@ -77,7 +99,8 @@ def make_dataset(record_dir: str | os.PathLike, split: str, *, batch_size: int,
                  drop_remainder: bool = True, process_index: int = 0,
                  process_count: int = 1, cache_decoded: bool = False,
                  kinds: Optional[str | Sequence[str]] = None,
-                 shuffle_buffer: int = 10_000, skip_examples: int = 0) -> tf.data.Dataset:
+                 shuffle_buffer: int = 10_000, skip_examples: int = 0,
+                 class_weights: Optional[Sequence[float]] = None) -> tf.data.Dataset:
   """Batches of {image f32[B,H,W,3], title_tokens i32[B,L], label i32[B], kind i32[B],
   id str[B], title str[B]} from one split, this process's share only.
 
@@ -99,6 +122,10 @@ def make_dataset(record_dir: str | os.PathLike, split: str, *, batch_size: int,
       examples had been read: a resumed run passes step * batch_size and sees exactly the
       batches an uninterrupted run would. Skipped examples are not augmented (their random
       ops are keyed by stream position, which the skip preserves).
+    class_weights: per label id, the probability that an example of that label is kept
+      (class-balanced sampling by rejection, see `read_class_weights`). Decided by a stateless
+      draw keyed on (seed, position in the repeated stream), so the stream stays a function of
+      the seed; skip_examples counts kept examples.
   """
   summary = read_summary(record_dir)
   if split not in summary["files"]:
@@ -127,6 +154,12 @@ def make_dataset(record_dir: str | os.PathLike, split: str, *, batch_size: int,
     ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
   if repeat:
     ds = ds.repeat()
+  if class_weights is not None:
+    accept = tf.constant(list(class_weights), tf.float32)
+    draw_seed = tf.constant(seed + 0x5EED, tf.int64)  # Not the augmentation's (seed, index) pairs.
+    ds = ds.enumerate().filter(
+        lambda index, ex: tf.random.stateless_uniform([], seed=tf.stack([draw_seed, index])) <
+        tf.gather(accept, ex["label"])).map(lambda index, ex: ex)
   preprocess_fn = preprocess_ops.get_preprocess_fn(preprocess)
 
   def with_seed(index, ex):

@@ -40,6 +40,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.eval_preprocess = "decode|resize(64)|value_range(-1, 1)"
   c.data.shuffle_buffer = 2048
   c.data.cache_decoded = True
+  # True: train on {workdir}/governance/curated_catalogue.csv written by --mode=govern (the raw
+  # catalogue above stays governance's input). balanced_sampling: apply the records' class_weights.json
+  # (written from governance's sampling weights) by rejection sampling in the input pipeline.
+  c.data.governed = False
+  c.data.balanced_sampling = True
 
   c.model = ml_collections.ConfigDict()
   c.model.image_tower = "vit"
@@ -124,6 +129,46 @@ def base_config() -> ml_collections.ConfigDict:
   c.index.spherical = False  # spherical k-means tree
   c.index.shard_size = 65536  # embedding rows per file on disk: the unit of a resumed export
   c.index.recall_queries = 1000  # held-out query photos used to measure ScaNN's recall against exact
+
+  # --mode=govern (oclear_jax/governance): raw catalogue -> curated categories, decision log, category
+  # map, sampling weights, report, curated records; train on them with data.governed=True. Distances
+  # are in units of the within-category spread (governance/category_space.py: ~1 for a typical
+  # member), so thresholds carry over between feature extractors and catalogues. Each step has a switch.
+  c.governance = ml_collections.ConfigDict()
+  c.governance.splits = ("train",)  # splits whose labels are curated; others pass through untouched
+  c.governance.kinds = ("doc",)  # kinds that define categories; other kinds follow their label's category
+  c.governance.image_features = "efficientnet_lite0"  # efficientnet_lite0 (ImageNet wheel) | pixels (fast)
+  c.governance.image_size = 64  # encoder input side; the built-in catalogue is 64 px, use 96-224 for photos
+  c.governance.batch_size = 64
+  c.governance.feature_cache = ""  # '' = {workdir}/governance/feature_cache
+  c.governance.title_features = True  # TF-IDF of title character n-grams beside the image
+  c.governance.pca_dims = 128  # per modality, before within-category whitening
+  c.governance.shrinkage = 0.1  # of the within-category covariance towards its mean variance
+  c.governance.rounds = 3  # re-fit space and centroids without the items flagged last round
+  c.governance.executor = "beam"  # beam | in_process: where per-item passes run
+  c.governance.beam_runner = "DirectRunner"  # DataflowRunner | FlinkRunner | SparkRunner | ...
+  c.governance.beam_options = ""  # extra pipeline flags, e.g. '--project=p --temp_location=gs://b/tmp'
+  c.governance.chunk_size = 1024  # items per per-item work unit (one Beam element)
+  c.governance.dedupe = True
+  c.governance.phash_max_bits = 4  # perceptual-hash bits two near duplicates may differ in
+  c.governance.dup_min_cosine = 0.85  # or image-descriptor cosine at least this; titles must agree too
+  c.governance.dup_title_jaccard = 0.9  # title 3-shingle Jaccard of near duplicates
+  c.governance.split = True
+  c.governance.split_min_part = 2
+  c.governance.split_min_effect = 0.25  # parts' centroid gap per block, in within-category variances per dim
+  c.governance.split_max_parts = 4
+  c.governance.split_max_items = 2000  # cluster a sample of bigger labels
+  c.governance.merge = True
+  c.governance.merge_neighbours = 10  # kNN candidates per category centroid
+  c.governance.merge_max_distance = 2.0  # D(a, b) ~ 1 for two samples of one product
+  c.governance.outliers = True
+  c.governance.outlier_margin = 0.1  # relabel when another category is nearer by this much
+  c.governance.outlier_max_distance = 4.0  # farther than this from every category: dropped
+  c.governance.long_tail = True
+  c.governance.min_category_size = 2  # smaller categories merge into a consistent neighbour or are dropped
+  c.governance.max_category_size = 0  # 0 = no head cap
+  c.governance.balance_power = 0.5  # sampling weight n ** -p (0.5 = inverse square root; 0 = uniform)
+  c.governance.report_examples = 8  # thumbnails per kind of decision in the report
   return c
 
 

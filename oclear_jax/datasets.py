@@ -72,6 +72,27 @@ def catalogue_paths(data: ml_collections.ConfigDict, workdir: str) -> tuple[str,
   return csv_path, records_dir
 
 
+# The curated catalogue of --mode=govern (oclear_jax/governance/command.py) and its columns.
+GOVERNED_COLUMNS = catalogue_lib.CatalogueColumns(kind="kind", split="split")
+
+
+def governed_catalogue_path(workdir: str) -> str:
+  return os.path.join(workdir, "governance", "curated_catalogue.csv")
+
+
+def _install_class_weights(records_dir: str, weights_json: str) -> None:
+  """Copies governance's sampling weights beside the records (input_pipeline.pipeline reads them
+  there); records without them (raw data) must not keep a stale file."""
+  target = os.path.join(records_dir, "class_weights.json")
+  if weights_json and os.path.exists(weights_json):
+    with open(weights_json, encoding="utf-8") as f:
+      content = f.read()
+    with open(target, "w", encoding="utf-8") as f:
+      f.write(content)
+  elif os.path.exists(target):
+    os.remove(target)
+
+
 def generate_builtin_catalogue(data: ml_collections.ConfigDict, workdir: str, *,
                                progress: bool = True) -> dict[str, Any]:
   """Writes the built-in catalogue of `data.synthetic` where `data` expects it (idempotent); its summary."""
@@ -83,10 +104,18 @@ def generate_builtin_catalogue(data: ml_collections.ConfigDict, workdir: str, *,
 def prepare_data(data: ml_collections.ConfigDict, workdir: str, *, seed: int = 0, progress: bool = True) -> PreparedData:
   """Generates (synthetic) or reads the catalogue and writes records; reruns reuse them."""
   csv_path, records_dir = catalogue_paths(data, workdir)
+  governed = data.get("governed", False)
+  if governed:  # Train on governance's output; the raw catalogue above is governance's input.
+    csv_path = governed_catalogue_path(workdir)
   if jax.process_index() == 0:
-    if data.source == "synthetic":
+    if data.source == "synthetic" and not governed:
       generate_builtin_catalogue(data, workdir, progress=progress)
     columns = catalogue_lib.CatalogueColumns(**{k: (v or None) for k, v in data.columns.to_dict().items()})
+    if governed:
+      columns = GOVERNED_COLUMNS
+      if not os.path.exists(csv_path):
+        raise FileNotFoundError(f"config.data.governed=True but {csv_path} does not exist; run `python -m "
+                                f"oclear_jax.main --mode=govern` with the same --config and --workdir first")
     read = catalogue_lib.read_catalogue(
         csv_path, columns, eval_fraction=data.eval_fraction, split_seed=seed, max_rows=data.max_rows or None)
     logging.info("Catalogue %s: %s", csv_path, read.counts)
@@ -97,6 +126,7 @@ def prepare_data(data: ml_collections.ConfigDict, workdir: str, *, seed: int = 0
         num_shards=data.num_shards, stored_image_size=data.stored_image_size or None, progress=progress)
     with open(os.path.join(records_dir, "catalogue_counts.json"), "w", encoding="utf-8") as f:
       json.dump(read.counts, f, indent=2)
+    _install_class_weights(records_dir, os.path.join(workdir, "governance", "class_weights.json") if governed else "")
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("records_ready")
   with open(os.path.join(records_dir, "records.json"), encoding="utf-8") as f:
@@ -123,5 +153,7 @@ def train_batches(prepared: PreparedData, data: ml_collections.ConfigDict, *, gl
       preprocess=data.train_preprocess, shuffle=True, repeat=True, seed=seed,
       process_index=jax.process_index(), process_count=jax.process_count(),
       cache_decoded=data.cache_decoded, shuffle_buffer=data.shuffle_buffer,
-      skip_examples=start_step * (global_batch_size // jax.process_count()))
+      skip_examples=start_step * (global_batch_size // jax.process_count()),
+      class_weights=(pipeline.read_class_weights(prepared.records_dir, "train")
+                     if data.get("balanced_sampling", True) else None))
   return ds.as_numpy_iterator()

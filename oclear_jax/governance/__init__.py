@@ -1,0 +1,21 @@
+"""Category governance: a raw, noisy catalogue in; curated same-product categories out.
+
+Classification-based retrieval learns one class centre per category, so every category must mean
+one product and every product must have one category. Raw catalogues break both: wrong labels,
+one product under several ids, one id over several products, duplicates, a long tail of tiny
+labels and a few huge ones. `curate.curate_categories` repairs that in steps, each switchable off
+in `config.governance`:
+
+  featurize    image descriptors, perceptual/content hashes (per item)   featurize.py
+  duplicates   exact and near duplicates                                  duplicates.py
+  (space)      PCA + within-category whitening: distances in spread units category_space.py
+  split        labels whose members form separate clusters                split.py
+  merge        labels that denote one product (kNN over centroids)        merge.py
+  outliers     items far from their category: relabelled or dropped       outliers.py
+  long tail    tiny categories merged or dropped, heads capped, weights   long_tail.py
+
+Per-item passes run through an executor (`executors.py`: in process, or Apache Beam with any
+runner); per-category steps work on collected centroids. `command.run` is `--mode=govern`:
+it writes the curated catalogue, the category map, the per-item decision log, sampling weights,
+a report with plots, and the curated records.
+"""

@@ -1,0 +1,123 @@
+"""The per-item passes as Apache Beam pipelines: DirectRunner here, Dataflow, Flink or Spark by a flag.
+
+  --config.governance.executor=beam --config.governance.beam_runner=DataflowRunner \
+  --config.governance.beam_options='--project=P --region=R --temp_location=gs://B/tmp'
+
+Each pass (featurize images, score items against category centroids, write curated rows) is one
+pipeline: the driver stages the input chunks as files, `Create` emits only their indices, a DoFn
+reads its chunk, applies the pass's pure function and writes the result next to it. Inputs and
+outputs go through Beam's `FileSystems`, so the staging directory can be local (DirectRunner) or
+on shared storage (gs://..., taken from --temp_location when given) for a remote runner. Output
+names are fixed per chunk, so a retried bundle overwrites instead of duplicating.
+
+Per-category steps (split, merge, long tail) work on the collected centroids on the driver; what
+the driver holds between passes is the reduced feature matrix (2 x pca_dims floats per item) and
+per-category sums.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import re
+import shlex
+import threading
+import uuid
+
+import tqdm
+
+_root_logger = logging.getLogger()
+_level = _root_logger.level
+_root_logger.setLevel(logging.ERROR)  # Beam's import warns about optional GCP clients we do not use.
+try:
+  import apache_beam as beam  # pylint: disable=g-import-not-at-top
+  from apache_beam.io.filesystems import FileSystems  # pylint: disable=g-import-not-at-top
+  from apache_beam.options.pipeline_options import PipelineOptions  # pylint: disable=g-import-not-at-top
+finally:
+  _root_logger.setLevel(_level)
+
+
+def _write(path: str, value) -> None:
+  tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+  with FileSystems.create(tmp) as f:
+    f.write(pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL))
+  FileSystems.rename([tmp], [path])
+
+
+def _read(path: str):
+  with FileSystems.open(path) as f:
+    return pickle.loads(f.read())
+
+
+class _RunChunk(beam.DoFn):
+  """Reads chunk `index` from the staging directory, applies `fn`, writes the result."""
+
+  def __init__(self, fn, directory: str):
+    super().__init__()
+    self._fn = fn
+    self._directory = directory
+
+  def process(self, index: int):
+    result = self._fn(_read(FileSystems.join(self._directory, f"in-{index:06d}.pkl")))
+    _write(FileSystems.join(self._directory, f"out-{index:06d}.pkl"), result)
+    yield index
+
+
+class BeamExecutor:
+  """`map_chunks` as one Beam pipeline per pass."""
+
+  def __init__(self, runner: str = "DirectRunner", options: str = "", staging_dir: str = "", progress: bool = True):
+    self.runner = runner
+    self.flags = shlex.split(options)
+    temp_location = PipelineOptions(self.flags).get_all_options().get("temp_location")
+    self.staging_dir = FileSystems.join(temp_location, "oclear_governance") if temp_location else staging_dir
+    if not self.staging_dir:
+      raise ValueError("BeamExecutor needs a staging directory: pass staging_dir, or --temp_location in "
+                       "config.governance.beam_options")
+    self.progress = progress
+
+  def map_chunks(self, name, fn, chunks, sizes=None):
+    sizes = list(sizes) if sizes is not None else [1] * len(chunks)
+    safe_name = re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_")
+    directory = FileSystems.join(self.staging_dir, f"{safe_name}-{uuid.uuid4().hex[:12]}")
+    if "://" not in directory:
+      os.makedirs(directory, exist_ok=True)
+    for index, chunk in enumerate(chunks):
+      _write(FileSystems.join(directory, f"in-{index:06d}.pkl"), chunk)
+    done = threading.Event()
+    watcher = threading.Thread(target=self._watch, args=(name, directory, sizes, done), daemon=True)
+    watcher.start()
+    try:
+      options = PipelineOptions(self.flags, runner=self.runner)
+      with beam.Pipeline(options=options) as pipeline:
+        _ = (pipeline
+             | f"{safe_name}: chunk ids" >> beam.Create(list(range(len(chunks))))
+             | f"{safe_name}: run" >> beam.ParDo(_RunChunk(fn, directory)))
+      missing = [i for i in range(len(chunks))
+                 if not FileSystems.exists(FileSystems.join(directory, f"out-{i:06d}.pkl"))]
+      if missing:
+        raise RuntimeError(f"Beam pass {name!r} on {self.runner} finished without results for chunks {missing[:10]} "
+                           f"in {directory}; check the runner's logs")
+      return [_read(FileSystems.join(directory, f"out-{i:06d}.pkl")) for i in range(len(chunks))]
+    finally:
+      done.set()
+      watcher.join()
+      FileSystems.delete([directory])
+
+  def _watch(self, name, directory, sizes, done):
+    """A progress bar fed by the result files appearing in the staging directory."""
+    with tqdm.tqdm(total=sum(sizes), desc=f"{name} [beam]", unit="item", disable=not self.progress) as bar:
+      seen: set[int] = set()
+      while True:
+        finished = done.wait(0.5)
+        try:
+          matches = FileSystems.match([FileSystems.join(directory, "out-*.pkl")])[0].metadata_list
+        except Exception:  # pylint: disable=broad-except  # The directory may already be gone at the end.
+          matches = []
+        for metadata in matches:
+          index = int(os.path.basename(metadata.path)[4:10])
+          if index not in seen:
+            seen.add(index)
+            bar.update(sizes[index])
+        if finished:
+          return

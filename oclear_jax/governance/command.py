@@ -1,0 +1,102 @@
+r"""`--mode=govern`: raw catalogue -> curated catalogue, category map, decision log, report, records.
+
+  python -m oclear_jax.main --mode=govern --config=configs/demo.py --workdir=workdirs/demo
+  python -m oclear_jax.main --config=configs/demo.py --workdir=workdirs/demo --config.data.governed=True
+
+Reads the raw catalogue exactly as `--mode=train` would (config.data: the built-in catalogue, or a
+CSV with its column mapping) and writes, under {workdir}/governance/:
+  curated_catalogue.csv  id,image,title,label,kind,split: the kept rows with curated labels
+  decisions.csv          one row per catalogue row: kept / relabelled / dropped, the step and why
+  category_map.csv       raw label -> curated category (';' between the parts of a split label), why
+  class_weights.json     class-balanced sampling weights, used by the input pipeline
+  summary.json           counts per step, bad input, the settings
+  report.md, report.html class sizes before/after, decisions per step, thumbnails of examples
+then writes the curated records ({workdir}/records, or config.data.records_dir) that training with
+config.data.governed=True reads.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+from typing import Any
+
+import ml_collections
+
+from input_pipeline import catalogue as catalogue_lib
+from oclear_jax.governance import curate
+from oclear_jax.governance import decisions as decisions_lib
+from oclear_jax.governance import executors
+from oclear_jax.governance import report
+from oclear_jax.governance import settings as settings_lib
+
+
+def read_raw_catalogue(data: ml_collections.ConfigDict, workdir: str, seed: int, *, progress: bool = True):
+  """The raw catalogue of `data` (generating the built-in one when configured)."""
+  from oclear_jax import datasets  # pylint: disable=g-import-not-at-top  (imports jax)
+  if data.source == "synthetic":
+    datasets.generate_builtin_catalogue(data, workdir, progress=progress)
+  csv_path, _ = datasets.catalogue_paths(data, workdir)
+  columns = catalogue_lib.CatalogueColumns(**{k: (v or None) for k, v in data.columns.to_dict().items()})
+  return csv_path, catalogue_lib.read_catalogue(csv_path, columns, eval_fraction=data.eval_fraction, split_seed=seed,
+                                                max_rows=data.max_rows or None)
+
+
+def write_outputs(out_dir: str, result, rows, settings: settings_lib.GovernanceSettings, executor) -> dict[str, str]:
+  """The record-writing pass (through the executor) and the small files."""
+  os.makedirs(out_dir, exist_ok=True)
+  size = settings.chunk_size
+  chunks = [(list(rows[i:i + size]), result.decisions[i:i + size]) for i in range(0, len(rows), size)]
+  parts = executor.map_chunks("write curated rows", decisions_lib.format_chunk, chunks, sizes=[len(c[0]) for c in chunks])
+  paths = {name: os.path.join(out_dir, name) for name in (
+      "curated_catalogue.csv", "decisions.csv", "category_map.csv", "class_weights.json", "summary.json")}
+  for name, columns, index in (("curated_catalogue.csv", decisions_lib.CURATED_COLUMNS, 0),
+                               ("decisions.csv", decisions_lib.DECISION_COLUMNS, 1)):
+    tmp = paths[name] + ".tmp"
+    with open(tmp, "w", encoding="utf-8", newline="") as f:
+      f.write(decisions_lib.header(columns))
+      for part in parts:
+        f.write(part[index])
+    os.replace(tmp, paths[name])  # A reader never sees half a catalogue.
+  with open(paths["category_map.csv"], "w", encoding="utf-8", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=decisions_lib.CATEGORY_MAP_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(result.category_map)
+  with open(paths["class_weights.json"], "w", encoding="utf-8") as f:
+    json.dump({"scheme": f"n ** -{settings.balance_power}, scaled so the largest weight is 1",
+               "weights": result.weights}, f, indent=1, ensure_ascii=False)
+  return paths
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
+        write_records: bool = True) -> dict[str, Any]:
+  """Governs the catalogue of `config.data`; returns the counts and the output paths."""
+  settings = settings_lib.from_config(config.governance)
+  out_dir = os.path.join(workdir, "governance")
+  os.makedirs(out_dir, exist_ok=True)
+  csv_path, read = read_raw_catalogue(config.data, workdir, config.seed, progress=progress)
+  executor = executors.make_executor(settings, os.path.join(out_dir, "beam_staging"), progress=progress)
+  result = curate.curate_categories(read.rows, settings, executor,
+                                    cache_dir=settings.feature_cache or os.path.join(out_dir, "feature_cache"))
+  paths = write_outputs(out_dir, result, read.rows, settings, executor)
+  staging = os.path.join(out_dir, "beam_staging")
+  if os.path.isdir(staging) and not os.listdir(staging):
+    os.rmdir(staging)
+  with open(paths["summary.json"], "w", encoding="utf-8") as f:
+    json.dump({"catalogue": csv_path, "reader": read.counts, "counts": result.counts,
+               "settings": dataclasses.asdict(settings)}, f, indent=1, ensure_ascii=False, default=str)
+  paths.update(report.write_report(out_dir, result, read.rows, settings, read.counts))
+  if write_records:
+    from oclear_jax import datasets  # pylint: disable=g-import-not-at-top  (imports jax and TensorFlow)
+    data = config.data.copy_and_resolve_references()
+    data.governed = True
+    prepared = datasets.prepare_data(data, workdir, seed=config.seed, progress=progress)
+    paths["records"] = prepared.records_dir
+  c = result.counts
+  if progress:
+    print(f"governed {c['rows_governed']} of {c['rows']} rows: {c['labels_before']} raw labels -> "
+          f"{c['categories_after']} categories; {c['actions']}\n"
+          f"report: {paths['markdown']}\ncurated catalogue: {paths['curated_catalogue.csv']}\n"
+          f"train on it: --config.data.governed=True --workdir={workdir}")
+  return {"counts": result.counts, "paths": paths, "result": result}

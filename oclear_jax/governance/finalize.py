@@ -1,0 +1,227 @@
+"""After the rounds: outlier decisions, following kinds, long tail, duplicates, head cap, weights, map.
+
+Works on category names from here on: a curated category is named after its biggest raw label
+(or label part), so most categories keep the id a user knows; a merged one takes the name of its
+biggest member label, and the category map lists the others.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from oclear_jax.governance import category_space
+from oclear_jax.governance import category_stats
+from oclear_jax.governance import decisions as decisions_lib
+from oclear_jax.governance import duplicates as duplicates_lib
+from oclear_jax.governance import featurize
+from oclear_jax.governance import long_tail
+from oclear_jax.governance import merge as merge_lib
+from oclear_jax.governance import outliers as outliers_lib
+from oclear_jax.governance import settings as settings_lib
+from oclear_jax.governance import summary
+
+KEPT, RELABELLED, DROPPED = decisions_lib.KEPT, decisions_lib.RELABELLED, decisions_lib.DROPPED
+
+
+@dataclasses.dataclass
+class CurationState:
+  """What the rounds leave behind; arrays indexed by position among the featured (in-scope) rows."""
+  rows: list
+  featured: np.ndarray
+  decisions: list[decisions_lib.ItemDecision]
+  settings: settings_lib.GovernanceSettings
+  image: featurize.ImageFeatures
+  titles: featurize.TitleFeatures
+  unit: np.ndarray
+  space: category_space.Space | None
+  core: np.ndarray
+  node_of: np.ndarray
+  node_names: list[str]
+  node_label: list[int]
+  labels: list[str]
+  group: np.ndarray
+  trusted: np.ndarray
+  flagged: np.ndarray
+  scores: dict[str, np.ndarray]
+  edges: list[merge_lib.MergeEdge]
+  split_records: list[dict[str, Any]]
+  notes: list[str]
+  reduced: list[np.ndarray] = dataclasses.field(default_factory=list)  # PCA/SVD blocks before whitening
+  long_tail: dict[str, tuple[str, float]] = dataclasses.field(default_factory=dict)  # name -> (target, D)
+  dup_spanning: int = 0  # duplicate groups whose members ended in different categories
+
+
+@dataclasses.dataclass
+class CurationResult:
+  decisions: list[decisions_lib.ItemDecision]  # one per input row, in order
+  category_map: list[dict[str, Any]]
+  weights: dict[str, float]
+  counts: dict[str, Any]
+  sizes_before: dict[str, int]  # raw label -> rows of the governed splits
+  sizes_after: dict[str, int]  # curated category -> kept rows of the governed splits
+  merges: list[dict[str, Any]]
+  splits: list[dict[str, Any]]
+  notes: list[str]
+  # The governed items' features (ids, reduced image and title blocks side by side), for comparisons
+  # such as benchmarks/governance_quality.py's Confident Learning reference on the same features.
+  features: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def _group_names(s: CurationState) -> list[str]:
+  """Each group's name: its node with the most trusted members (ties: the smaller name)."""
+  trusted_count = np.bincount(s.node_of[s.trusted], minlength=len(s.node_names))
+  names = {}
+  for node in sorted(range(len(s.node_names)), key=lambda k: (-trusted_count[k], s.node_names[k])):
+    names.setdefault(int(s.group[node]), s.node_names[node])
+  return [names[g] for g in range(int(s.group.max()) + 1)] if len(s.group) else []
+
+
+def _nearest_part(s: CurationState, local: int, nodes: list[int]) -> int:
+  """The split part nearest to item `local` on images alone (shopper photos have no titles)."""
+  x = s.space.blocks[0][local]
+  best, best_node = np.inf, nodes[0]
+  for node in nodes:
+    members = s.trusted & (s.node_of == node)
+    if members.any():
+      distance = float(((s.space.blocks[0][members].mean(0) - x) ** 2).sum())
+      if distance < best:
+        best, best_node = distance, node
+  return best_node
+
+
+def finalize(s: CurationState) -> CurationResult:
+  settings, rows, decisions = s.settings, s.rows, s.decisions
+  frows = [rows[i] for i in s.featured]
+  names = _group_names(s)
+  category = [""] * len(frows)  # Curated name per featured item; '' = dropped.
+  core_rows = np.flatnonzero(s.core)
+  for k, local in enumerate(core_rows):
+    category[local] = names[s.group[s.node_of[local]]]
+
+  # Outliers: relabel to the nearest category, or drop.
+  if settings.outliers and len(core_rows):
+    actions = outliers_lib.decide(s.flagged[core_rows], s.scores["best"], settings)
+    for k, local in enumerate(core_rows):
+      d = decisions[s.featured[local]]
+      d.own_distance, d.nearest_distance = float(s.scores["own"][k]), float(s.scores["best"][k])
+      here = category[local]
+      d.outlier = actions[k] != outliers_lib.KEEP
+      if actions[k] == outliers_lib.RELABEL:
+        target = names[s.scores["best_category"][k]]
+        category[local] = target
+        d.set(RELABELLED, "outliers", f"far from {here} (distance {d.own_distance:.2f}); fits {target} "
+              f"({d.nearest_distance:.2f})", target)
+      elif actions[k] == outliers_lib.DROP:
+        category[local] = ""
+        d.set(DROPPED, "outliers", f"far from {here} (distance {d.own_distance:.2f}) and no category fits "
+              f"(nearest {d.nearest_distance:.2f} > {settings.outlier_max_distance})")
+
+  # Label-level moves (split, merge) for items the outlier step left where they were.
+  for local in core_rows:
+    d = decisions[s.featured[local]]
+    if d.step or not category[local] or category[local] == d.raw_label:
+      continue
+    node = s.node_of[local]
+    if s.node_names[node] != d.raw_label and category[local] == s.node_names[node]:
+      d.set(RELABELLED, "split", f"label {d.raw_label} split into separate products; this item is in part "
+            f"{category[local]}", category[local])
+    else:
+      d.set(RELABELLED, "merge", f"label {s.node_names[node]} merged into {category[local]}", category[local])
+
+  # Following kinds (shopper photos): the category of their label, nearest part when split.
+  nodes_of_label = collections.defaultdict(list)
+  for node, label in enumerate(s.node_label):
+    nodes_of_label[s.labels[label]].append(node)
+  for local, r in enumerate(frows):
+    d = decisions[s.featured[local]]
+    if s.core[local] or d.action == DROPPED:
+      continue
+    nodes = nodes_of_label.get(r.label)
+    if not nodes:
+      category[local] = r.label
+      d.set(KEPT, "follow", f"no governed item has label {r.label}; kept as is", r.label)
+      continue
+    node = nodes[0] if len(nodes) == 1 else _nearest_part(s, local, nodes)
+    category[local] = names[s.group[node]]
+    if category[local] != r.label:
+      d.set(RELABELLED, "follow", f"follows label {r.label} to {category[local]}", category[local])
+
+  _long_tail(s, frows, category, names)
+  duplicates = _deduplicate(s, frows, category) if settings.dedupe else None
+  _cap_heads(s, frows, category)
+
+  sizes_after = collections.Counter(c for c in category if c)
+  weights = long_tail.sampling_weights(dict(sizes_after), settings.balance_power)
+  return summary.summarize(s, frows, category, names, weights, duplicates, result_type=CurationResult)
+
+
+def _long_tail(s: CurationState, frows, category: list[str], names: list[str]) -> None:
+  settings, decisions = s.settings, s.decisions
+  if not settings.long_tail:
+    return
+  kept_names = sorted({c for c in category if c})
+  index = {c: k for k, c in enumerate(kept_names)}
+  sizes = np.bincount([index[c] for c in category if c], minlength=len(kept_names))
+  in_stats = np.array([bool(c) for c in category]) & s.core
+  ids = np.array([index.get(c, 0) for c in category], np.int64)
+  stats = category_stats.accumulate(s.space, ids, in_stats, len(kept_names)) if s.space else None
+  if stats is None:
+    return
+  moves = long_tail.small_categories(stats, sizes, settings)
+  for c, (target, distance) in moves.items():
+    s.long_tail[kept_names[c]] = (kept_names[target] if target >= 0 else "", distance)
+  for local, name in enumerate(category):
+    if name in s.long_tail:
+      target, distance = s.long_tail[name]
+      d = decisions[s.featured[local]]
+      if target:
+        category[local] = target
+        d.set(RELABELLED, "long_tail", f"category {name} has {sizes[index[name]]} item(s) < "
+              f"{settings.min_category_size}; merged into {target} (D {distance:.2f})", target)
+      else:
+        category[local] = ""
+        d.set(DROPPED, "long_tail", f"category {name} has {sizes[index[name]]} item(s) < "
+              f"{settings.min_category_size} and no category is close (nearest D {distance:.2f})")
+
+
+def _deduplicate(s: CurationState, frows, category: list[str]) -> duplicates_lib.DuplicateGroups:
+  """Drops all but the first (catalogue order) of each duplicate group within one curated category."""
+  governed = np.flatnonzero(s.core)
+  found = duplicates_lib.find_duplicates(
+      [s.image.sha256[i] for i in governed], s.image.phash[governed], np.ones(len(governed), bool),
+      s.unit[governed], [frows[i].title for i in governed], s.settings)
+  first = {}
+  for k, local in enumerate(governed):
+    g = found.group[k]
+    if g < 0 or not category[local]:
+      continue
+    key = (g, category[local])
+    if key not in first:
+      first[key] = local
+      continue
+    original = frows[first[key]].id
+    s.decisions[s.featured[local]].set(DROPPED, "duplicates", f"{found.kind[k]} duplicate of {original}")
+    category[local] = ""
+  s.dup_spanning = sum(1 for g in set(found.group[found.group >= 0].tolist())
+                       if len({category[governed[k]] for k in np.flatnonzero(found.group == g)} - {""}) > 1)
+  return found
+
+
+def _cap_heads(s: CurationState, frows, category: list[str]) -> None:
+  cap = s.settings.max_category_size
+  if not cap:
+    return
+  governed = [local for local in np.flatnonzero(s.core) if category[local]]
+  order = long_tail.cap_order([frows[local].id for local in governed])
+  seen = collections.Counter()
+  for k in order:
+    local = governed[k]
+    name = category[local]
+    seen[name] += 1
+    if seen[name] > cap:
+      s.decisions[s.featured[local]].set(DROPPED, "head_cap", f"category {name} keeps {cap} items "
+                                         f"(config.governance.max_category_size)")
+      category[local] = ""

@@ -1,0 +1,51 @@
+"""The long tail and the head: tiny categories merged or dropped, big ones capped, sampling weights.
+
+  * A category with fewer than `min_category_size` training items (governed and following kinds)
+    is merged into its nearest category when their centroids are consistent with one product
+    (D <= merge_max_distance, no mutual-best requirement: the small one just joins), else dropped.
+  * A category with more than `max_category_size` governed items (0 = no cap) keeps a fixed
+    subset (ordered by a hash of the item id, so reruns keep the same items).
+  * Class-balanced sampling weights: w_c = n_c ** -balance_power, scaled so the largest is 1
+    (0.5 = inverse square root of size; 1 = fully balanced; 0 = uniform). The input pipeline uses
+    them as acceptance probabilities (input_pipeline/pipeline.py, rejection sampling), so a
+    category's share of batches grows as n_c ** (1 - balance_power).
+"""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+from oclear_jax.governance import category_stats
+from oclear_jax.governance import settings as settings_lib
+
+
+def small_categories(stats: category_stats.CategoryStats, sizes: np.ndarray,
+                     settings: settings_lib.GovernanceSettings) -> dict[int, tuple[int, float]]:
+  """{small category: (target category or -1 to drop, D to the nearest big category)}."""
+  small = np.flatnonzero((sizes > 0) & (sizes < settings.min_category_size))
+  big = np.flatnonzero(sizes >= settings.min_category_size)
+  out = {}
+  for c in small:
+    if not len(big) or stats.size()[c] == 0:
+      out[int(c)] = (-1, float("nan"))
+      continue
+    pairs = np.stack([np.full(len(big), c), big], 1)
+    distance = np.nan_to_num(category_stats.category_distances(stats, pairs)["combined"], nan=np.inf)
+    nearest = int(np.argmin(distance))
+    target = int(big[nearest]) if distance[nearest] <= settings.merge_max_distance else -1
+    out[int(c)] = (target, float(distance[nearest]))
+  return out
+
+
+def cap_order(item_ids: list[str]) -> np.ndarray:
+  """A stable order of items for capping: by sha256 of the id (independent of catalogue order)."""
+  keys = [hashlib.sha256(i.encode("utf-8")).hexdigest() for i in item_ids]
+  return np.argsort(np.array(keys), kind="stable")
+
+
+def sampling_weights(sizes: dict[str, int], power: float) -> dict[str, float]:
+  """{category: n ** -power / max}: acceptance probabilities for the input pipeline."""
+  raw = {c: float(n) ** -power for c, n in sizes.items() if n > 0}
+  top = max(raw.values(), default=1.0)
+  return {c: w / top for c, w in sorted(raw.items())}

@@ -1,0 +1,130 @@
+"""Merge labels that denote one product: a kNN graph over category centroids, connected components.
+
+Candidates are each category's `merge_neighbours` nearest centroids (exact search over centroids,
+in whitened units). An edge joins a and b when
+  * D(a, b) <= merge_max_distance on images and titles together (two samples of one product give
+    D ~ 1; see category_stats.py),
+  * their titles agree on their own (the same test on the title block alone, when both have titles),
+  * they are each other's best candidate (mutual nearest by D),
+  * most members of each fit the other: a majority of a's trusted members lie within
+    `merge_max_distance` of b's centroid (the typical member sits at ~1), and the other way round.
+Mutual-best keeps connected components from chaining through broad or tiny categories that are
+"consistent" with many others; the majority fit stops a small label whose centroid a wrong member
+has pulled half-way towards another label from merging with it. Merging repeats on the merged
+centroids until no edge is left, so a product split three ways still ends up whole.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from oclear_jax.governance import category_stats
+from oclear_jax.governance import settings as settings_lib
+
+_MAX_ROUNDS = 50
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeEdge:
+  """One accepted merge: groups (by their member categories) and the evidence."""
+  left: tuple[int, ...]
+  right: tuple[int, ...]
+  distance: float
+  title_distance: float  # NaN when one side has no titles
+
+
+def nearest_centroids(stats: category_stats.CategoryStats, k: int, block_rows: int = 1024) -> np.ndarray:
+  """i64[P, 2] candidate pairs (a < b): each non-empty category and its k nearest others, exact."""
+  means = np.concatenate([stats.means(b) for b in range(len(stats.sums))], axis=1)
+  alive = np.flatnonzero(stats.size() > 0)
+  if len(alive) < 2:
+    return np.zeros((0, 2), np.int64)
+  x = means[alive]
+  norms = (x * x).sum(1)
+  k = min(k, len(alive) - 1)
+  pairs = []
+  for start in range(0, len(alive), block_rows):
+    rows = slice(start, start + block_rows)
+    sq = norms[rows, None] - 2 * x[rows] @ x.T + norms[None]
+    sq[np.arange(sq.shape[0]), np.arange(start, start + sq.shape[0])] = np.inf
+    nearest = np.argpartition(sq, k - 1, axis=1)[:, :k]
+    left = np.repeat(np.arange(start, start + sq.shape[0]), k)
+    pairs.append(np.stack([left, nearest.ravel()], 1))
+  pairs = alive[np.concatenate(pairs)]
+  return np.unique(np.sort(pairs, 1), axis=0)
+
+
+def _fits_majority(members, group: np.ndarray, pooled: category_stats.CategoryStats, a: int, b: int,
+                   limit: float) -> bool:
+  """Whether most of a's members are within `limit` of b's centroid, and the other way round."""
+  space, node_of_member = members
+  member_group = group[node_of_member]
+  for source, target in ((a, b), (b, a)):
+    rows = np.flatnonzero(member_group == source)
+    if not len(rows):
+      continue
+    distance = category_stats.distances_to(space.take(rows), pooled, target)
+    if not np.nanmean(np.nan_to_num(distance, nan=np.inf) <= limit) > 0.5:
+      return False
+  return True
+
+
+def merge_categories(stats: category_stats.CategoryStats, settings: settings_lib.GovernanceSettings,
+                     title_block: int | None = 1, members=None) -> tuple[np.ndarray, list[MergeEdge]]:
+  """Returns (group i64[C] for each category, the accepted edges).
+
+  `members`: (Space of the trusted items, their category ids) for the majority-fit test; None skips it.
+  """
+  num = stats.num_categories
+  group = np.arange(num)
+  edges: list[MergeEdge] = []
+  for _ in range(_MAX_ROUNDS):
+    num_groups = group.max() + 1 if num else 0
+    pooled = category_stats.pool(stats, group, num_groups)
+    pairs = nearest_centroids(pooled, settings.merge_neighbours)
+    if not len(pairs):
+      break
+    dist = category_stats.category_distances(pooled, pairs)
+    combined = np.nan_to_num(dist["combined"], nan=np.inf)
+    title = dist["blocks"][title_block] if title_block is not None and title_block < len(dist["blocks"]) else None
+    # Mutual best partner by D (ties go to the lower category id: deterministic).
+    order = np.lexsort((pairs[:, 1], pairs[:, 0], combined))
+    best = np.full(num_groups, -1)
+    for row in order:
+      a, b = pairs[row]
+      if best[a] < 0:
+        best[a] = b
+      if best[b] < 0:
+        best[b] = a
+    accept = (combined <= settings.merge_max_distance) & (best[pairs[:, 0]] == pairs[:, 1]) & (
+        best[pairs[:, 1]] == pairs[:, 0])
+    if title is not None:
+      accept &= ~(title > settings.merge_max_distance)  # NaN (a side without titles) passes on images alone.
+    if members is not None:
+      for row in np.flatnonzero(accept):
+        accept[row] = _fits_majority(members, group, pooled, *pairs[row], settings.merge_max_distance)
+    chosen = pairs[accept]
+    if not len(chosen):
+      break
+    group_members = [tuple(np.flatnonzero(group == g).tolist()) for g in range(num_groups)]
+    for row in np.flatnonzero(accept):
+      a, b = pairs[row]
+      edges.append(MergeEdge(group_members[a], group_members[b], float(combined[row]),
+                             float(title[row]) if title is not None else float("nan")))
+    graph = coo_matrix((np.ones(len(chosen)), (chosen[:, 0], chosen[:, 1])), shape=(num_groups, num_groups))
+    _, component = connected_components(graph, directed=False)
+    group = _renumber(component[group])
+  return group, edges
+
+
+def _renumber(group: np.ndarray) -> np.ndarray:
+  """Group ids 0..G-1 in order of each group's smallest member (stable, deterministic)."""
+  _, first = np.unique(group, return_index=True)
+  order = np.argsort(first)
+  remap = np.empty(len(order), np.int64)
+  remap[order] = np.arange(len(order))
+  _, dense = np.unique(group, return_inverse=True)
+  return remap[dense]

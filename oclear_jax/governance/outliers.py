@@ -1,0 +1,58 @@
+"""Outliers: items far from their category, relabelled to the nearest category or dropped.
+
+An item is a candidate when, in whitened units (category_stats.py),
+  * another category is nearer than its own by more than `outlier_margin` (a wrong label: the
+    nearest-centroid rule of linear discriminant analysis, with a margin for broad categories that
+    overlap), or
+  * its own category is farther than `outlier_max_distance` (junk that fits its label badly).
+A category's identity is its majority, so per round at most max(1, n // 2) of its n members
+are flagged, the most confident first; the next round re-fits the space and centroids without them
+and looks again. This keeps a small label whose centroid is pulled by a wrong member from
+flagging its correct members instead.
+
+Decision for a flagged item: relabel to the nearest category when it fits there (distance at most
+`outlier_max_distance`), else drop it as an outlier; a singleton (no own distance) is never an
+outlier of itself.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from oclear_jax.governance import settings as settings_lib
+
+RELABEL, DROP, KEEP = "relabel", "drop", "keep"
+
+
+def flag(own: np.ndarray, best: np.ndarray, categories: np.ndarray, settings: settings_lib.GovernanceSettings,
+         clear_only: bool = False) -> np.ndarray:
+  """bool[n]: the items treated as untrusted in the next round (and the final candidates).
+
+  `clear_only` (the first, cleaning round) keeps only candidates that also misfit their own category
+  (own distance above `merge_max_distance`): members of a label split in two halves sit nearer the
+  other half's centroid about half the time, yet fit their own label well, and must stay trusted
+  for the merge to see two equal halves.
+  """
+  defined = np.isfinite(own)
+  candidate = defined & ((best < own - settings.outlier_margin) | (own > settings.outlier_max_distance))
+  if clear_only:
+    candidate &= own > settings.merge_max_distance
+  sizes = np.bincount(categories, minlength=categories.max() + 1 if len(categories) else 0)
+  quota = np.maximum(1, sizes // 2)
+  confidence = np.where(defined, best - own, np.inf)  # Most negative = the clearest case.
+  order = np.lexsort((np.arange(len(own)), confidence))
+  used = np.zeros_like(sizes)
+  flagged = np.zeros(len(own), bool)
+  for i in order:
+    if not candidate[i]:
+      continue
+    c = categories[i]
+    if used[c] < quota[c]:
+      flagged[i] = True
+      used[c] += 1
+  return flagged
+
+
+def decide(flagged: np.ndarray, best: np.ndarray, settings: settings_lib.GovernanceSettings) -> np.ndarray:
+  """str[n]: RELABEL, DROP or KEEP for each item."""
+  fits = best <= settings.outlier_max_distance
+  return np.where(flagged & fits, RELABEL, np.where(flagged, DROP, KEEP))
