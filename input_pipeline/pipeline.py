@@ -157,9 +157,15 @@ def make_dataset(record_dir: str | os.PathLike, split: str, *, batch_size: int,
   if class_weights is not None:
     accept = tf.constant(list(class_weights), tf.float32)
     draw_seed = tf.constant(seed + 0x5EED, tf.int64)  # Not the augmentation's (seed, index) pairs.
-    ds = ds.enumerate().filter(
-        lambda index, ex: tf.random.stateless_uniform([], seed=tf.stack([draw_seed, index])) <
-        tf.gather(accept, ex["label"])).map(lambda index, ex: ex)
+
+    def keep(index, ex):
+      return tf.random.stateless_uniform([], seed=tf.stack([draw_seed, index])) < tf.gather(accept, ex["label"])
+
+    def without_index(index, ex):
+      del index
+      return ex
+
+    ds = ds.enumerate().filter(keep).map(without_index)
   preprocess_fn = preprocess_ops.get_preprocess_fn(preprocess)
 
   def with_seed(index, ex):

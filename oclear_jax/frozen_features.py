@@ -176,8 +176,8 @@ class HeadTrainer:
     self.rules = sharding.logical_rules(config.sharding.rules)
     self.batch_axes = sharding.mesh_axes("batch", self.rules)
     self.class_axes = sharding.mesh_axes("classes", self.rules)
-    self.padded_classes = tuple(sharded_softmax.pad_num_classes(max(c, 1), sharding.num_shards(self.mesh, self.class_axes))
-                                for c in self.num_classes)
+    class_shards = sharding.num_shards(self.mesh, self.class_axes)
+    self.padded_classes = tuple(sharded_softmax.pad_num_classes(max(c, 1), class_shards) for c in self.num_classes)
     self.margin_fn = trainer.margin_from_config(config.head)
     self.tx = trainer.make_optimizer(config.optimizer, config.train.num_steps)
     self._step = jax.jit(self._train_step, donate_argnums=(0, 1))
@@ -211,8 +211,9 @@ class HeadTrainer:
     params = {"encoder": jax.device_put(encoder, sharding.logical_sharding(self.mesh, self.rules))}
     if self.objective.loss == "oclear":
       centers_sharding = sharding.logical_sharding(self.mesh, self.rules, "classes", "embed")
+      embed_dim = self.config.model.embed_dim
       params["class_centers"] = tuple(
-          jax.device_put(0.01 * jax.random.normal(jax.random.key(seed + 1000 + level), (c, self.config.model.embed_dim)),
+          jax.device_put(0.01 * jax.random.normal(jax.random.key(seed + 1000 + level), (c, embed_dim)),
                          centers_sharding)
           for level, c in enumerate(self.padded_classes))
     else:

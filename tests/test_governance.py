@@ -27,7 +27,8 @@ def builtin(tmp_path_factory):
   root = tmp_path_factory.mktemp("governance") / "catalogue"
   spec = synthetic_catalogue.CatalogueSpec(**config_schema.base_config().data.synthetic.to_dict())
   synthetic_catalogue.generate_catalogue(root, spec, progress=False)
-  rows = catalogue_lib.read_catalogue(root / "catalogue.csv", catalogue_lib.CatalogueColumns(kind="kind", split="split")).rows
+  columns = catalogue_lib.CatalogueColumns(kind="kind", split="split")
+  rows = catalogue_lib.read_catalogue(root / "catalogue.csv", columns).rows
   return rows, quality.read_truth(str(root / "ground_truth.csv"))
 
 

@@ -21,7 +21,8 @@ SETTINGS = settings_lib.GovernanceSettings(image_features="pixels", chunk_size=4
 def rows(tmp_path_factory):
   root = tmp_path_factory.mktemp("beam") / "catalogue"
   synthetic_catalogue.generate_catalogue(root, SPEC, progress=False)
-  return catalogue_lib.read_catalogue(root / "catalogue.csv", catalogue_lib.CatalogueColumns(kind="kind", split="split")).rows
+  columns = catalogue_lib.CatalogueColumns(kind="kind", split="split")
+  return catalogue_lib.read_catalogue(root / "catalogue.csv", columns).rows
 
 
 def test_beam_and_in_process_agree(rows, tmp_path):

@@ -52,7 +52,8 @@ def _plant_bad_input(root: pathlib.Path) -> dict[str, str]:
     copy.save(root / "images" / f"{row_id}.png")
     return f"images/{row_id}.png"
 
-  extra.append({**template, "id": "bad_no_title", "title": "", "image": shifted_copy(by_label[label][1], "bad_no_title")})
+  extra.append({**template, "id": "bad_no_title", "title": "",
+                "image": shifted_copy(by_label[label][1], "bad_no_title")})
   extra.append({**template, "id": "odd_title", "title": "zzqx vvkj wwpf",
                 "image": shifted_copy(by_label[label][2], "odd_title")})
   Image.new("RGB", (32, 32), (10, 200, 120)).save(root / "images" / "lonely.png")

@@ -48,7 +48,8 @@ def write_outputs(out_dir: str, result, rows, settings: settings_lib.GovernanceS
   os.makedirs(out_dir, exist_ok=True)
   size = settings.chunk_size
   chunks = [(list(rows[i:i + size]), result.decisions[i:i + size]) for i in range(0, len(rows), size)]
-  parts = executor.map_chunks("write curated rows", decisions_lib.format_chunk, chunks, sizes=[len(c[0]) for c in chunks])
+  parts = executor.map_chunks("write curated rows", decisions_lib.format_chunk, chunks,
+                              sizes=[len(c[0]) for c in chunks])
   paths = {name: os.path.join(out_dir, name) for name in (
       "curated_catalogue.csv", "decisions.csv", "category_map.csv", "class_weights.json", "summary.json")}
   for name, columns, index in (("curated_catalogue.csv", decisions_lib.CURATED_COLUMNS, 0),

@@ -9,8 +9,8 @@ Rounds (`settings.rounds`): whiten the space on the trusted items (category_spac
 once (after the first round, on trusted members), merge labels over the centroids, score every item
 against the categories (a per-item pass through the executor) and flag outliers, which become
 untrusted for the next round. The first round only sets aside items that clearly misfit their raw
-label (no merging yet), so that merges are decided on cleaned centroids. After the rounds: outlier decisions, long tail, duplicates, head cap,
-sampling weights.
+label (no merging yet), so that merges are decided on cleaned centroids. After the rounds
+(finalize.py): outlier decisions, long tail, duplicates, head cap, sampling weights.
 """
 from __future__ import annotations
 
@@ -29,6 +29,9 @@ from oclear_jax.governance import merge as merge_lib
 from oclear_jax.governance import outliers as outliers_lib
 from oclear_jax.governance import settings as settings_lib
 from oclear_jax.governance import split as split_lib
+
+
+_MIN_WITHIN_DOF = 10
 
 
 def _score_chunk(chunk, trusted: category_stats.CategoryStats, members: category_stats.CategoryStats):
@@ -88,10 +91,19 @@ def curate_categories(rows: Sequence[CatalogueRow], settings: settings_lib.Gover
             "best_category": np.zeros(len(core_rows), np.int64)}
   flagged = np.zeros(len(frows), bool)
   space = None
-  for r in range(settings.rounds):
+  # Distances are in units of the within-label spread: without enough labels of two or more items
+  # that unit is unknown, and merge, split and outlier decisions would be guesses.
+  within_dof = len(core_rows) - len(labels)
+  calibrated = within_dof >= _MIN_WITHIN_DOF
+  if len(core_rows) and not calibrated:
+    notes.append(f"only {within_dof} degrees of freedom within labels (< {_MIN_WITHIN_DOF}: too few labels "
+                 "with two or more readable items): merge, split and outlier steps were skipped")
+  do_split, do_merge, do_outliers = (settings.split and calibrated, settings.merge and calibrated,
+                                     settings.outliers and calibrated)
+  for r in range(settings.rounds if len(core_rows) else 0):
     categories = np.where(core, group[np.maximum(node_of, 0)], -1)
-    space, notes = category_space.whiten(reduced, avail, categories, trusted, settings.shrinkage)
-    if settings.split and r == split_round:
+    space, space_notes = category_space.whiten(reduced, avail, categories, trusted, settings.shrinkage)
+    if do_split and r == split_round:
       for label in range(len(labels)):
         members = core_rows[node_of[core_rows] == label]
         parts, cuts = split_lib.split_category(space.take(members), trusted[members], settings)
@@ -109,7 +121,7 @@ def curate_categories(rows: Sequence[CatalogueRow], settings: settings_lib.Gover
     # The first round merges nothing: it only sets aside items that clearly do not fit their label, so
     # that a wrong label cannot pull its label's centroid towards its true product's and merge the two.
     cleaning_round = r == 0 and settings.rounds > 1
-    if settings.merge and not cleaning_round:
+    if do_merge and not cleaning_round:
       group, edges = merge_lib.merge_categories(node_stats, settings, title_block=1 if len(reduced) > 1 else None,
                                                 members=(space.take(core_rows[trusted[core_rows]]),
                                                          nodes[core_rows[trusted[core_rows]]]))
@@ -121,7 +133,7 @@ def curate_categories(rows: Sequence[CatalogueRow], settings: settings_lib.Gover
     member_stats = category_stats.accumulate(space, np.maximum(categories, 0), core, num_groups)
     scores = _score(executor, space, core_rows, categories, trusted, trusted_stats, member_stats,
                     settings.chunk_size, f"score items (round {r + 1}/{settings.rounds})")
-    if settings.outliers:
+    if do_outliers:
       flagged[:] = False
       flagged[core_rows] = outliers_lib.flag(scores["own"], scores["best"], categories[core_rows], settings,
                                              clear_only=cleaning_round)
@@ -130,4 +142,4 @@ def curate_categories(rows: Sequence[CatalogueRow], settings: settings_lib.Gover
       rows=rows, featured=featured, decisions=decisions, settings=settings, image=image, titles=titles, unit=unit,
       space=space, core=core, node_of=node_of, node_names=node_names, node_label=node_label, labels=labels,
       group=group, trusted=trusted, flagged=flagged, scores=scores, edges=edges, split_records=split_records,
-      notes=notes, reduced=reduced))
+      notes=notes + (space_notes if space is not None else []), reduced=reduced, outliers_on=do_outliers))

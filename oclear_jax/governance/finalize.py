@@ -50,6 +50,7 @@ class CurationState:
   split_records: list[dict[str, Any]]
   notes: list[str]
   reduced: list[np.ndarray] = dataclasses.field(default_factory=list)  # PCA/SVD blocks before whitening
+  outliers_on: bool = True  # the outlier step ran (it is skipped when the space is not calibrated)
   long_tail: dict[str, tuple[str, float]] = dataclasses.field(default_factory=dict)  # name -> (target, D)
   dup_spanning: int = 0  # duplicate groups whose members ended in different categories
 
@@ -102,7 +103,7 @@ def finalize(s: CurationState) -> CurationResult:
     category[local] = names[s.group[s.node_of[local]]]
 
   # Outliers: relabel to the nearest category, or drop.
-  if settings.outliers and len(core_rows):
+  if s.outliers_on and len(core_rows):
     actions = outliers_lib.decide(s.flagged[core_rows], s.scores["best"], settings)
     for k, local in enumerate(core_rows):
       d = decisions[s.featured[local]]
@@ -165,7 +166,7 @@ def _long_tail(s: CurationState, frows, category: list[str], names: list[str]) -
   kept_names = sorted({c for c in category if c})
   index = {c: k for k, c in enumerate(kept_names)}
   sizes = np.bincount([index[c] for c in category if c], minlength=len(kept_names))
-  in_stats = np.array([bool(c) for c in category]) & s.core
+  in_stats = np.array([bool(c) for c in category], bool) & s.core
   ids = np.array([index.get(c, 0) for c in category], np.int64)
   stats = category_stats.accumulate(s.space, ids, in_stats, len(kept_names)) if s.space else None
   if stats is None:

@@ -41,7 +41,7 @@ def _examples(result, rows, limit: int) -> dict[str, list[list[tuple[str, str]]]
   for s in result.splits[:limit]:
     row = []
     for part in s["parts"]:
-      picks = [d for d in by_label.get(s["label"], []) if d.category == part or d.category.startswith(part)][:2]
+      picks = [d for d in by_label.get(s["label"], []) if d.category == part][:2]
       row += [tile(d, f"{d.raw_label} -> {d.category}") for d in picks]
     split.append(row)
   relabelled = []
@@ -53,7 +53,8 @@ def _examples(result, rows, limit: int) -> dict[str, list[list[tuple[str, str]]]
   for d in result.decisions:
     if d.action == decisions_lib.DROPPED:
       dropped_by_step[d.step].append(d)
-  dropped = [[tile(d, f"{step}: {d.reasons[-1]}") for d in items[:limit]] for step, items in sorted(dropped_by_step.items())]
+  dropped = [[tile(d, f"{step}: {d.reasons[-1]}") for d in items[:limit]]
+             for step, items in sorted(dropped_by_step.items())]
   return {"merged": merged, "split": split, "relabelled": relabelled, "dropped": dropped}
 
 
@@ -167,7 +168,8 @@ def _html(blocks: Sequence[Block]) -> str:
                  "".join("<tr>" + "".join(f"<td>{e(str(v))}</td>" for v in row) + "</tr>" for row in block[2]) +
                  "</table>")
     elif kind == "img":
-      out.append(f"<figure><img src='{e(block[1])}' alt='{e(block[2])}'><figcaption>{e(block[2])}</figcaption></figure>")
+      out.append(f"<figure><img src='{e(block[1])}' alt='{e(block[2])}'>"
+                 f"<figcaption>{e(block[2])}</figcaption></figure>")
   return "\n".join(out)
 
 
