@@ -1,6 +1,6 @@
 r"""How well governance finds planted noise, against Confident Learning, and what it does for training.
 
-  .venv/bin/python benchmarks/governance_quality.py                      # both datasets, ~35 min on 2 cores
+  .venv/bin/python benchmarks/governance_quality.py                      # both datasets, ~45 min on 2 cores
   .venv/bin/python benchmarks/governance_quality.py --datasets=builtin --steps=300
   .venv/bin/python benchmarks/governance_quality.py --skip_training      # detection tables only
 
@@ -16,8 +16,9 @@ Datasets:
 Governance uses EfficientNet-Lite0 ImageNet features (64 px on builtin, 96 px on fashion) plus
 title TF-IDF. Reference: cleanlab's find_label_issues on 5-fold out-of-fold probabilities of a
 logistic regression trained on the same features (governance's reduced image+title blocks).
-Downstream: the same model and budget trained on raw vs governed categories (governed includes its
-class-balanced sampling), evaluated by mAP@R on the untouched, class-disjoint eval split.
+Downstream: the same model and budget trained on raw vs governed categories, the latter with its
+class-balanced sampling (n ** -0.5) and without it, evaluated by mAP@R on the untouched,
+class-disjoint eval split.
 """
 from __future__ import annotations
 
@@ -46,21 +47,33 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def confident_learning(result, raw_label: dict[str, str], truth: dict[str, dict[str, str]]) -> dict[str, float]:
-  """cleanlab.find_label_issues on out-of-fold logistic-regression probabilities of governance's features."""
+  """cleanlab.find_label_issues on out-of-fold logistic-regression probabilities of governance's features.
+
+  Two classifiers are tried, on raw and on standardised features (each wins on one dataset); the
+  reference is the one with the better F1 of detection, so the peer gets its best shot.
+  """
   import cleanlab  # pylint: disable=g-import-not-at-top
   from sklearn.linear_model import LogisticRegression  # pylint: disable=g-import-not-at-top
   from sklearn.model_selection import StratifiedKFold, cross_val_predict  # pylint: disable=g-import-not-at-top
+  from sklearn.pipeline import make_pipeline  # pylint: disable=g-import-not-at-top
+  from sklearn.preprocessing import StandardScaler  # pylint: disable=g-import-not-at-top
   ids, features = result.features["ids"], result.features["matrix"]
   _, y = np.unique([raw_label[i] for i in ids], return_inverse=True)
-  with warnings.catch_warnings():
-    warnings.simplefilter("ignore")  # Classes with fewer members than folds: expected on a long tail.
-    model = LogisticRegression(max_iter=500)  # Unscaled: stronger than with StandardScaler here (tried both).
-    probabilities = cross_val_predict(model, features, y, method="predict_proba",
-                                      cv=StratifiedKFold(5, shuffle=True, random_state=0))
-    issues = cleanlab.filter.find_label_issues(y, probabilities)
-  flagged = {ids[k] for k in np.flatnonzero(issues)}
   planted = {i for i in ids if "wrong_label" in truth[i]["noise"]}
-  return quality.detection_scores(flagged, planted)
+  best = None
+  for name, model in (("raw features", LogisticRegression(max_iter=500)),
+                      ("standardised", make_pipeline(StandardScaler(), LogisticRegression(max_iter=500)))):
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")  # Classes with fewer members than folds: expected on a long tail.
+      probabilities = cross_val_predict(model, features, y, method="predict_proba",
+                                        cv=StratifiedKFold(5, shuffle=True, random_state=0))
+      issues = cleanlab.filter.find_label_issues(y, probabilities)
+    scores = quality.detection_scores({ids[k] for k in np.flatnonzero(issues)}, planted)
+    scores["classifier"] = f"logistic regression, {name}"
+    f1 = 2 * scores["precision"] * scores["recall"] / max(scores["precision"] + scores["recall"], 1e-12)
+    if best is None or f1 > best[0]:
+      best = (f1, scores)
+  return best[1]
 
 
 def train(config, workdir: str) -> dict[str, float]:
@@ -102,7 +115,15 @@ def run_dataset(name: str, config, workdir: str, truth_fn, args) -> dict:
     raw_config = _training_config(config.copy_and_resolve_references(), steps)
     governed_config = _training_config(config.copy_and_resolve_references(), steps)
     governed_config.data.governed = True
-    scores["downstream"] = {"raw": train(raw_config, raw_dir), "governed": train(governed_config, governed_dir)}
+    uniform_config = governed_config.copy_and_resolve_references()
+    uniform_config.data.balanced_sampling = False
+    uniform_dir = os.path.join(workdir, "governed_uniform")
+    os.makedirs(uniform_dir, exist_ok=True)  # Same curated catalogue, its own records and checkpoints.
+    shutil.copytree(os.path.join(governed_dir, "governance"), os.path.join(uniform_dir, "governance"),
+                    dirs_exist_ok=True)
+    scores["downstream"] = {"raw": train(raw_config, raw_dir),
+                            "governed, balanced sampling": train(governed_config, governed_dir),
+                            "governed, uniform sampling": train(uniform_config, uniform_dir)}
   return scores
 
 
@@ -148,7 +169,7 @@ def print_tables(results: dict) -> None:
     print(_row((f"{name} / governance", f"{w['precision']:.3f}", f"{w['recall']:.3f}", f"{p['precision']:.3f}",
                 f"{p['recall']:.3f}", f"{p['f1']:.3f}"), widths))
     print(_row((f"{name} / cleanlab (same features)", f"{cl['precision']:.3f}", f"{cl['recall']:.3f}", "-", "-", "-"),
-               widths))
+               widths) + f"   [{cl['classifier']}]")
     d = s["duplicates"]
     dup = (f"P {d['precision']:.2f} R {d['recall']:.2f} against {d['planted']} planted" if d["planted"] else
            "none planted")
@@ -157,10 +178,10 @@ def print_tables(results: dict) -> None:
           f"{s['categories']['raw']} -> {s['categories']['governed']}; governance {s['governance_seconds']:.0f} s)")
   if any("downstream" in s for s in results.values()):
     print("\nDownstream: same model and budget, raw vs governed categories (eval split untouched)")
-    print(_row(("dataset / training categories", "mAP@R", "R@1", "steps"), (34, 9, 9, 9)))
+    print(_row(("dataset / training categories", "mAP@R", "R@1", "steps"), (42, 9, 9, 9)))
     for name, s in results.items():
       for kind, m in s.get("downstream", {}).items():
-        print(_row((f"{name} / {kind}", f"{m['map@r']:.4f}", f"{m['recall@1']:.4f}", m["steps"]), (34, 9, 9, 9)))
+        print(_row((f"{name} / {kind}", f"{m['map@r']:.4f}", f"{m['recall@1']:.4f}", m["steps"]), (42, 9, 9, 9)))
 
 
 def main():

@@ -46,13 +46,13 @@ def _score(executor, space, rows, categories, trusted_mask, trusted, members, ch
             for i in range(0, len(rows), chunk_size)]
   fn = functools.partial(_score_chunk, trusted=trusted, members=members)
   parts = executor.map_chunks(name, fn, chunks, sizes=[len(c[1]) for c in chunks])
-  return {k: np.concatenate([p[k] for p in parts]) if parts else np.zeros(0) for k in ("own", "best", "best_category")}
+  keys = ("own", "best", "best_category")
+  return {k: np.concatenate([p[k] for p in parts]) if parts else np.zeros(0) for k in keys}
 
 
 def curate_categories(rows: Sequence[CatalogueRow], settings: settings_lib.GovernanceSettings, executor, *,
                       cache_dir: str | None = None) -> finalize.CurationResult:
   """Runs every enabled step over `rows` (see the module docstring)."""
-  n = len(rows)
   decisions = [decisions_lib.ItemDecision(r.id, r.kind, r.split, r.label, category=r.label) for r in rows]
   in_scope = np.array([r.split in settings.splits for r in rows], bool)
   governs = in_scope & np.array([r.kind in settings.kinds for r in rows], bool)
@@ -122,9 +122,9 @@ def curate_categories(rows: Sequence[CatalogueRow], settings: settings_lib.Gover
     # that a wrong label cannot pull its label's centroid towards its true product's and merge the two.
     cleaning_round = r == 0 and settings.rounds > 1
     if do_merge and not cleaning_round:
+      trusted_rows = core_rows[trusted[core_rows]]
       group, edges = merge_lib.merge_categories(node_stats, settings, title_block=1 if len(reduced) > 1 else None,
-                                                members=(space.take(core_rows[trusted[core_rows]]),
-                                                         nodes[core_rows[trusted[core_rows]]]))
+                                                members=(space.take(trusted_rows), nodes[trusted_rows]))
     else:
       group = np.arange(num_nodes)
     num_groups = int(group.max()) + 1 if num_nodes else 0
@@ -135,8 +135,7 @@ def curate_categories(rows: Sequence[CatalogueRow], settings: settings_lib.Gover
                     settings.chunk_size, f"score items (round {r + 1}/{settings.rounds})")
     if do_outliers:
       flagged[:] = False
-      flagged[core_rows] = outliers_lib.flag(scores["own"], scores["best"], categories[core_rows], settings,
-                                             clear_only=cleaning_round)
+      flagged[core_rows] = outliers_lib.flag(scores, categories[core_rows], settings, clear_only=cleaning_round)
       trusted = core & ~flagged
   return finalize.finalize(finalize.CurationState(
       rows=rows, featured=featured, decisions=decisions, settings=settings, image=image, titles=titles, unit=unit,

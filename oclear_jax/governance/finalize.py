@@ -99,19 +99,19 @@ def finalize(s: CurationState) -> CurationResult:
   names = _group_names(s)
   category = [""] * len(frows)  # Curated name per featured item; '' = dropped.
   core_rows = np.flatnonzero(s.core)
-  for k, local in enumerate(core_rows):
+  for local in core_rows:
     category[local] = names[s.group[s.node_of[local]]]
 
   # Outliers: relabel to the nearest category, or drop.
   if s.outliers_on and len(core_rows):
-    actions = outliers_lib.decide(s.flagged[core_rows], s.scores["best"], settings)
+    actions, targets, distances = outliers_lib.decide(s.flagged[core_rows], s.scores, settings)
     for k, local in enumerate(core_rows):
       d = decisions[s.featured[local]]
-      d.own_distance, d.nearest_distance = float(s.scores["own"][k]), float(s.scores["best"][k])
+      d.own_distance, d.nearest_distance = float(s.scores["own"][k]), float(distances[k])
       here = category[local]
       d.outlier = actions[k] != outliers_lib.KEEP
       if actions[k] == outliers_lib.RELABEL:
-        target = names[s.scores["best_category"][k]]
+        target = names[targets[k]]
         category[local] = target
         d.set(RELABELLED, "outliers", f"far from {here} (distance {d.own_distance:.2f}); fits {target} "
               f"({d.nearest_distance:.2f})", target)

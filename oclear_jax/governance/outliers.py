@@ -23,23 +23,28 @@ from oclear_jax.governance import settings as settings_lib
 RELABEL, DROP, KEEP = "relabel", "drop", "keep"
 
 
-def flag(own: np.ndarray, best: np.ndarray, categories: np.ndarray, settings: settings_lib.GovernanceSettings,
+def _nearer_elsewhere(scores: dict[str, np.ndarray], settings: settings_lib.GovernanceSettings) -> np.ndarray:
+  return scores["best"] < scores["own"] - settings.outlier_margin
+
+
+def flag(scores: dict[str, np.ndarray], categories: np.ndarray, settings: settings_lib.GovernanceSettings,
          clear_only: bool = False) -> np.ndarray:
   """bool[n]: the items treated as untrusted in the next round (and the final candidates).
 
-  `clear_only` (the first, cleaning round) keeps only candidates that also misfit their own category
-  (own distance above `merge_max_distance`): members of a label split in two halves sit nearer the
-  other half's centroid about half the time, yet fit their own label well, and must stay trusted
-  for the merge to see two equal halves.
+  `scores` are category_stats.item_scores' distances. `clear_only` (the first, cleaning round) keeps
+  only candidates that also misfit their own category (own distance above `merge_max_distance`):
+  members of a label split in two halves sit nearer the other half's centroid about half the time,
+  yet fit their own label well, and must stay trusted for the merge to see two equal halves.
   """
+  own = scores["own"]
   defined = np.isfinite(own)
-  candidate = defined & ((best < own - settings.outlier_margin) | (own > settings.outlier_max_distance))
+  candidate = defined & (_nearer_elsewhere(scores, settings) | (own > settings.outlier_max_distance))
   if clear_only:
     candidate &= own > settings.merge_max_distance
   sizes = np.bincount(categories, minlength=categories.max() + 1 if len(categories) else 0)
   quota = np.maximum(1, sizes // 2)
-  confidence = np.where(defined, best - own, np.inf)  # Most negative = the clearest case.
-  order = np.lexsort((np.arange(len(own)), confidence))
+  confidence = np.where(defined, scores["best"] - own, np.inf)
+  order = np.lexsort((np.arange(len(own)), confidence))  # Most negative = the clearest case.
   used = np.zeros_like(sizes)
   flagged = np.zeros(len(own), bool)
   for i in order:
@@ -52,7 +57,12 @@ def flag(own: np.ndarray, best: np.ndarray, categories: np.ndarray, settings: se
   return flagged
 
 
-def decide(flagged: np.ndarray, best: np.ndarray, settings: settings_lib.GovernanceSettings) -> np.ndarray:
-  """str[n]: RELABEL, DROP or KEEP for each item."""
-  fits = best <= settings.outlier_max_distance
-  return np.where(flagged & fits, RELABEL, np.where(flagged, DROP, KEEP))
+def decide(flagged: np.ndarray, scores: dict[str, np.ndarray], settings: settings_lib.GovernanceSettings
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(action str[n]: RELABEL, DROP or KEEP; target category i64[n]; its distance f64[n]).
+
+  A flagged item goes to its nearest other category when it fits there, else it is dropped.
+  """
+  target, distance = scores["best_category"], scores["best"]
+  fits = distance <= settings.outlier_max_distance
+  return np.where(flagged & fits, RELABEL, np.where(flagged, DROP, KEEP)), target, distance

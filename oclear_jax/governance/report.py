@@ -86,8 +86,9 @@ def _blocks(result, reader_counts: dict[str, Any], settings, images: dict[str, s
                         ("decisions.png", "Items per decision")):
     blocks.append(("img", name, caption))
   blocks.append(("h2", "Merges"))
-  blocks.append(("p", f"{c['merge_edges']} merge edges (D <= {settings.merge_max_distance}, agreeing titles, mutual "
-                      f"nearest)." if settings.merge else "Merging is switched off."))
+  blocks.append(("p", f"{c['merge_edges']} merge edges (D <= {settings.merge_max_distance} on images and titles and "
+                      f"on titles alone, mutual nearest, majority fit)." if settings.merge else
+                 "Merging is switched off."))
   if result.merges:
     blocks.append(("table", ("labels", "joined with", "D", "title D"),
                    [(", ".join(m["left"]), ", ".join(m["right"]), f"{m['distance']:.2f}",

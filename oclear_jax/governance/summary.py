@@ -103,7 +103,7 @@ def summarize(s, frows, category, names, weights, duplicates, *, result_type):
   in_scope = [decisions[i] for i in s.featured]
   labels_conflicting, items_conflicting, conflict_examples = _conflicting_titles(s, frows)
   core_labels = collections.Counter(frows[l].label for l in np.flatnonzero(s.core))
-  steps = collections.Counter(f"{d.step or 'none'}/{d.action}" for d in decisions)
+  steps = collections.Counter(f"{d.step or 'unchanged'}/{d.action}" for d in decisions)
   counts = {
       "rows": len(decisions),
       "rows_governed": int(s.core.sum() + sum(1 for l in range(len(frows)) if not s.core[l] and
