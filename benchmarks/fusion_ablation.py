@@ -9,21 +9,22 @@ train. On this 2-core CPU a pure-JAX EfficientNet pass costs about a second per 
 fine-tuning it for ten runs is out of reach; frozen towers make their outputs a fixed function of
 the input, so they are computed once and cached on disk (image: pooled f32[1280] and a 4x4 grid of
 spatial tokens f16[16, 1280] from `oclear_jax.weights.feature_cache`; title: MiniLM token outputs
-f16[L, 384], mean-pooled, and the padding mask). The model trained is the library's `OclearModel`
-(config `model.image_pretrained/text_pretrained/freeze_*_tower=True`), run through its
-`from_features` path -- the same heads and fusion `__call__` runs after the towers. Every variant
-gets the same steps, batch, optimizer, seeds and data order; only `model.fusion` changes.
+f16[L, 384], mean-pooled, and the padding mask). Training is `oclear_jax.frozen_features.HeadTrainer`
+(the library's `OclearModel` through its `*_from_features` methods -- the same heads and fusion
+`__call__` runs after the towers -- and the class-sharded margin softmax): every training item is
+embedded twice, as a query (its image through the query head, no title) and as a document (image +
+title through the doc head), and both are samples of its class. Every variant gets the same steps,
+batch, optimizer, seeds and data order; only `model.fusion` changes.
 
 Data and protocol:
   synthetic  the built-in catalogue (configs/demo.py's spec with 2,000 products instead of 300:
              with 240 training products the heads memorise them (loss -> 0.001) and end below
              the raw features; catalogue shots with titles, shopper photos as queries, eval
              products disjoint from train). Queries (photos) search the eval documents (image + title).
+             A shopper photo has no title, so as a training document it is image-only.
   fashion    ../shared/data/fashion_small12k with configs/fashion.py (articleType classes, 25% of
              them held out: class-disjoint). It has no shopper photos, so evaluation is leave-one-out
-             (each held-out image, as a query, searches all other held-out documents), and in
-             training each product appears twice: as a document (image + title) and as a title-less
-             query (its image through the query head), so the query head learns too.
+             (each held-out image, as a query, searches all other held-out documents).
              Skipped cleanly when the folder is absent.
 Metrics: MAP@R, Recall@1 and Recall@10 (exact search), the mean over `--seeds` seeds and their
 spread; also the raw frozen Lite0 features without any training, for reference (on the held-out
@@ -48,7 +49,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import os
 import sys
@@ -58,50 +58,33 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
 
 from configs import demo as demo_config  # noqa: E402
 from configs import fashion as fashion_config  # noqa: E402
 from input_pipeline import catalogue as catalogue_lib  # noqa: E402
 from input_pipeline import synthetic_catalogue  # noqa: E402
-from input_pipeline import tokenizer as tokenizer_lib  # noqa: E402
 from oclear_jax import config_schema  # noqa: E402
-from oclear_jax import models  # noqa: E402
-from oclear_jax import sharding  # noqa: E402
-from oclear_jax import trainer  # noqa: E402
-from oclear_jax import weights  # noqa: E402
+from oclear_jax import frozen_features as ff  # noqa: E402
 from oclear_jax.evaluators import retrieval  # noqa: E402
-from oclear_jax.heads import sharded_softmax  # noqa: E402
 from oclear_jax.weights import feature_cache  # noqa: E402
-from oclear_jax.weights import minilm  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = ("image_only", "sum", "gated", "concat_mlp", "concept_attention")
 TOKEN_GRID = 4
 MAX_TITLE_LEN = 16  # 99% of the Myntra titles fit in 18 MiniLM pieces with [CLS]/[SEP]
-MINILM_VOCAB = 30522
 
 
 # == Data: catalogue rows -> cached frozen-tower features ========================================
 @dataclasses.dataclass
 class Split:
-  image_pooled: np.ndarray  # f32[N, 1280]
-  image_tokens: np.ndarray  # f16[N, 16, 1280]
-  text_tokens: np.ndarray  # f16[N, L, 384]
-  text_pooled: np.ndarray  # f32[N, 384]
-  text_mask: np.ndarray  # bool[N, L]
-  present: np.ndarray  # bool[N]
-  is_query: np.ndarray  # bool[N]
+  """One split's rows: frozen features, labels and what the retrieval metrics need."""
+  table: ff.FeatureTable
   labels: np.ndarray  # int32[N]
+  is_query: np.ndarray  # bool[N]
   ids: np.ndarray
   titles: np.ndarray
-
-  def take(self, rows: np.ndarray) -> Split:
-    return Split(**{f.name: getattr(self, f.name)[rows] for f in dataclasses.fields(self)})
 
 
 def catalogue_config(name: str, synthetic_products: int = 2000):
@@ -131,35 +114,6 @@ def read_rows(name: str, config, cache_dir: str) -> list[catalogue_lib.Catalogue
                                       split_seed=config.seed).rows
 
 
-def title_features(titles: list[str], cache_dir: str, batch_size: int = 256) -> dict[str, np.ndarray]:
-  """Frozen MiniLM outputs of the titles (cached on the titles, the length and the weights file)."""
-  tokenizer = tokenizer_lib.TitleTokenizer.load(weights.tokenizer_dir("minilm"))
-  ids = tokenizer.encode_batch(titles, MAX_TITLE_LEN)
-  weights_file = minilm.model_dir() / "model.safetensors"
-  key = hashlib.sha256(json.dumps([titles, MAX_TITLE_LEN, weights_file.stat().st_size]).encode()).hexdigest()
-  path = os.path.join(cache_dir, f"minilm-L{MAX_TITLE_LEN}-{key[:24]}.npz")
-  present = np.asarray(models.title_present(jnp.asarray(ids), tokenizer.special_ids))
-  if os.path.exists(path):
-    with np.load(path) as stored:
-      return {**{k: stored[k] for k in stored.files}, "present": present}
-  encoder = models.BertEncoder(models.MINILM_L6)
-  params = jax.tree.map(jnp.asarray, weights.load_pretrained("minilm"))
-  run = jax.jit(lambda p, x: encoder.apply({"params": p}, x))
-  out = {"tokens": [], "pooled": [], "mask": []}
-  t0 = time.time()
-  for start in range(0, len(ids), batch_size):
-    chunk = ids[start:start + batch_size]
-    padded = np.concatenate([chunk, np.zeros((batch_size - len(chunk), MAX_TITLE_LEN), np.int32)])
-    tokens, pooled, mask = (np.asarray(x)[:len(chunk)] for x in run(params, padded))
-    out["tokens"].append(tokens.astype(np.float16))
-    out["pooled"].append(pooled)
-    out["mask"].append(mask)
-  out = {k: np.concatenate(v) for k, v in out.items()}
-  print(f"  MiniLM features of {len(titles)} titles in {time.time() - t0:.0f}s", flush=True)
-  np.savez(path, **out)
-  return {**out, "present": present}
-
-
 def load_features(name: str, config, cache_dir: str, image_size: int) -> tuple[Split, Split]:
   rows = read_rows(name, config, cache_dir)
   t0 = time.time()
@@ -167,33 +121,20 @@ def load_features(name: str, config, cache_dir: str, image_size: int) -> tuple[S
                                          token_grid=TOKEN_GRID, cache_dir=cache_dir, progress=True)
   print(f"  Lite0 features of {len(rows)} images at {image_size}px: {time.time() - t0:.0f}s (cached after the "
         f"first run); unreadable: {len(image['failures'])}", flush=True)
-  text = title_features([r.title for r in rows], cache_dir)
+  text = ff.title_features([r.title for r in rows], cache_dir, max_len=MAX_TITLE_LEN)
+  table = ff.FeatureTable(image_pooled=image["pooled"], text_pooled=text["pooled"], text_mask=text["mask"],
+                          present=text["present"], image_tokens=image["tokens"], text_tokens=text["tokens"])
   splits = []
   for split in ("train", "eval"):
-    keep = np.asarray([r.split == split for r in rows]) & image["ok"]
-    labels = [r.label for r, k in zip(rows, keep) if k]
-    label_ids = {label: i for i, label in enumerate(sorted(set(labels)))}
-    splits.append(Split(
-        image_pooled=image["pooled"][keep], image_tokens=image["tokens"][keep],
-        text_tokens=text["tokens"][keep], text_pooled=text["pooled"][keep], text_mask=text["mask"][keep],
-        present=text["present"][keep],
-        is_query=np.asarray([r.kind == "query" for r, k in zip(rows, keep) if k]),
-        labels=np.asarray([label_ids[label] for label in labels], np.int32),
-        ids=np.asarray([r.id for r, k in zip(rows, keep) if k]),
-        titles=np.asarray([r.title for r, k in zip(rows, keep) if k])))
+    keep = np.flatnonzero(np.asarray([r.split == split for r in rows]) & image["ok"])
+    _, labels = np.unique([rows[k].label for k in keep], return_inverse=True)
+    splits.append(Split(table=table.take(keep), labels=labels.astype(np.int32),
+                        is_query=np.asarray([rows[k].kind == "query" for k in keep]),
+                        ids=np.asarray([rows[k].id for k in keep]), titles=np.asarray([rows[k].title for k in keep])))
   return splits[0], splits[1]
 
 
-def with_query_views(train: Split) -> Split:
-  """A catalogue without shopper photos: every document's image also trains the query head."""
-  if train.is_query.any():
-    return train
-  queries = dataclasses.replace(train, is_query=np.ones_like(train.is_query), present=np.zeros_like(train.present))
-  return Split(**{f.name: np.concatenate([getattr(train, f.name), getattr(queries, f.name)])
-                  for f in dataclasses.fields(Split)})
-
-
-# == Model and training on cached features =======================================================
+# == Training and evaluation =====================================================================
 def experiment_config(name: str, fusion: str, args):
   config = catalogue_config(name, args.synthetic_products)
   m = config.model
@@ -204,90 +145,31 @@ def experiment_config(name: str, fusion: str, args):
   config.data.tokenizer, config.data.max_title_len = "minilm", MAX_TITLE_LEN
   config.train.batch_size, config.train.num_steps = args.batch_size, args.steps
   config.optimizer.learning_rate, config.optimizer.warmup_steps = args.learning_rate, min(50, args.steps // 10)
+  config.mesh.shape = (1, 1)
   config_schema.validate(config)
   return config
 
 
-def _device_batch(split: Split, rows: np.ndarray) -> dict[str, np.ndarray]:
-  s = split.take(rows)
-  return dict(image_tokens=s.image_tokens, image_pooled=s.image_pooled, text_tokens=s.text_tokens,
-              text_pooled=s.text_pooled, text_mask=s.text_mask, present=s.present, is_query=s.is_query,
-              labels=s.labels)
-
-
-class Variant:
-  """One fusion variant: its model, jitted train step and embedders, built (and compiled) once for all seeds."""
-
-  def __init__(self, config, num_classes: int):
-    self.config = config
-    self.num_classes = num_classes
-    self.model = models.build_model(config.model, vocab_size=MINILM_VOCAB, max_title_len=MAX_TITLE_LEN,
-                                    title_special_ids=models.bert.MINILM_SPECIAL_IDS)
-    self.use_text = config.model.fusion != "image_only"
-    self.mesh = sharding.make_mesh((1, 1), jax.devices()[:1])
-    self.tx = trainer.make_optimizer(config.optimizer, config.train.num_steps)
-    margin_fn = trainer.margin_from_config(config.head)
-
-    def loss_fn(params, batch, rng):
-      emb = self.model.apply(
-          {"params": params["encoder"]}, batch["image_tokens"].astype(jnp.float32), batch["image_pooled"],
-          self._title(batch), batch["is_query"], train=True, rngs={"dropout": rng}, method="from_features")
-      return sharded_softmax.margin_softmax_loss(
-          emb, batch["labels"], params["class_centers"], num_classes=num_classes, margin_fn=margin_fn,
-          mesh=self.mesh, batch_axes=(), class_axes=())[0]
-
-    def step(params, opt_state, batch, rng):
-      loss, grads = jax.value_and_grad(loss_fn)(params, batch, rng)
-      updates, opt_state = self.tx.update(grads, opt_state, params)
-      return optax.apply_updates(params, updates), opt_state, loss
-
-    self.step = jax.jit(step, donate_argnums=(0, 1))
-    self.queries = jax.jit(lambda p, b: self.model.apply({"params": p}, b["image_pooled"],
-                                                         method="queries_from_features"))
-    self.docs = jax.jit(lambda p, b: self.model.apply(
-        {"params": p}, b["image_tokens"].astype(jnp.float32), b["image_pooled"], self._title(b),
-        method="documents_from_features"))
-
-  def _title(self, batch) -> models.TitleFeatures | None:
-    if not self.use_text:
-      return None
-    return models.TitleFeatures(batch["text_tokens"].astype(jnp.float32), batch["text_pooled"],
-                                batch["text_mask"], batch["present"])
-
-  def train(self, train: Split, seed: int) -> tuple[dict, float]:
-    """Same data order and initial class centres for every variant with the same seed."""
-    first = _device_batch(train, np.arange(2))
-    encoder = nn.meta.unbox(self.model.init(
-        jax.random.key(seed), first["image_tokens"].astype(jnp.float32), first["image_pooled"], self._title(first),
-        first["is_query"], method="from_features")["params"])
-    centers = 0.01 * jax.random.normal(jax.random.key(seed + 1000), (self.num_classes, self.config.model.embed_dim))
-    params = {"encoder": encoder, "class_centers": centers}
-    opt_state = self.tx.init(params)
-    steps, batch_size = self.config.train.num_steps, self.config.train.batch_size
-    rng = np.random.default_rng(seed)
-    order = np.concatenate([rng.permutation(len(train.labels))
-                            for _ in range(steps * batch_size // len(train.labels) + 1)])
-    losses = []
-    with jax.set_mesh(self.mesh):
-      for i in range(steps):
-        batch = _device_batch(train, order[i * batch_size:(i + 1) * batch_size])
-        params, opt_state, loss = self.step(params, opt_state, batch, jax.random.key(seed * 100_003 + i))
-        losses.append(loss)
-    return params["encoder"], float(np.mean(jax.device_get(losses[-20:])))
-
-  def evaluate(self, encoder_params, eval_split: Split, batch_size: int = 256) -> dict[str, float]:
-    queries, docs, n = [], [], len(eval_split.labels)
-    for start in range(0, n, batch_size):
-      batch = _device_batch(eval_split, np.minimum(np.arange(start, start + batch_size), n - 1))  # static shapes
-      queries.append(np.asarray(self.queries(encoder_params, batch)))
-      docs.append(np.asarray(self.docs(encoder_params, batch)))
-    return score(np.concatenate(queries)[:n], np.concatenate(docs)[:n], eval_split)
-
-
 def score(query_emb: np.ndarray, doc_emb: np.ndarray, s: Split) -> dict[str, float]:
-  es = retrieval.EvalSet(ids=s.ids, labels=s.labels, kinds=s.is_query.astype(np.int32), titles=s.titles,
-                         query_emb=query_emb, doc_emb=doc_emb)
+  """Shopper photos search the documents; without photos (fashion), leave-one-out over the documents."""
+  es = retrieval.EvalSet(ids=s.ids, labels=s.labels, kinds=np.where(s.is_query, retrieval.QUERY, retrieval.DOC),
+                         titles=s.titles, query_emb=query_emb, doc_emb=doc_emb)
   return retrieval.search_and_score(es, ks=(1, 10), use_scann=False, max_k=2000).metrics
+
+
+def run_variant(name: str, fusion: str, train: Split, eval_split: Split, args) -> tuple[dict, dict, float]:
+  """(mean metrics, max-min spread, final loss) over `args.seeds` seeds of one fusion variant."""
+  trainer = ff.HeadTrainer(experiment_config(name, fusion, args), ff.Objective("oclear"),
+                           num_classes=int(train.labels.max()) + 1, devices=jax.devices()[:1])
+  runs, losses = [], []
+  for seed in range(args.seeds):
+    params, history = trainer.fit(train.table, train.labels, seed=seed)
+    losses.append(history[-1]["loss"])
+    runs.append(score(trainer.embed_queries(params, eval_split.table),
+                      trainer.embed_documents(params, eval_split.table), eval_split))
+  mean = {k: float(np.mean([r[k] for r in runs])) for k in runs[0]}
+  spread = {k: float(np.ptp([r[k] for r in runs])) for k in runs[0]}
+  return mean, spread, float(np.mean(losses))
 
 
 # == Main ========================================================================================
@@ -296,7 +178,8 @@ def main() -> None:
   parser.add_argument("--datasets", default="synthetic,fashion")
   parser.add_argument("--variants", default=",".join(VARIANTS))
   parser.add_argument("--steps", type=int, default=500)
-  parser.add_argument("--batch_size", type=int, default=128)
+  parser.add_argument("--batch_size", type=int, default=64,
+                      help="items per step; each is embedded as a query and as a document (2x rows)")
   parser.add_argument("--learning_rate", type=float, default=1e-3)
   parser.add_argument("--embed_dim", type=int, default=128)
   parser.add_argument("--title_dropout", type=float, default=0.2)
@@ -308,7 +191,8 @@ def main() -> None:
   os.makedirs(args.cache_dir, exist_ok=True)
   t_start = time.time()
   print("Frozen pretrained towers (EfficientNet-Lite0, MiniLM-L6) with cached features; trained: query/doc "
-        f"heads + fusion + class centres; {args.steps} steps x batch {args.batch_size}, {args.seeds} seed(s) each.")
+        f"heads + fusion + class centres; {args.steps} steps x {args.batch_size} items (each as query and document), "
+        f"{args.seeds} seed(s) each.")
   results = {}
   for name in args.datasets.split(","):
     config = catalogue_config(name, args.synthetic_products)
@@ -318,24 +202,18 @@ def main() -> None:
     print(f"\n[{name}] features ...", flush=True)
     image_size = 128 if name == "synthetic" else 224  # synthetic shots are 64 px; Myntra's 224 px
     train, eval_split = load_features(name, config, args.cache_dir, image_size)
-    train = with_query_views(train)
-    num_classes = int(train.labels.max()) + 1
-    print(f"  train: {len(train.labels)} examples ({train.is_query.sum()} as queries), {num_classes} classes; "
-          f"eval: {len(eval_split.labels)} rows, {len(set(eval_split.labels.tolist()))} classes", flush=True)
-    raw = eval_split.image_pooled / np.linalg.norm(eval_split.image_pooled, axis=-1, keepdims=True)
+    print(f"  train: {len(train.labels)} items ({train.is_query.sum()} shopper photos), "
+          f"{train.labels.max() + 1} classes; eval: {len(eval_split.labels)} rows, "
+          f"{len(set(eval_split.labels.tolist()))} classes", flush=True)
+    raw = eval_split.table.image_pooled
+    raw = raw / np.linalg.norm(raw, axis=-1, keepdims=True)
     rows = [("raw Lite0 features (untrained)", score(raw, raw, eval_split), None, 0.0)]
     for fusion in args.variants.split(","):
-      config = experiment_config(name, fusion, args)
-      runs, t0, loss, variant = [], time.time(), [], Variant(config, num_classes)
-      for seed in range(args.seeds):
-        encoder_params, final_loss = variant.train(train, seed)
-        runs.append(variant.evaluate(encoder_params, eval_split))
-        loss.append(final_loss)
-      mean = {k: float(np.mean([r[k] for r in runs])) for k in runs[0]}
-      spread = {k: float(np.ptp([r[k] for r in runs])) for k in runs[0]}
+      t0 = time.time()
+      mean, spread, loss = run_variant(name, fusion, train, eval_split, args)
       rows.append((fusion, mean, spread, time.time() - t0))
       print(f"  {fusion:<18} map@r {mean['map@r']:.4f}  R@1 {mean['recall@1']:.4f}  R@10 {mean['recall@10']:.4f}"
-            f"  (final loss {np.mean(loss):.3f}, {time.time() - t0:.0f}s)", flush=True)
+            f"  (final loss {loss:.3f}, {time.time() - t0:.0f}s)", flush=True)
     results[name] = rows
     print_table(name, rows, args.seeds)
   with open(os.path.join(args.cache_dir, "results.json"), "w", encoding="utf-8") as f:

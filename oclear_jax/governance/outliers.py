@@ -1,9 +1,11 @@
 """Outliers: items far from their category, relabelled to the nearest category or dropped.
 
 An item is a candidate when, in whitened units (category_stats.py),
-  * another category is nearer than its own by more than `outlier_margin` (a wrong label: the
-    nearest-centroid rule of linear discriminant analysis, with a margin for broad categories that
-    overlap), or
+  * another category is nearer than its own by more than the fraction `outlier_margin` of its own
+    distance (a wrong label: the nearest-centroid rule of linear discriminant analysis, with a
+    relative margin for broad categories that overlap: an item far from its own category needs a
+    proportionally clearer alternative; on the Myntra sample the ratio separates planted wrong
+    labels from near-synonym articleTypes such as Sandals / Flip Flops better than a fixed gap), or
   * its own category is farther than `outlier_max_distance` (junk that fits its label badly).
 A category's identity is its majority, so per round at most max(1, n // 2) of its n members
 are flagged, the most confident first; the next round re-fits the space and centroids without them
@@ -24,7 +26,7 @@ RELABEL, DROP, KEEP = "relabel", "drop", "keep"
 
 
 def _nearer_elsewhere(scores: dict[str, np.ndarray], settings: settings_lib.GovernanceSettings) -> np.ndarray:
-  return scores["best"] < scores["own"] - settings.outlier_margin
+  return scores["best"] < scores["own"] * (1.0 - settings.outlier_margin)
 
 
 def flag(scores: dict[str, np.ndarray], categories: np.ndarray, settings: settings_lib.GovernanceSettings,

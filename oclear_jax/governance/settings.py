@@ -44,7 +44,7 @@ class GovernanceSettings:
   merge_neighbours: int = 10
   merge_max_distance: float = 2.0
   outliers: bool = True
-  outlier_margin: float = 0.1
+  outlier_margin: float = 0.2
   outlier_max_distance: float = 4.0
   long_tail: bool = True
   min_category_size: int = 2
@@ -68,7 +68,7 @@ class GovernanceSettings:
         (self.split_min_part >= 1 and self.split_max_parts >= 2, "need split_min_part >= 1, split_max_parts >= 2"),
         (self.merge_neighbours >= 1, f"merge_neighbours={self.merge_neighbours} must be >= 1"),
         (self.merge_max_distance > 0 and self.outlier_max_distance > 0, "distances must be positive"),
-        (self.outlier_margin >= 0, f"outlier_margin={self.outlier_margin} must be >= 0"),
+        (0 <= self.outlier_margin < 1, f"outlier_margin={self.outlier_margin} must lie in [0, 1)"),
         (self.min_category_size >= 1, f"min_category_size={self.min_category_size} must be >= 1"),
         (self.max_category_size >= 0, f"max_category_size={self.max_category_size} must be >= 0 (0 = no cap)"),
         (self.balance_power >= 0, f"balance_power={self.balance_power} must be >= 0 (0 = uniform)"),
