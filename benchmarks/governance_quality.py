@@ -76,13 +76,22 @@ def confident_learning(result, raw_label: dict[str, str], truth: dict[str, dict[
   return best[1]
 
 
-def train(config, workdir: str) -> dict[str, float]:
+def train(config, workdir: str, seeds: int) -> dict[str, float]:
+  """mAP@R and R@1 of `seeds` trainings (config.seed = 0, 1, ...): their mean and max-min spread."""
   from oclear_jax import trainer  # pylint: disable=g-import-not-at-top
-  for stale in ("checkpoints", "eval"):  # Never resume a run of an earlier benchmark invocation.
-    shutil.rmtree(os.path.join(workdir, stale), ignore_errors=True)
-  out = trainer.train_and_evaluate(config, workdir, progress=False)
-  metrics = out["eval"][out["final_step"]]
-  return {"map@r": float(metrics["map@r"]), "recall@1": float(metrics["recall@1"]), "steps": out["final_step"]}
+  runs = []
+  for seed in range(seeds):
+    for stale in ("checkpoints", "eval"):  # Never resume an earlier run.
+      shutil.rmtree(os.path.join(workdir, stale), ignore_errors=True)
+    config.seed = seed  # Init and batch order; both catalogues carry their split, so it stays put.
+    out = trainer.train_and_evaluate(config, workdir, progress=False)
+    metrics = out["eval"][out["final_step"]]
+    runs.append({"map@r": float(metrics["map@r"]), "recall@1": float(metrics["recall@1"])})
+  result = {"steps": out["final_step"], "seeds": seeds, "runs": runs}
+  for key in ("map@r", "recall@1"):
+    values = [r[key] for r in runs]
+    result[key], result[f"{key} spread"] = float(np.mean(values)), float(np.ptp(values))
+  return result
 
 
 def _training_config(config, steps: int):
@@ -111,7 +120,7 @@ def run_dataset(name: str, config, workdir: str, truth_fn, args) -> dict:
   scores["categories"] = {"raw": result.counts["labels_before"], "governed": result.counts["categories_after"]}
   if not args.skip_training:
     steps = args.steps if name == "builtin" else args.fashion_steps
-    print(f"[{name}] training raw and governed, {steps} steps each ...", flush=True)
+    print(f"[{name}] training raw and governed, {steps} steps x {args.seeds} seed(s) each ...", flush=True)
     raw_config = _training_config(config.copy_and_resolve_references(), steps)
     governed_config = _training_config(config.copy_and_resolve_references(), steps)
     governed_config.data.governed = True
@@ -121,9 +130,9 @@ def run_dataset(name: str, config, workdir: str, truth_fn, args) -> dict:
     os.makedirs(uniform_dir, exist_ok=True)  # Same curated catalogue, its own records and checkpoints.
     shutil.copytree(os.path.join(governed_dir, "governance"), os.path.join(uniform_dir, "governance"),
                     dirs_exist_ok=True)
-    scores["downstream"] = {"raw": train(raw_config, raw_dir),
-                            "governed, balanced sampling": train(governed_config, governed_dir),
-                            "governed, uniform sampling": train(uniform_config, uniform_dir)}
+    scores["downstream"] = {"raw": train(raw_config, raw_dir, args.seeds),
+                            "governed, balanced sampling": train(governed_config, governed_dir, args.seeds),
+                            "governed, uniform sampling": train(uniform_config, uniform_dir, args.seeds)}
   return scores
 
 
@@ -177,11 +186,14 @@ def print_tables(results: dict) -> None:
           f"{cl['flagged']} by cleanlab; {d['dropped']} duplicates dropped, {dup}; categories "
           f"{s['categories']['raw']} -> {s['categories']['governed']}; governance {s['governance_seconds']:.0f} s)")
   if any("downstream" in s for s in results.values()):
-    print("\nDownstream: same model and budget, raw vs governed categories (eval split untouched)")
-    print(_row(("dataset / training categories", "mAP@R", "R@1", "steps"), (42, 9, 9, 9)))
+    print(f"\nDownstream: same model and budget, raw vs governed categories (eval split untouched); mean over "
+          f"seeds, +- the max-min spread")
+    widths = (42, 16, 16, 7, 6)
+    print(_row(("dataset / training categories", "mAP@R", "R@1", "steps", "seeds"), widths))
     for name, s in results.items():
       for kind, m in s.get("downstream", {}).items():
-        print(_row((f"{name} / {kind}", f"{m['map@r']:.4f}", f"{m['recall@1']:.4f}", m["steps"]), (42, 9, 9, 9)))
+        print(_row((f"{name} / {kind}", f"{m['map@r']:.4f} +-{m['map@r spread']:.4f}",
+                    f"{m['recall@1']:.4f} +-{m['recall@1 spread']:.4f}", m["steps"], m["seeds"]), widths))
 
 
 def main():
@@ -192,6 +204,7 @@ def main():
   parser.add_argument("--steps", type=int, default=300, help="training steps per builtin run")
   parser.add_argument("--fashion_steps", type=int, default=300, help="training steps per fashion run")
   parser.add_argument("--fashion_rows", type=int, default=0, help="0 = all rows of the Myntra sample")
+  parser.add_argument("--seeds", type=int, default=2, help="trainings per arm (config.seed = 0, 1, ...)")
   parser.add_argument("--skip_training", action="store_true")
   args = parser.parse_args()
   args.workdir = os.path.abspath(args.workdir)

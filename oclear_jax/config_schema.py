@@ -100,6 +100,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 128  # global
   c.train.num_steps = 1000
+  # Every row is embedded through both heads (query view: image; document view: image + title), two
+  # samples of its class. False: each row only through its own kind's head, which leaves the query
+  # head untrained on a catalogue without shopper photos.
+  c.train.both_views = True
   c.train.log_every = 10
   c.train.checkpoint_every = 200
   c.train.keep_checkpoints = 3

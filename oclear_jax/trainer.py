@@ -102,12 +102,19 @@ class OclearTask:
   # == Update step ===============================================================================
   def loss_fn(self, params, batch, rng):
     dropout_rng, sample_rng = jax.random.split(rng)
-    embeddings = self.model.apply(
-        {"params": params["encoder"]}, batch["image"], batch["title_tokens"], batch["kind"] == 1,
-        train=True, rngs={"dropout": dropout_rng})
+    variables, rngs = {"params": params["encoder"]}, {"dropout": dropout_rng}
+    if self.config.train.both_views:  # Each row through both heads: 2B samples of their classes.
+      queries, documents = self.model.apply(variables, batch["image"], batch["title_tokens"], train=True,
+                                            rngs=rngs, method="both_views")
+      embeddings = jnp.concatenate([queries, documents])
+      labels = jnp.concatenate([batch["label"], batch["label"]])
+    else:  # Each row through its own kind's head.
+      embeddings = self.model.apply(variables, batch["image"], batch["title_tokens"], batch["kind"] == 1,
+                                    train=True, rngs=rngs)
+      labels = batch["label"]
     head = self.config.head
     loss, aux = sharded_softmax.margin_softmax_loss(
-        embeddings, batch["label"], params["class_centers"], num_classes=self.num_classes,
+        embeddings, labels, params["class_centers"], num_classes=self.num_classes,
         margin_fn=self.margin_fn, mesh=self.mesh, batch_axes=self.batch_axes, class_axes=self.class_axes,
         chunk_size=head.chunk_size or None, compute_dtype=jnp.dtype(head.dtype),
         partial_fc_rate=head.partial_fc_rate if head.partial_fc_rate < 1 else None, sample_key=sample_rng)

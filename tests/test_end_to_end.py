@@ -19,10 +19,10 @@ def _config(**train):
 
 @pytest.fixture(scope="module")
 def resumed_run(tmp_path_factory):
-  """Train 20 steps, stop; rerun the same experiment to 60 steps (resuming from step 20)."""
+  """Train 20 steps, stop; rerun the same experiment to 80 steps (resuming from step 20)."""
   workdir = str(tmp_path_factory.mktemp("tiny_run"))
   first = trainer.train_and_evaluate(_config(num_steps=20), workdir, progress=False)
-  second = trainer.train_and_evaluate(_config(num_steps=60), workdir, progress=False)
+  second = trainer.train_and_evaluate(_config(num_steps=80), workdir, progress=False)
   return workdir, first, second
 
 
@@ -36,24 +36,24 @@ def test_run_writes_every_artifact(resumed_run):
   workdir, _, _ = resumed_run
   root = pathlib.Path(workdir)
   for name in ("config.json", "metrics.jsonl", "recall_at_k.png", "contact_sheet.png",
-               "eval/step_0.json", "eval/step_60.json", "records/records.json", "scann_index"):
+               "eval/step_0.json", "eval/step_80.json", "records/records.json", "scann_index"):
     assert (root / name).exists(), name
   assert list((root / "tensorboard").glob("events.out.tfevents.*"))
-  assert sorted(int(p.name) for p in (root / "checkpoints").iterdir() if p.name.isdigit())[-1] == 60
+  assert sorted(int(p.name) for p in (root / "checkpoints").iterdir() if p.name.isdigit())[-1] == 80
 
 
 def test_rerun_resumes_from_latest_checkpoint(resumed_run):
   workdir, first, second = resumed_run
-  assert first["final_step"] == 20 and second["final_step"] == 60
+  assert first["final_step"] == 20 and second["final_step"] == 80
   steps = _train_steps_logged(workdir)
   # Steps 1..20 were trained once; the second run started at 21, not at 1.
-  assert steps == sorted(set(steps)) and steps[-1] == 60
+  assert steps == sorted(set(steps)) and steps[-1] == 80
   assert steps.count(20) == 1 and 30 in steps
 
 
 def test_training_beats_untrained_model(resumed_run):
   _, _, second = resumed_run
-  untrained, trained = second["eval"][0], second["eval"][60]
+  untrained, trained = second["eval"][0], second["eval"][80]
   assert trained["map@r"] > untrained["map@r"] + 0.05, (untrained, trained)
   assert trained["recall@1"] > untrained["recall@1"], (untrained, trained)
   assert trained["num_queries"] > 0
@@ -63,7 +63,7 @@ def test_incompatible_checkpoint_is_refused_and_kept(resumed_run):
   workdir, _, _ = resumed_run
   ckpt_dir = pathlib.Path(workdir) / "checkpoints"
   before = sorted(str(p) for p in ckpt_dir.rglob("*"))
-  config = _config(num_steps=80)
+  config = _config(num_steps=100)
   config.model.embed_dim = 48
   with pytest.raises(checkpoint_lib.IncompatibleCheckpointError, match="different model"):
     trainer.train_and_evaluate(config, workdir, progress=False)

@@ -9,10 +9,11 @@ in whitened units). An edge joins a and b when
   * most members of each fit the other: a majority of a's trusted members lie within
     `merge_max_distance` of b's centroid (the typical member sits at ~1), and the other way round.
 Mutual-best keeps connected components from chaining through broad or tiny categories that are
-"consistent" with many others (it does not stop every chain: on the Myntra sample, labels of two to
-five items still join unrelated small labels, e.g. 'Bangle' with 'Highlighter and Blush', because a
-real catalogue's broad categories set a wide spread and tiny labels carry little evidence); the majority fit stops a small label whose centroid a wrong member
-has pulled half-way towards another label from merging with it. Merging repeats on the merged
+"consistent" with many others. It does not stop every chain: on the Myntra sample, labels of two
+to five items still join unrelated small labels (e.g. 'Bangle' with 'Highlighter and Blush'),
+because a real catalogue's broad categories set a wide spread and tiny labels carry little
+evidence. The majority fit stops a small label whose centroid a wrong member has pulled half-way
+towards another label from merging with it. Merging repeats on the merged
 centroids until no edge is left, so a product split three ways still ends up whole.
 """
 from __future__ import annotations

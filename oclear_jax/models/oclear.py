@@ -168,6 +168,19 @@ class OclearModel(nn.Module):
     tokens, pooled = self._image_features(images, train)
     return self.from_features(tokens, pooled, self._title_features(title_tokens, train), is_query, train=train)
 
+  def both_views(self, images: jax.Array, title_tokens: jax.Array | None, *,
+                 train: bool = False) -> tuple[jax.Array, jax.Array]:
+    """(query view, document view), each unit f32[B, embed_dim], of every row: one tower pass.
+
+    Training on both views makes every image a sample of its class through both heads, so both
+    heads learn from every row, and a catalogue without shopper photos still trains the query head
+    (an untitled row's document view is its image alone).
+    """
+    tokens, pooled = self._image_features(images, train)
+    title = self._title_features(title_tokens, train)
+    return (self.queries_from_features(pooled),
+            self.documents_from_features(tokens, pooled, title, train=train))
+
   # == From tower features: the same heads and fusion over precomputed (frozen) tower outputs ====
   def queries_from_features(self, image_pooled: jax.Array) -> jax.Array:
     return l2_normalize(self._query_head(image_pooled))
