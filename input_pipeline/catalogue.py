@@ -16,6 +16,7 @@ import collections
 import csv
 import dataclasses
 import hashlib
+import math
 import pathlib
 from typing import Optional, Sequence
 
@@ -25,13 +26,14 @@ SPLITS = ("train", "eval")
 
 @dataclasses.dataclass(frozen=True)
 class CatalogueColumns:
-  """Names of the CSV columns that hold each field; `kind`/`split` are optional."""
+  """Names of the CSV columns that hold each field; `kind`, `split` and `exposure` are optional."""
   id: str = "id"
   image: str = "image"
   title: str = "title"
   label: str = "label"
   kind: Optional[str] = None
   split: Optional[str] = None
+  exposure: Optional[str] = None  # per-item exposure or click counts (governance keeps the most seen)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +44,7 @@ class CatalogueRow:
   label: str  # The raw category id string from the CSV.
   kind: str  # 'doc' or 'query'.
   split: str  # 'train' or 'eval'.
+  exposure: Optional[float] = None  # None without an exposure column; 0 where its value was unusable.
 
 
 @dataclasses.dataclass
@@ -78,6 +81,15 @@ def _check_columns(csv_path: pathlib.Path, header: Sequence[str],
           f"set config.data.columns.{field.name}")
 
 
+def _exposure(value: str) -> Optional[float]:
+  """A non-negative finite count, or None."""
+  try:
+    number = float(value)
+  except ValueError:
+    return None
+  return number if math.isfinite(number) and number >= 0 else None
+
+
 def _checked_value(csv_path: pathlib.Path, line: int, field: str, value: str,
                    allowed: tuple[str, ...], columns: CatalogueColumns) -> str:
   value = value.strip().lower()
@@ -107,7 +119,8 @@ def read_catalogue(csv_path: str | pathlib.Path,
 
   Returns:
     The usable rows and counts: rows_read, rows_kept, skipped_empty_{id,image,label},
-    non_utf8_rows, empty_titles, and kept rows per split and per kind.
+    non_utf8_rows, empty_titles, invalid_exposure (empty, non-numeric or negative values, read
+    as 0; the row is kept), and kept rows per split and per kind.
 
   Raises:
     ValueError: on a missing column, duplicate ids or unknown kind/split values.
@@ -116,7 +129,7 @@ def read_catalogue(csv_path: str | pathlib.Path,
   root = csv_path.parent
   counts = collections.Counter({
       "rows_read": 0, "rows_kept": 0, "skipped_empty_id": 0, "skipped_empty_image": 0,
-      "skipped_empty_label": 0, "non_utf8_rows": 0, "empty_titles": 0,
+      "skipped_empty_label": 0, "non_utf8_rows": 0, "empty_titles": 0, "invalid_exposure": 0,
       "train": 0, "eval": 0, "doc": 0, "query": 0})
   rows: list[CatalogueRow] = []
   first_line_of_id: dict[str, int] = {}
@@ -163,10 +176,15 @@ def read_catalogue(csv_path: str | pathlib.Path,
         split = "eval" if label_in_eval(label, eval_fraction, split_seed) else "train"
       title = fields["title"]
       counts["empty_titles"] += not title
+      exposure = None
+      if columns.exposure is not None:
+        exposure = _exposure(fields["exposure"])
+        counts["invalid_exposure"] += exposure is None
+        exposure = exposure or 0.0
       image = pathlib.Path(fields["image"])
       image_path = image if image.is_absolute() else root / image
       rows.append(CatalogueRow(id=row_id, image_path=str(image_path), title=title,
-                               label=label, kind=kind, split=split))
+                               label=label, kind=kind, split=split, exposure=exposure))
       counts["rows_kept"] += 1
       counts[split] += 1
       counts[kind] += 1

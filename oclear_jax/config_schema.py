@@ -23,7 +23,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.root = ""
   c.data.csv = "catalogue.csv"
   c.data.columns = ml_collections.ConfigDict(
-      dict(id="id", image="image", title="title", label="label", kind="kind", split="split"))
+      dict(id="id", image="image", title="title", label="label", kind="kind", split="split",
+           exposure=""))  # "" = column absent; exposure: optional per-item exposure or click counts
   c.data.eval_fraction = 0.2  # class-disjoint held-out share when the CSV has no split column
   c.data.max_rows = 0  # 0 = all rows
   c.data.synthetic = ml_collections.ConfigDict(dict(

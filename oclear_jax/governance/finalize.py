@@ -188,14 +188,20 @@ def _long_tail(s: CurationState, frows, category: list[str], names: list[str]) -
               f"{settings.min_category_size} and no category is close (nearest D {distance:.2f})")
 
 
+def _exposure(frows, rows: np.ndarray) -> np.ndarray:
+  """f64[len(rows)]: the catalogue's exposure or click counts (0 without the column)."""
+  return np.array([frows[i].exposure or 0.0 for i in rows], np.float64)
+
+
 def _deduplicate(s: CurationState, frows, category: list[str]) -> duplicates_lib.DuplicateGroups:
-  """Drops all but the first (catalogue order) of each duplicate group within one curated category."""
+  """Keeps one item of each duplicate group within one curated category: the most exposed, then the first."""
   governed = np.flatnonzero(s.core)
   found = duplicates_lib.find_duplicates(
       [s.image.sha256[i] for i in governed], s.image.phash[governed], np.ones(len(governed), bool),
       s.unit[governed], [frows[i].title for i in governed], s.settings)
   first = {}
-  for k, local in enumerate(governed):
+  for k in np.lexsort((np.arange(len(governed)), -_exposure(frows, governed))):
+    local = governed[k]
     g = found.group[k]
     if g < 0 or not category[local]:
       continue
@@ -215,8 +221,8 @@ def _cap_heads(s: CurationState, frows, category: list[str]) -> None:
   cap = s.settings.max_category_size
   if not cap:
     return
-  governed = [local for local in np.flatnonzero(s.core) if category[local]]
-  order = long_tail.cap_order([frows[local].id for local in governed])
+  governed = np.array([local for local in np.flatnonzero(s.core) if category[local]], np.int64)
+  order = long_tail.cap_order([frows[local].id for local in governed], _exposure(frows, governed))
   seen = collections.Counter()
   for k in order:
     local = governed[k]

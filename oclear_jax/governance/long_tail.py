@@ -38,10 +38,12 @@ def small_categories(stats: category_stats.CategoryStats, sizes: np.ndarray,
   return out
 
 
-def cap_order(item_ids: list[str]) -> np.ndarray:
-  """A stable order of items for capping: by sha256 of the id (independent of catalogue order)."""
-  keys = [hashlib.sha256(i.encode("utf-8")).hexdigest() for i in item_ids]
-  return np.argsort(np.array(keys), kind="stable")
+def cap_order(item_ids: list[str], exposure: np.ndarray | None = None) -> np.ndarray:
+  """The order in which a capped category keeps items: the most exposed first (when the catalogue
+  has exposure counts), ties by sha256 of the id (independent of catalogue order)."""
+  keys = np.array([hashlib.sha256(i.encode("utf-8")).hexdigest() for i in item_ids])
+  exposure = np.zeros(len(item_ids)) if exposure is None else np.asarray(exposure, np.float64)
+  return np.lexsort((keys, -exposure))
 
 
 def sampling_weights(sizes: dict[str, int], power: float) -> dict[str, float]:

@@ -75,10 +75,15 @@ def _blocks(result, reader_counts: dict[str, Any], settings, images: dict[str, s
           *[(f"unreadable image: {k}", str(v), "dropped, logged per item") for k, v in
             sorted(c["unreadable_images"].items())],
           ("empty titles", str(c["empty_titles"]), "kept; compared on images alone"),
+          *([("unusable exposure values", str(reader_counts.get("invalid_exposure", 0)), "read as 0; row kept")]
+            if c.get("exposure") else []),
           ("labels with a single governed item", str(c["singleton_labels"]), "kept unless merged or long tail"),
           ("labels with conflicting titles", f"{c['conflicting_title_labels']} ({c['conflicting_title_items']} items)",
            "examined by split and outlier steps: " + ", ".join(c["conflicting_title_examples"][:8])),
       ]),
+      *([("p", f"Exposure: the curated items keep {c['exposure']['kept']:.0f} of {c['exposure']['total']:.0f} "
+               f"({c['exposure']['kept'] / max(c['exposure']['total'], 1e-12):.1%}); duplicates and capped heads "
+               "keep their most exposed items.")] if c.get("exposure") else []),
       ("h2", "Decisions per step"),
       ("table", ("step/action", "items"), [(k, str(v)) for k, v in sorted(c["steps"].items(), key=lambda kv: -kv[1])]),
   ]

@@ -98,6 +98,14 @@ def _category_map(s, frows, category, names) -> list[dict[str, Any]]:
   return out
 
 
+def _exposure_kept(frows, category) -> dict[str, float]:
+  """{'total', 'kept'} exposure of the governed items when the catalogue has the column, else {}."""
+  if all(r.exposure is None for r in frows):
+    return {}
+  exposure = [r.exposure or 0.0 for r in frows]
+  return {"total": float(sum(exposure)), "kept": float(sum(e for e, c in zip(exposure, category) if c))}
+
+
 def summarize(s, frows, category, names, weights, duplicates, *, result_type):
   decisions = s.decisions
   in_scope = [decisions[i] for i in s.featured]
@@ -131,6 +139,7 @@ def summarize(s, frows, category, names, weights, duplicates, *, result_type):
                       "groups_spanning_categories": s.dup_spanning,
                       "skipped_buckets": duplicates.skipped_buckets} if duplicates else {}),
       "title_vocabulary": s.titles.vocabulary_size,
+      "exposure": _exposure_kept(frows, category),
   }
   sizes_before = dict(collections.Counter(r.label for r in frows))
   sizes_after = dict(collections.Counter(c for c in category if c))
