@@ -1,6 +1,6 @@
 r"""How well governance finds planted noise, against Confident Learning, and what it does for training.
 
-  .venv/bin/python benchmarks/governance_quality.py                      # both datasets, ~45 min on 2 cores
+  .venv/bin/python benchmarks/governance_quality.py                      # both datasets, 2 seeds: ~32 min on 2 cores
   .venv/bin/python benchmarks/governance_quality.py --datasets=builtin --steps=300
   .venv/bin/python benchmarks/governance_quality.py --skip_training      # detection tables only
 
