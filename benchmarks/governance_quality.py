@@ -7,6 +7,7 @@ r"""How well governance finds planted noise, against Confident Learning, and wha
 Datasets:
   builtin  the built-in catalogue at config_schema's default noise (300 products; 5% wrong labels,
            5% of products under two ids, near duplicates, empty titles), its own ground truth;
+  builtin20  the same with 20% wrong labels, fashion's level (not in the default --datasets);
   fashion  ../shared/data/fashion_small12k (skipped when absent) with noise planted into its train
            split (oclear_jax/governance/planted_noise.py): 20% wrong labels (drawn from the label
            distribution), 10% of classes split in two. Label granularity: articleType, the categories
@@ -119,7 +120,7 @@ def run_dataset(name: str, config, workdir: str, truth_fn, args) -> dict:
   scores["governance_seconds"] = seconds
   scores["categories"] = {"raw": result.counts["labels_before"], "governed": result.counts["categories_after"]}
   if not args.skip_training:
-    steps = args.steps if name == "builtin" else args.fashion_steps
+    steps = args.fashion_steps if name == "fashion" else args.steps
     print(f"[{name}] training raw and governed, {steps} steps x {args.seeds} seed(s) each ...", flush=True)
     raw_config = _training_config(config.copy_and_resolve_references(), steps)
     governed_config = _training_config(config.copy_and_resolve_references(), steps)
@@ -136,8 +137,10 @@ def run_dataset(name: str, config, workdir: str, truth_fn, args) -> dict:
   return scores
 
 
-def builtin_config(args):
+def builtin_config(args, wrong_label_fraction: float | None = None):
   config = demo_config.get_config()
+  if wrong_label_fraction is not None:
+    config.data.synthetic.wrong_label_fraction = wrong_label_fraction
   config.governance.image_features = args.image_features
   config.governance.image_size = 64
   return config
@@ -211,9 +214,10 @@ def main():
   results = {}
   for name in args.datasets.split(","):
     workdir = os.path.join(args.workdir, name)
-    if name == "builtin":
+    if name in ("builtin", "builtin20"):
       truth_fn = lambda d: quality.read_truth(os.path.join(d, "catalogue", "ground_truth.csv"))
-      results[name] = run_dataset(name, builtin_config(args), workdir, truth_fn, args)
+      config = builtin_config(args, 0.2 if name == "builtin20" else None)
+      results[name] = run_dataset(name, config, workdir, truth_fn, args)
     elif name == "fashion":
       if not os.path.exists(os.path.join(fashion_config.DEFAULT_ROOT, "meta.csv")):
         print(f"[fashion] skipped: {fashion_config.DEFAULT_ROOT}/meta.csv not found")
@@ -221,7 +225,7 @@ def main():
       config, truth = fashion_setup(args, workdir)
       results[name] = run_dataset(name, config, workdir, lambda d, t=truth: t, args)
     else:
-      raise SystemExit(f"unknown dataset {name!r}; use builtin and/or fashion")
+      raise SystemExit(f"unknown dataset {name!r}; use builtin, builtin20 and/or fashion")
     with open(os.path.join(args.workdir, "results.json"), "w", encoding="utf-8") as f:
       json.dump(results, f, indent=1)
     print_tables({name: results[name]})
