@@ -9,6 +9,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from oclear_jax import models
+import sharded_init
 
 LOGICAL_AXES = {"batch", "length", "embed", "mlp", "heads", "kv", "vocab", "patch", "proj", "concepts"}
 B, SIZE, PATCH, L, VOCAB, EMBED, SLOTS = 8, 32, 8, 12, 64, 16, 4
@@ -176,18 +177,11 @@ def test_concept_memory_matches_numpy_reference_and_ignores_padding():
 
 # == Sharded on the (4, 2) mesh ==================================================================
 def test_concept_attention_sharded_matches_single_device():
-  mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
   rules = (("batch", "data"), ("mlp", "model"), ("heads", "model"), ("vocab", "model"), ("concepts", "model"))
   model = _model()
   images, titles, is_query = _batch()
-
-  def init(rng):
-    return model.init({"params": rng}, images, titles, is_query)
-
+  mesh, variables = sharded_init.init_sharded(model, (images, titles, is_query), rules)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    abstract = jax.eval_shape(init, jax.random.key(0))
-    shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, rules)
-    variables = jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=shardings)(jax.random.key(0))
     memory = variables["params"]["doc_fusion"]["concept_memory"]
     assert memory["slots"].sharding.spec == P("model", None)
     assert memory["ground"]["query_kernel"].sharding.spec == P(None, "model", None)

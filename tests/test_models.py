@@ -9,6 +9,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from oclear_jax import models
+import sharded_init
 
 LOGICAL_AXES = {"batch", "length", "embed", "mlp", "heads", "kv", "vocab", "patch", "proj"}
 MESH_AXES = {"data", "model"}
@@ -164,18 +165,11 @@ def test_build_model_from_config_schema():
 
 
 def test_sharded_apply_matches_single_device():
-  mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
   rules = (("batch", "data"), ("mlp", "model"), ("heads", "model"), ("vocab", "model"))
   model = _model()
   images, titles, is_query = _batch()
-
-  def init(rng):
-    return model.init({"params": rng}, images, titles, is_query)
-
+  mesh, variables = sharded_init.init_sharded(model, (images, titles, is_query), rules)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    abstract = jax.eval_shape(init, jax.random.key(0))
-    shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, rules)
-    variables = jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=shardings)(jax.random.key(0))
     assert variables["params"]["text_encoder"]["token_embed"]["embedding"].sharding.spec == P("model", None)
     fc1 = variables["params"]["image_encoder"]["block0"]["mlp"]["fc1"]["kernel"]
     assert fc1.sharding.spec == P(None, "model")
