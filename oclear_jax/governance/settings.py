@@ -12,6 +12,7 @@ import ml_collections
 
 IMAGE_FEATURES = ("efficientnet_lite0", "pixels")
 EXECUTORS = ("beam", "in_process")
+CATEGORIES = ("raw", "product")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,9 +52,16 @@ class GovernanceSettings:
   max_category_size: int = 0
   balance_power: float = 0.5
   report_examples: int = 8
+  categories: str = "raw"
+  extra_catalogues: tuple[str, ...] = ()
+  eval_sources: tuple[str, ...] = ()
+  val_fraction: float = 0.1
+  eval_fraction: float = 0.2
+  variant_min_tokens: int = 2
+  heldout_min_rows: int = 1
 
   def __post_init__(self):
-    for name in ("splits", "kinds"):
+    for name in ("splits", "kinds", "extra_catalogues", "eval_sources"):
       value = getattr(self, name)
       object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
     checks = [
@@ -73,6 +81,11 @@ class GovernanceSettings:
         (self.max_category_size >= 0, f"max_category_size={self.max_category_size} must be >= 0 (0 = no cap)"),
         (self.balance_power >= 0, f"balance_power={self.balance_power} must be >= 0 (0 = uniform)"),
         (bool(self.splits) and bool(self.kinds), "splits and kinds must name at least one split and kind"),
+        (self.categories in CATEGORIES, f"categories={self.categories!r}: use one of {CATEGORIES}"),
+        (self.val_fraction >= 0 and self.eval_fraction >= 0 and self.val_fraction + self.eval_fraction <= 1,
+         f"val_fraction={self.val_fraction}, eval_fraction={self.eval_fraction}: need >= 0 with a sum <= 1"),
+        (self.variant_min_tokens >= 1, f"variant_min_tokens={self.variant_min_tokens} must be >= 1"),
+        (self.heldout_min_rows >= 1, f"heldout_min_rows={self.heldout_min_rows} must be >= 1"),
     ]
     for ok, message in checks:
       if not ok:
