@@ -2,7 +2,10 @@
 
 The gallery is every document (catalogue image + title) in the run's records, train *and*
 eval splits: a shopper searches the whole catalogue, not the held-out fifth the eval numbers
-are computed on. Layout of `{workdir}/index/`:
+are computed on. With `catalogue=CSV` (`--mode=index --catalogue=...`) it is instead every
+readable row of that CSV (any catalogue, read like `--mode=embed` does; split 'catalogue', label
+'' without a label column), embedded in memory and then written as the same export. Layout of
+`{workdir}/index/`:
 
   documents/       embedding export (`export`): doc-head vectors + id, title, label, split
   queries/         the eval split's shopper photos (query head): the set that measures
@@ -13,9 +16,9 @@ are computed on. Layout of `{workdir}/index/`:
   index.json       written last (its presence means "complete"): checkpoint step,
                    counts, ScaNN settings, recall against exact, metrics
 
-Both exports resume shard by shard (`export`), so an interrupted index build restarts where
-it stopped; their fingerprint covers the records, the checkpoint and the preprocessing, so a
-newer checkpoint re-embeds. Queries and documents must come from the same checkpoint, so
+Both exports of the run's records resume shard by shard (`export`), so an interrupted index
+build restarts where it stopped; their fingerprint covers the records, the checkpoint and the
+preprocessing, so a newer checkpoint re-embeds. Queries and documents must come from the same checkpoint, so
 `GalleryIndex.step` tells `search` which checkpoint to embed queries with.
 """
 from __future__ import annotations
@@ -24,12 +27,14 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from collections.abc import Callable, Iterator
 
 import ml_collections
 import numpy as np
 
 from oclear_jax import datasets
+from oclear_jax import inference
 from oclear_jax.evaluators import exact_search
 from oclear_jax.evaluators import export
 from oclear_jax.evaluators import metrics as metrics_lib
@@ -39,17 +44,6 @@ from oclear_jax.evaluators import scann_search
 INDEX_DIR = "index"
 MANIFEST = "index.json"
 DOC_COLUMNS = ("id", "title", "label", "split")
-
-
-def run_records(config: ml_collections.ConfigDict, workdir: str) -> datasets.PreparedData:
-  """The records the run trained on, as they are (never re-prepared: the model was trained on them)."""
-  csv_path, records_dir = datasets.catalogue_paths(config.data, workdir)
-  summary_path = os.path.join(records_dir, "records.json")
-  if not os.path.exists(summary_path):
-    raise FileNotFoundError(f"{summary_path} not found: {workdir} holds no records of a trained run; train first "
-                            f"(python -m oclear_jax.main --config=... --workdir={workdir})")
-  with open(summary_path, encoding="utf-8") as f:
-    return datasets.PreparedData(records_dir=records_dir, catalogue_csv=csv_path, summary=json.load(f))
 
 
 def records_source(records_dir: str, parts: list[tuple[str, str]], batch_size: int,
@@ -101,48 +95,86 @@ def _label_keys(labels: np.ndarray, splits: np.ndarray) -> np.ndarray:
   return np.char.add(np.char.add(splits.astype(bytes), b":"), labels.astype(bytes))
 
 
-def build(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) -> dict:
-  """Embeds the catalogue with the latest checkpoint, builds + saves ScaNN, measures it; returns index.json."""
-  from oclear_jax import sharding  # pylint: disable=g-import-not-at-top  (jax-heavy, only for building)
-  from oclear_jax import trainer  # pylint: disable=g-import-not-at-top
-  prepared = run_records(config, workdir)
-  task, state, step = trainer.restore_trained_state(config, workdir, prepared=prepared)
+def build(config: ml_collections.ConfigDict, workdir: str, *, catalogue: str | None = None,
+          progress: bool = True) -> dict:
+  """Embeds the gallery with the latest checkpoint, builds + saves ScaNN, measures it; returns index.json.
+
+  The gallery is the run's records (train and eval documents), or every readable row of `catalogue`.
+  """
+  prepared = inference.run_records(config, workdir)
+  trained = inference.restore_trained_model(config, workdir, records=prepared)
+  step = trained.step
   root = os.path.join(workdir, INDEX_DIR)
-  batch_size = config.eval.batch_size
-  predict = task.jit_predict()
-  place = lambda b: sharding.global_batch(b, task.mesh, task.rules)
-  exports = {}
-  for what, folder, parts, head in (("document", "documents", [("train", "doc"), ("eval", "doc")], "doc"),
-                                    ("query", "queries", [("eval", "query")], "query")):
-    source, total = records_source(prepared.records_dir, parts, batch_size, config.data.eval_preprocess)
-    if total == 0:
-      if what == "document":
-        raise ValueError(f"the records in {prepared.records_dir} hold no documents (kind=doc): nothing to index")
-      continue
-    exports[what] = export.export_embeddings(
-        os.path.join(root, folder), source, total,
-        export.device_embedder(predict, state["params"], place, batch_size, head),
-        columns=DOC_COLUMNS, shard_size=config.index.shard_size,
-        fingerprint=_fingerprint(prepared, config, workdir, step, head), what=what, progress=progress)
+  if catalogue:
+    exports, image_paths, gallery_entries = _export_catalogue(trained, catalogue, root, progress=progress)
+  else:
+    exports = {}
+    for what, folder, parts, head in (("document", "documents", [("train", "doc"), ("eval", "doc")], "doc"),
+                                      ("query", "queries", [("eval", "query")], "query")):
+      source, total = records_source(prepared.records_dir, parts, config.eval.batch_size,
+                                     config.data.eval_preprocess)
+      if total == 0:
+        if what == "document":
+          raise ValueError(f"the records in {prepared.records_dir} hold no documents (kind=doc): nothing to index")
+        continue
+      exports[what] = export.export_embeddings(
+          os.path.join(root, folder), source, total, trained.embedder(head),
+          columns=DOC_COLUMNS, shard_size=config.index.shard_size,
+          fingerprint=_fingerprint(prepared, config, workdir, step, head), what=what, progress=progress)
+    image_paths = _image_paths(config, prepared, exports["document"].column("id"))
+    gallery_entries = {"gallery": "every document of the records (train and eval splits)"}
   docs = exports["document"]
-  ids = docs.column("id")
-  np.save(os.path.join(root, "image_paths.npy"), _image_paths(config, prepared, ids))
+  np.save(os.path.join(root, "image_paths.npy"), image_paths)
 
   gallery = docs.vectors()
   index = scann_search.ScannIndex.build(gallery, k=10, **scann_search.params_from_config(config.index))
   index.save(os.path.join(root, "scann"))
-  manifest = {"step": int(step), "num_documents": int(docs.num_rows), "dim": docs.dim,
-              "gallery": "every document of the records (train and eval splits)",
+  labelled = not catalogue or gallery_entries["labelled"]
+  manifest = {"step": int(step), "num_documents": int(docs.num_rows), "dim": docs.dim, **gallery_entries,
               "searcher": index.description, "scann_params": index.params,
-              **_measure(config, docs, exports.get("query"), gallery, index)}
+              **_measure(config, docs, exports.get("query"), gallery, index, labelled=labelled)}
   with open(os.path.join(root, MANIFEST), "w", encoding="utf-8") as f:
     json.dump(manifest, f, indent=2)
   return manifest
 
 
+def _export_catalogue(trained: inference.TrainedModel, csv_path: str, root: str, *,
+                      progress: bool) -> tuple[dict, np.ndarray, dict]:
+  """({'document': export}, image paths, manifest entries) for every readable row of a catalogue CSV."""
+  from oclear_jax.evaluators import embed_command  # pylint: disable=g-import-not-at-top
+  config = trained.config
+  csv_path = os.path.abspath(csv_path)
+  labelled = bool(config.data.columns.label) and config.data.columns.label in embed_command.csv_header(csv_path)
+  embedded = embed_command.embed_catalogue(trained, csv_path, heads=("doc",), with_label=labelled,
+                                           progress=progress)
+  n = len(embedded.ids)
+  if n == 0:
+    raise ValueError(f"catalogue {csv_path} has no row with a readable image: nothing to index "
+                     f"({embedded.counts['skipped']} skipped, e.g. {embedded.skipped[:1]})")
+  rows = {"id": embedded.ids, "title": embedded.titles, "label": embedded.labels, "split": ["catalogue"] * n,
+          "vectors": embedded.documents}
+  batch_size = config.eval.batch_size
+  source = lambda start: ({k: v[s:s + batch_size] for k, v in rows.items()} for s in range(start, n, batch_size))
+  stat = os.stat(csv_path)
+  fingerprint = hashlib.sha256(json.dumps({
+      "catalogue": csv_path, "csv_size": stat.st_size, "csv_mtime": stat.st_mtime_ns, "step": trained.step,
+      "preprocess": config.data.eval_preprocess, "columns": config.data.columns.to_dict(),
+      "model": config.model.to_json_best_effort()}, sort_keys=True).encode()).hexdigest()
+  docs = export.export_embeddings(os.path.join(root, "documents"), source, n, lambda b: b["vectors"],
+                                  columns=DOC_COLUMNS, shard_size=config.index.shard_size,
+                                  fingerprint=fingerprint, what="document", progress=False)
+  stale_queries = os.path.join(root, "queries")  # the run's eval photos do not belong to this gallery
+  if os.path.isdir(stale_queries):
+    shutil.rmtree(stale_queries)
+  described = {"gallery": f"every readable row of {csv_path}", "catalogue": csv_path, "labelled": labelled,
+               "catalogue_counts": embedded.counts, "skipped": embedded.skipped}
+  return {"document": docs}, np.asarray([p.encode("utf-8") for p in embedded.image_paths], dtype=bytes), described
+
+
 def _measure(config, docs: export.ExportedEmbeddings, queries: export.ExportedEmbeddings | None,
-             gallery: np.ndarray, index: scann_search.ScannIndex) -> dict:
-  """ScaNN's recall@10 against exact search, and exact-search metrics of eval photos over the catalogue."""
+             gallery: np.ndarray, index: scann_search.ScannIndex, *, labelled: bool = True) -> dict:
+  """ScaNN's recall@10 against exact search, and exact-search metrics of eval photos over the catalogue
+  (only with labels: a catalogue without a label column has no positives to score)."""
   limit = config.index.recall_queries
   doc_keys = _label_keys(docs.column("label"), docs.column("split"))
   ks, cutoffs = tuple(config.eval.ks), tuple(config.eval.get("cutoffs", ()))
@@ -160,6 +192,8 @@ def _measure(config, docs: export.ExportedEmbeddings, queries: export.ExportedEm
   _, approx = index.search(q_vectors, 10, exclude=exclude)
   out = {"recall_queries": described, "scann_recall_vs_exact@10": metrics_lib.recall_against_exact(
       approx, exact[:, :10])}
+  if not labelled:
+    return out
   ids_kw = {"query_ids": exclude[0], "gallery_ids": exclude[1]} if exclude is not None else {}
   catalogue_metrics = metrics_lib.retrieval_metrics(exact, q_keys, doc_keys, ks=ks, **ids_kw)
   if cutoffs:

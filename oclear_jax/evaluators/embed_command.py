@@ -1,0 +1,147 @@
+r"""`--mode=embed`: apply a trained run to any catalogue CSV.
+
+  python -m oclear_jax.main --mode=embed --workdir=W --catalogue=DIR/meta.csv --output=OUT \
+      [--config.data.columns.id=... --config.data.columns.title=... --config.data.columns.image=...]
+
+Every readable row is embedded twice: as a query (its image alone, through the query head) and
+as a document (image + title, through the fusion and the document head), in one tower pass.
+OUT gets
+
+  queries.npz     ids: str[n], emb: f32[n, d], L2-normalised, in the CSV's row order
+  documents.npz   the same ids, document embeddings
+  manifest.json   checkpoint step, the config used, counts, skipped rows with their reasons,
+                  the number of empty titles
+
+Only the columns `id`, `image` and `title` are read (named by `config.data.columns`; a title
+column set to '' means no titles): labels, kinds and splits play no part, so a run trained on
+N classes embeds a catalogue with other labels or none. Unreadable images (missing, empty,
+truncated, not an image) and rows with an empty id or image are skipped and listed; an empty
+title gives the image-only document (the fusion reads [CLS] [SEP] as "no title"). A missing
+column is one ValueError naming the column and the CSV. The model comes from
+`inference.restore_trained_model` (parameters only), inputs from `inference.preprocess_image_files`
+and the run's tokenizer, exactly as the eval path makes them.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import sys
+from typing import TextIO
+
+import ml_collections
+import numpy as np
+import tqdm
+
+from input_pipeline import catalogue as catalogue_lib
+from oclear_jax import inference
+
+QUERIES_FILE = "queries.npz"
+DOCUMENTS_FILE = "documents.npz"
+MANIFEST = "manifest.json"
+
+
+@dataclasses.dataclass
+class EmbeddedCatalogue:
+  """The embedded rows of a catalogue, in CSV order, and what was skipped."""
+  ids: list[str]
+  titles: list[str]
+  labels: list[str]  # '' everywhere without a label column
+  image_paths: list[str]
+  queries: np.ndarray | None  # f32[n, d]; None when not asked for
+  documents: np.ndarray | None
+  skipped: list[dict]  # {"id", "image", "reason"[, "detail"]}; "line" too for rows with an empty id or image
+  counts: dict[str, int]
+
+
+def catalogue_columns(config: ml_collections.ConfigDict, *, with_label: bool = False) -> catalogue_lib.CatalogueColumns:
+  """The CSV columns to read: id, image, title (None if ''), and the label only when asked for."""
+  names = config.data.columns
+  return catalogue_lib.CatalogueColumns(id=names.id, image=names.image, title=names.title or None,
+                                        label=(names.label or None) if with_label else None)
+
+
+def csv_header(csv_path: str) -> list[str]:
+  """The column names of a CSV (as `catalogue.read_catalogue` reads them)."""
+  with open(_check_catalogue(csv_path), newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
+    return next(csv.reader(f), [])
+
+
+def _check_catalogue(csv_path: str) -> str:
+  if not os.path.isfile(csv_path):
+    raise FileNotFoundError(f"catalogue {csv_path} not found; pass --catalogue=DIR/meta.csv (a CSV whose image "
+                            f"paths are relative to its folder)")
+  return os.path.abspath(csv_path)
+
+
+def embed_catalogue(trained: inference.TrainedModel, csv_path: str, *, heads: tuple[str, ...] = ("query", "doc"),
+                    with_label: bool = False, progress: bool = True) -> EmbeddedCatalogue:
+  """Embeds every readable row of `csv_path` through `heads` ('query', 'doc' or both) in batches."""
+  config = trained.config
+  csv_path = _check_catalogue(csv_path)
+  read = catalogue_lib.read_catalogue(csv_path, catalogue_columns(config, with_label=with_label),
+                                      split_seed=config.seed)
+  head = "query_and_doc" if set(heads) == {"query", "doc"} else heads[0]
+  embed = trained.embedder(head)
+  batch_size = config.eval.batch_size
+  kept_rows, vectors, skipped = [], [], list(read.skipped)
+  for start in tqdm.tqdm(range(0, len(read.rows), batch_size), desc="embed catalogue", unit="batch",
+                         disable=not progress):
+    rows = read.rows[start:start + batch_size]
+    images, kept, failed = inference.preprocess_image_files([r.image_path for r in rows], config, first_index=start)
+    for position, reason in failed:
+      row = rows[position]
+      skipped.append({"id": row.id, "image": row.image_path, "reason": reason.split(":")[0], "detail": reason})
+    if not kept:
+      continue
+    rows = [rows[i] for i in kept]
+    vectors.append(embed({"image": images, "title_tokens": trained.tokenize([r.title for r in rows])}))
+    kept_rows.extend(rows)
+  dim = config.model.embed_dim
+  stacked = np.concatenate(vectors) if vectors else np.zeros((0, 2, dim) if head == "query_and_doc" else (0, dim),
+                                                                np.float32)
+  if head == "query_and_doc":
+    queries, documents = stacked[:, 0], stacked[:, 1]
+  else:
+    queries, documents = (stacked, None) if head == "query" else (None, stacked)
+  counts = {"rows_read": read.counts["rows_read"], "embedded": len(kept_rows), "skipped": len(skipped),
+            "empty_titles": sum(not r.title for r in kept_rows)}
+  return EmbeddedCatalogue(
+      ids=[r.id for r in kept_rows], titles=[r.title for r in kept_rows], labels=[r.label for r in kept_rows],
+      image_paths=[r.image_path for r in kept_rows], queries=queries, documents=documents,
+      skipped=skipped, counts=counts)
+
+
+def _save_npz(path: str, ids: list[str], emb: np.ndarray) -> None:
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "wb") as f:  # a file object: np.savez would append '.npz' to a name
+    np.savez(f, ids=np.asarray(ids, dtype=str), emb=np.ascontiguousarray(emb, np.float32))
+  os.replace(tmp, path)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, catalogue: str, output: str, *, progress: bool = True,
+        out: TextIO | None = None) -> dict:
+  """Embeds `catalogue` with the latest checkpoint of `workdir` into `output`; returns the manifest."""
+  out = out or sys.stdout
+  workdir, output = os.path.abspath(workdir), os.path.abspath(output)
+  csv_path = _check_catalogue(catalogue)
+  # Columns first: a misnamed column fails before the (slow) restore.
+  catalogue_lib.read_catalogue(csv_path, catalogue_columns(config), max_rows=0)
+  trained = inference.restore_trained_model(config, workdir)
+  embedded = embed_catalogue(trained, csv_path, progress=progress)
+  os.makedirs(output, exist_ok=True)
+  _save_npz(os.path.join(output, QUERIES_FILE), embedded.ids, embedded.queries)
+  _save_npz(os.path.join(output, DOCUMENTS_FILE), embedded.ids, embedded.documents)
+  manifest = {"workdir": workdir, "checkpoint_step": trained.step, "catalogue": csv_path,
+              "dim": int(embedded.documents.shape[1]), "counts": embedded.counts,
+              "num_empty_titles": embedded.counts["empty_titles"], "skipped": embedded.skipped,
+              "files": {"queries": QUERIES_FILE, "documents": DOCUMENTS_FILE},
+              "config": json.loads(config.to_json_best_effort())}
+  with open(os.path.join(output, MANIFEST), "w", encoding="utf-8") as f:
+    json.dump(manifest, f, indent=2, ensure_ascii=False)
+  c = embedded.counts
+  print(f"embedded {c['embedded']} of {c['rows_read']} rows of {csv_path} with checkpoint step {trained.step} "
+        f"({c['skipped']} skipped, {c['empty_titles']} empty titles) -> {output}/{{{QUERIES_FILE}, "
+        f"{DOCUMENTS_FILE}, {MANIFEST}}}", file=out)
+  return manifest
