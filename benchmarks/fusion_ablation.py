@@ -9,12 +9,16 @@ train. On this 2-core CPU a pure-JAX EfficientNet pass costs about a second per 
 fine-tuning it for ten runs is out of reach; frozen towers make their outputs a fixed function of
 the input, so they are computed once and cached on disk (image: pooled f32[1280] and a 4x4 grid of
 spatial tokens f16[16, 1280] from `oclear_jax.weights.feature_cache`; title: MiniLM token outputs
-f16[L, 384], mean-pooled, and the padding mask). Training is `oclear_jax.frozen_features.HeadTrainer`
-(the library's `OclearModel` through its `*_from_features` methods -- the same heads and fusion
-`__call__` runs after the towers -- and the class-sharded margin softmax): every training item is
-embedded twice, as a query (its image through the query head, no title) and as a document (image +
-title through the doc head), and both are samples of its class. Every variant gets the same steps,
-batch, optimizer, seeds and data order; only `model.fusion` changes.
+f16[L, 384], mean-pooled, and the padding mask). Training is the one trainer
+(`oclear_jax.trainer.train_and_evaluate` with `config.data.input='tower_features'`: the library's
+`OclearModel` through its `*_from_features` methods -- the same heads and fusion `__call__` runs
+after the towers -- and the class-sharded margin softmax); every run leaves a checkpoint of the
+full model under --cache_dir/runs/. Every training item is embedded twice, as a query (its image
+through the query head, no title) and as a document (image + title through the doc head), and both
+are samples of its class. Every variant gets the same steps, batch, optimizer, seeds and data
+order; only `model.fusion` changes. The records and the tower features are shared by all runs
+(`data.records_dir`, `data.feature_cache`). On fashion the seed also draws the class-disjoint split
+(the trainer's `config.seed`), so its spread includes the split's.
 
 Data and protocol:
   synthetic  the built-in catalogue (configs/demo.py's spec with 2,000 products instead of 300:
@@ -38,7 +42,8 @@ MAP@R on fashion / synthetic; image_only 0.754 / 0.189 in the same runs):
   v3 with title_dropout 0.5 (gated: 0.697)                   0.734 / -
   v3 + one shared 1280->D image projection (shipped), 500 steps: 0.758 / 0.191 against image_only
       0.775 / 0.191: level on synthetic, 0.017 MAP@R below on fashion, far above concat_mlp on both.
-Measured with this trainer (2 seeds, 500 steps x 64 items; MAP@R synthetic / fashion):
+Measured with HeadTrainer, the second training loop this script used before (2 seeds, 500 steps
+x 64 items; MAP@R synthetic / fashion):
 image_only 0.307 / 0.762, sum 0.289 / 0.675, gated 0.292 / 0.693, concat_mlp 0.230 / 0.628,
 concept_attention 0.305 / 0.747; raw Lite0 features 0.185 / 0.863. Training every item through
 both heads lifted every synthetic variant by ~0.1 over the earlier one-view-per-row protocol
@@ -51,9 +56,9 @@ held-out classes' titles map to directions an image-only query cannot follow.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -61,35 +66,19 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import demo as demo_config  # noqa: E402
 from configs import fashion as fashion_config  # noqa: E402
-from input_pipeline import catalogue as catalogue_lib  # noqa: E402
-from input_pipeline import synthetic_catalogue  # noqa: E402
 from oclear_jax import config_schema  # noqa: E402
-from oclear_jax import frozen_features as ff  # noqa: E402
-from oclear_jax.evaluators import retrieval  # noqa: E402
-from oclear_jax.weights import feature_cache  # noqa: E402
+from oclear_jax import trainer  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = ("image_only", "sum", "gated", "concat_mlp", "concept_attention")
-TOKEN_GRID = 4
 MAX_TITLE_LEN = 16  # 99% of the Myntra titles fit in 18 MiniLM pieces with [CLS]/[SEP]
 
 
-# == Data: catalogue rows -> cached frozen-tower features ========================================
-@dataclasses.dataclass
-class Split:
-  """One split's rows: frozen features, labels and what the retrieval metrics need."""
-  table: ff.FeatureTable
-  labels: np.ndarray  # int32[N]
-  is_query: np.ndarray  # bool[N]
-  ids: np.ndarray
-  titles: np.ndarray
-
-
+# == Configs: one per (catalogue, fusion, seed), trained on cached frozen-tower outputs ===========
 def catalogue_config(name: str, synthetic_products: int = 2000):
   if name == "synthetic":
     config = demo_config.get_config()
@@ -103,76 +92,48 @@ def catalogue_config(name: str, synthetic_products: int = 2000):
   return config
 
 
-def read_rows(name: str, config, cache_dir: str) -> list[catalogue_lib.CatalogueRow]:
-  data = config.data
-  if name == "synthetic":
-    root = os.path.join(cache_dir, f"synthetic_catalogue_{data.synthetic.num_products}")
-    synthetic_catalogue.generate_catalogue(root, synthetic_catalogue.CatalogueSpec(**data.synthetic.to_dict()),
-                                           progress=False)
-    csv_path = os.path.join(root, data.csv)
-  else:
-    csv_path = os.path.join(data.root, data.csv)
-  columns = catalogue_lib.CatalogueColumns(**{k: (v or None) for k, v in data.columns.to_dict().items()})
-  return catalogue_lib.read_catalogue(csv_path, columns, eval_fraction=data.eval_fraction,
-                                      split_seed=config.seed).rows
-
-
-def load_features(name: str, config, cache_dir: str, image_size: int) -> tuple[Split, Split]:
-  rows = read_rows(name, config, cache_dir)
-  t0 = time.time()
-  image = feature_cache.extract_features([r.image_path for r in rows], image_size=image_size, batch_size=32,
-                                         token_grid=TOKEN_GRID, cache_dir=cache_dir, progress=True)
-  print(f"  Lite0 features of {len(rows)} images at {image_size}px: {time.time() - t0:.0f}s (cached after the "
-        f"first run); unreadable: {len(image['failures'])}", flush=True)
-  text = ff.title_features([r.title for r in rows], cache_dir, max_len=MAX_TITLE_LEN)
-  table = ff.FeatureTable(image_pooled=image["pooled"], text_pooled=text["pooled"], text_mask=text["mask"],
-                          present=text["present"], image_tokens=image["tokens"], text_tokens=text["tokens"])
-  splits = []
-  for split in ("train", "eval"):
-    keep = np.flatnonzero(np.asarray([r.split == split for r in rows]) & image["ok"])
-    _, labels = np.unique([rows[k].label for k in keep], return_inverse=True)
-    splits.append(Split(table=table.take(keep), labels=labels.astype(np.int32),
-                        is_query=np.asarray([rows[k].kind == "query" for k in keep]),
-                        ids=np.asarray([rows[k].id for k in keep]), titles=np.asarray([rows[k].title for k in keep])))
-  return splits[0], splits[1]
-
-
-# == Training and evaluation =====================================================================
-def experiment_config(name: str, fusion: str, args):
+def experiment_config(name: str, fusion: str, seed: int, args):
   config = catalogue_config(name, args.synthetic_products)
+  image_size = 128 if name == "synthetic" else 224  # synthetic shots are 64 px; Myntra's 224 px
+  data = config.data
+  if name == "synthetic":  # generated once, shared by every run
+    data.root = os.path.join(args.cache_dir, f"synthetic_catalogue_{data.synthetic.num_products}")
+  data.input, data.feature_cache = "tower_features", os.path.join(args.cache_dir, "features")
+  data.records_dir = os.path.join(args.cache_dir, f"records_{name}_seed{seed}")  # the split follows the seed
+  data.stored_image_size = image_size
+  data.train_preprocess = data.eval_preprocess = f"decode|resize({image_size})|value_range(-1, 1)"
+  data.tokenizer, data.max_title_len = "minilm", MAX_TITLE_LEN
   m = config.model
   m.image_tower, m.text_tower, m.fusion = "efficientnet_lite0", "minilm", fusion
   m.image_pretrained = m.text_pretrained = m.freeze_image_tower = m.freeze_text_tower = True
   m.embed_dim, m.head_hidden, m.title_dropout = args.embed_dim, 512, args.title_dropout
   m.concept_slots, m.concept_heads = args.concept_slots, 4
-  config.data.tokenizer, config.data.max_title_len = "minilm", MAX_TITLE_LEN
-  config.train.batch_size, config.train.num_steps = args.batch_size, args.steps
+  config.seed = seed
+  config.train.update(dict(batch_size=args.batch_size, num_steps=args.steps, log_every=args.steps,
+                           checkpoint_every=args.steps, keep_checkpoints=1))
   config.optimizer.learning_rate, config.optimizer.warmup_steps = args.learning_rate, min(50, args.steps // 10)
+  config.eval.update(dict(at_start=False, scann=False, contact_sheet_queries=0, ks=(1, 10), cutoffs=()))
   config.mesh.shape = (1, 1)
   config_schema.validate(config)
   return config
 
 
-def score(query_emb: np.ndarray, doc_emb: np.ndarray, s: Split) -> dict[str, float]:
-  """Shopper photos search the documents; without photos (fashion), leave-one-out over the documents."""
-  es = retrieval.EvalSet(ids=s.ids, labels=s.labels, kinds=np.where(s.is_query, retrieval.QUERY, retrieval.DOC),
-                         titles=s.titles, query_emb=query_emb, doc_emb=doc_emb)
-  return retrieval.search_and_score(es, ks=(1, 10), use_scann=False, max_k=2000).metrics
-
-
-def run_variant(name: str, fusion: str, train: Split, eval_split: Split, args) -> tuple[dict, dict, float]:
-  """(mean metrics, max-min spread, final loss) over `args.seeds` seeds of one fusion variant."""
-  trainer = ff.HeadTrainer(experiment_config(name, fusion, args), ff.Objective("oclear"),
-                           num_classes=int(train.labels.max()) + 1, devices=jax.devices()[:1])
-  runs, losses = [], []
+# == Training and evaluation: the one trainer ====================================================
+def run_variant(name: str, fusion: str, args) -> tuple[dict, dict, float, dict]:
+  """(mean metrics, max-min spread, final loss, frozen-feature metrics) over `args.seeds` seeds."""
+  runs, losses, frozen = [], [], []
   for seed in range(args.seeds):
-    params, history = trainer.fit(train.table, train.labels, seed=seed)
-    losses.append(history[-1]["loss"])
-    runs.append(score(trainer.embed_queries(params, eval_split.table),
-                      trainer.embed_documents(params, eval_split.table), eval_split))
-  mean = {k: float(np.mean([r[k] for r in runs])) for k in runs[0]}
-  spread = {k: float(np.ptp([r[k] for r in runs])) for k in runs[0]}
-  return mean, spread, float(np.mean(losses))
+    workdir = os.path.join(args.cache_dir, "runs", name, fusion, f"seed{seed}")
+    shutil.rmtree(workdir, ignore_errors=True)  # this invocation's numbers, not a resumed run's
+    result = trainer.train_and_evaluate(experiment_config(name, fusion, seed, args), workdir, progress=False)
+    runs.append(result["eval"][result["final_step"]])
+    frozen.append(result["frozen"])
+    with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+      losses.append([json.loads(line) for line in f if "train/loss" in line][-1]["train/loss"])
+  keys = ("map@r", "recall@1", "recall@10")
+  mean = {k: float(np.mean([r[k] for r in runs])) for k in keys}
+  spread = {k: float(np.ptp([r[k] for r in runs])) for k in keys}
+  return mean, spread, float(np.mean(losses)), {k: float(np.mean([r[k] for r in frozen])) for k in keys}
 
 
 # == Main ========================================================================================
@@ -193,30 +154,23 @@ def main() -> None:
   args = parser.parse_args()
   os.makedirs(args.cache_dir, exist_ok=True)
   t_start = time.time()
-  print("Frozen pretrained towers (EfficientNet-Lite0, MiniLM-L6) with cached features; trained: query/doc "
-        f"heads + fusion + class centres; {args.steps} steps x {args.batch_size} items (each as query and document), "
-        f"{args.seeds} seed(s) each.")
+  print("Frozen pretrained towers (EfficientNet-Lite0, MiniLM-L6) with cached features, trained by the one trainer "
+        f"(data.input='tower_features'): query/doc heads + fusion + class centres; {args.steps} steps x "
+        f"{args.batch_size} items (each as query and document), {args.seeds} seed(s) each.")
   results = {}
   for name in args.datasets.split(","):
-    config = catalogue_config(name, args.synthetic_products)
-    if config is None:
+    if catalogue_config(name, args.synthetic_products) is None:
       print(f"\n[{name}] skipped: {fashion_config.DEFAULT_ROOT}/meta.csv not found")
       continue
-    print(f"\n[{name}] features ...", flush=True)
-    image_size = 128 if name == "synthetic" else 224  # synthetic shots are 64 px; Myntra's 224 px
-    train, eval_split = load_features(name, config, args.cache_dir, image_size)
-    print(f"  train: {len(train.labels)} items ({train.is_query.sum()} shopper photos), "
-          f"{train.labels.max() + 1} classes; eval: {len(eval_split.labels)} rows, "
-          f"{len(set(eval_split.labels.tolist()))} classes", flush=True)
-    raw = eval_split.table.image_pooled
-    raw = raw / np.linalg.norm(raw, axis=-1, keepdims=True)
-    rows = [("raw Lite0 features (untrained)", score(raw, raw, eval_split), None, 0.0)]
+    print(f"\n[{name}] (the first run also writes the records and the tower features) ...", flush=True)
+    rows, raw = [], None
     for fusion in args.variants.split(","):
       t0 = time.time()
-      mean, spread, loss = run_variant(name, fusion, train, eval_split, args)
+      mean, spread, loss, raw = run_variant(name, fusion, args)
       rows.append((fusion, mean, spread, time.time() - t0))
       print(f"  {fusion:<18} map@r {mean['map@r']:.4f}  R@1 {mean['recall@1']:.4f}  R@10 {mean['recall@10']:.4f}"
             f"  (final loss {loss:.3f}, {time.time() - t0:.0f}s)", flush=True)
+    rows.insert(0, ("raw Lite0 features (untrained)", raw, None, 0.0))  # eval/frozen.json of the runs
     results[name] = rows
     print_table(name, rows, args.seeds)
   with open(os.path.join(args.cache_dir, "results.json"), "w", encoding="utf-8") as f:

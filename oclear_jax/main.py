@@ -6,19 +6,26 @@ r"""Command-line entry point.
   python -m oclear_jax.main --mode=govern --config=configs/demo.py --workdir=workdirs/demo
   python -m oclear_jax.main --mode=index --workdir=workdirs/demo
   python -m oclear_jax.main --mode=search --workdir=workdirs/demo --query=photo.jpg [--query=...]
+  python -m oclear_jax.main --mode=embed --workdir=workdirs/demo --catalogue=DIR/meta.csv --output=OUT \
+      [--config.data.columns.title=name ...]
 
 Modes, in the order data flows:
   govern   raw catalogue -> curated categories, decision log and report (oclear_jax.governance);
   prepare  catalogue -> records only;
   train    (default) prepare data, train or resume, evaluate, print the results table;
-  index    embed the whole document gallery with the latest checkpoint and build the ScaNN index;
-  search   embed query images and print their top-K documents, with a contact sheet.
-Rerunning `train` resumes from the latest checkpoint in --workdir. `index` and `search` read the
-config the run saved in --workdir unless --config is given.
+  index    embed the whole document gallery (the run's records, or --catalogue=CSV) with the latest
+           checkpoint and build the ScaNN index;
+  search   embed query images and print their top-K documents, with a contact sheet;
+  embed    embed every row of any catalogue CSV as a query and as a document into --output.
+Rerunning `train` resumes from the latest checkpoint in --workdir. `index`, `search` and `embed`
+read the config the run saved in --workdir (config.json) unless --config is given; `--config.x=v`
+overrides apply either way (without --config they are parsed here, see `split_config_overrides`:
+absl's config_flags only accepts them after --config=FILE), and an unknown key fails naming it.
 """
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -32,19 +39,83 @@ from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for records, checkpoints, metrics and plots.")
-_MODE = flags.DEFINE_enum("mode", "train", ["govern", "prepare", "train", "index", "search"], "What to run.")
+_MODE = flags.DEFINE_enum("mode", "train", ["govern", "prepare", "train", "index", "search", "embed"],
+                          "What to run.")
 _QUERY = flags.DEFINE_multi_string("query", [], "search: query image file(s).")
 _TOP_K = flags.DEFINE_integer("top_k", 10, "search: documents to return per query.")
 _OUTPUT_FORMAT = flags.DEFINE_enum("output_format", "table", ["table", "json"], "search: how to print results.")
+_CATALOGUE = flags.DEFINE_string("catalogue", None, "embed, index: a catalogue CSV (image paths relative to its "
+                                 "folder); columns named by config.data.columns.")
+_OUTPUT = flags.DEFINE_string("output", None, "embed: output folder for queries.npz, documents.npz, manifest.json.")
+
+# Modes that can run on the config a training run saved in --workdir.
+SAVED_CONFIG_MODES = ("index", "search", "embed")
+# `--config.x.y=v` overrides given without --config=FILE, taken out of argv by `run` (absl would
+# refuse them as unknown flags) and applied to the saved config in `main`.
+_SAVED_CONFIG_OVERRIDES: list[str] = []
 
 
-def results_table(history: dict[int, dict[str, float]], ks=(1, 5, 10)) -> str:
-  """A plain-text table: untrained (step 0) vs trained (last step)."""
+def split_config_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+  """(argv without `--config.*` overrides, the overrides) when argv has no --config=FILE; else (argv, [])."""
+  if any(re.match(r"^--?config(=|$)", arg) for arg in argv):
+    return argv, []  # config_flags parses its own overrides
+  kept, overrides, i = [], [], 0
+  while i < len(argv):
+    arg = argv[i]
+    if arg == "--":
+      kept.extend(argv[i:])
+      break
+    if re.match(r"^--?(no)?config\.", arg):
+      overrides.append(arg)
+      # `--config.x v`: the value is the next argument (a bare boolean `--config.flag` has none).
+      if "=" not in arg and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+        overrides.append(argv[i + 1])
+        i += 1
+    else:
+      kept.append(arg)
+    i += 1
+  return kept, overrides
+
+
+def apply_config_overrides(config, overrides: list[str]):
+  """Applies `--config.x.y=v` arguments to a locked ConfigDict with config_flags' own parsing."""
+  if not overrides:
+    return config
+  for arg in overrides:  # name the whole key, as a locked ConfigDict does for --config=FILE
+    match = re.match(r"^--?(?:no)?config\.([^=]+)", arg)
+    node, key = config, match.group(1) if match else ""
+    for part in key.split(".") if match else ():
+      if not hasattr(node, "keys") or part not in node:
+        raise ValueError(f"unknown config key {key!r} ({arg}); every field is declared in "
+                         f"oclear_jax/config_schema.py, the run's own settings are in its config.json")
+      node = node[part]
+  values = flags.FlagValues()
+  argv = ["main", *overrides]
+  try:
+    # DEFINE_config_dict defines one flag per override it finds in sys_argv; parsing them sets the
+    # fields, typed as config_flags types them (tuples, bools, None-able fields).
+    config_flags.DEFINE_config_dict("config", config, flag_values=values, lock_config=True, sys_argv=argv)
+    rest = values(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError) as e:
+    raise ValueError(f"bad config override among {' '.join(overrides)}: {e}") from e
+  if len(rest) > 1:
+    raise ValueError(f"unexpected argument {rest[1]!r} among the --config.* overrides; write --config.x=value")
+  return config
+
+
+def results_table(history: dict[int, dict[str, float]], ks=(1, 5, 10), *,
+                  frozen: dict[str, float] | None = None, selected_step: int | None = None) -> str:
+  """A plain-text table: the frozen pretrained tower (eval/frozen.json), untrained (step 0), trained.
+
+  `selected_step` marks the step `config.eval.select_on` chose (eval/best.json).
+  """
   columns = [f"Recall@{k}" for k in ks] + ["mAP@R", "ScaNN R@10 vs exact"]
   rows = []
-  for step in sorted(history):
-    m = history[step]
-    name = "untrained (step 0)" if step == 0 else f"trained (step {step})"
+  named = ([("frozen pretrained (pooled, cosine)", frozen)] if frozen else []) + [
+      ("untrained (step 0)" if step == 0 else
+       f"trained (step {step}{', selected on val' if step == selected_step else ''})", history[step])
+      for step in sorted(history)]
+  for name, m in named:
     values = [m.get(f"recall@{k}", float("nan")) for k in ks] + [m.get("map@r", float("nan")),
                                                                  m.get("scann/recall_vs_exact@10", float("nan"))]
     rows.append([name] + [f"{v:.3f}" for v in values])
@@ -58,8 +129,10 @@ def main(argv):
   del argv
   if not flags.FLAGS["verbosity"].present:  # progress lines are printed; library INFO chatter is not
     logging.set_verbosity(logging.WARNING)
-  if _WORKDIR.value is None or (_CONFIG.value is None and _MODE.value not in ("index", "search")):
+  if _WORKDIR.value is None or (_CONFIG.value is None and _MODE.value not in SAVED_CONFIG_MODES):
     raise app.UsageError("--config and --workdir are required, e.g. --config=configs/demo.py --workdir=workdirs/demo")
+  if _SAVED_CONFIG_OVERRIDES and _MODE.value not in SAVED_CONFIG_MODES:
+    raise app.UsageError(f"{_SAVED_CONFIG_OVERRIDES[0]} needs --config=FILE in --mode={_MODE.value}")
   # Imports after flag parsing: they load jax and TensorFlow.
   from oclear_jax import checkpoint  # pylint: disable=g-import-not-at-top
   from oclear_jax import sharding  # pylint: disable=g-import-not-at-top
@@ -67,6 +140,9 @@ def main(argv):
   sharding.maybe_initialize_distributed()
   config, workdir = _CONFIG.value, os.path.abspath(_WORKDIR.value)
   try:
+    if config is None:  # a mode of SAVED_CONFIG_MODES on the run's own config
+      from oclear_jax import inference  # pylint: disable=g-import-not-at-top
+      config = apply_config_overrides(inference.load_run_config(workdir), _SAVED_CONFIG_OVERRIDES)
     _MODES[_MODE.value](config, workdir)
   except (ValueError, FileNotFoundError, FloatingPointError, checkpoint.IncompatibleCheckpointError) as e:
     # User-facing problems (config, catalogue, workdir, query files) end with one clear line, not a traceback.
@@ -89,17 +165,18 @@ def _prepare(config, workdir):
 def _train(config, workdir):
   from oclear_jax import trainer  # pylint: disable=g-import-not-at-top
   result = trainer.train_and_evaluate(config, workdir)
-  history = {s: m for s, m in result["eval"].items() if s in (0, result["final_step"])}
+  selected = (result.get("best") or {}).get("step")
+  history = {s: m for s, m in result["eval"].items() if s in (0, result["final_step"], selected)}
   ks = tuple(k for k in config.eval.ks if k in (1, 5, 10))
   print("\nImage queries -> image+title documents (held-out products, exact search):")
-  print(results_table(history, ks))
+  print(results_table(history, ks, frozen=result.get("frozen"), selected_step=selected))
   print(f"\nEverything is under {workdir}: config.json, metrics.jsonl, tensorboard/, checkpoints/, eval/, "
         f"recall_at_k.png, contact_sheet.png, scann_index/")
 
 
 def _index(config, workdir):
   from oclear_jax.evaluators import search_command  # pylint: disable=g-import-not-at-top
-  search_command.build_index(workdir, config=config)
+  search_command.build_index(workdir, config=config, catalogue=_CATALOGUE.value)
 
 
 def _search(config, workdir):
@@ -110,11 +187,21 @@ def _search(config, workdir):
                         config=config)
 
 
-_MODES = {"govern": _govern, "prepare": _prepare, "train": _train, "index": _index, "search": _search}
+def _embed(config, workdir):
+  from oclear_jax.evaluators import embed_command  # pylint: disable=g-import-not-at-top
+  if not _CATALOGUE.value or not _OUTPUT.value:
+    raise app.UsageError("--mode=embed needs --catalogue=DIR/meta.csv and --output=FOLDER")
+  embed_command.run(config, workdir, _CATALOGUE.value, _OUTPUT.value)
+
+
+_MODES = {"govern": _govern, "prepare": _prepare, "train": _train, "index": _index, "search": _search,
+          "embed": _embed}
 
 
 def run():
-  app.run(main)
+  argv, overrides = split_config_overrides(sys.argv)
+  _SAVED_CONFIG_OVERRIDES[:] = overrides
+  app.run(main, argv=argv)
 
 
 if __name__ == "__main__":

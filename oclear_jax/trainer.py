@@ -3,6 +3,11 @@
 mesh -> data -> model init (eval_shape + jit out_shardings) -> restore -> update step ->
 evaluators -> loop. The backbone is replicated (or FSDP by rule) and data-parallel; the class
 centres are split by class over the mesh; the margin softmax never gathers full logits.
+
+Two input sources feed the same loop (`train_inputs`, `config.data.input`): records (images
+through the towers) or, with frozen pretrained towers, their cached outputs (`tower_features`).
+The state is the same model either way -- towers included, so a checkpoint of a run trained on
+cached features embeds raw images end to end -- only the loss reads another kind of batch.
 """
 from __future__ import annotations
 
@@ -26,12 +31,14 @@ from oclear_jax import datasets
 from oclear_jax import metric_writers
 from oclear_jax import pretrained_towers
 from oclear_jax import sharding
+from oclear_jax import train_eval
+from oclear_jax import train_inputs
 from oclear_jax.evaluators import plots
-from oclear_jax.evaluators import retrieval
-from oclear_jax.evaluators import scann_search
+from oclear_jax.heads import info_nce
 from oclear_jax.heads import margins
 from oclear_jax.heads import sharded_softmax
 from oclear_jax.models import build_model
+from oclear_jax.models import TitleFeatures
 
 
 def make_optimizer(opt: ml_collections.ConfigDict, num_steps: int) -> optax.GradientTransformation:
@@ -81,10 +88,13 @@ class OclearTask:
     variables = self.model.init(
         {"params": model_rng, "dropout": model_rng}, self._dummy["image"], self._dummy["title_tokens"],
         self._dummy["kind"] == 1, train=False)
-    centers_init = nn.with_logical_partitioning(nn.initializers.normal(0.01), ("classes", "embed"))
-    centers_shape = (self.padded_classes, self.config.model.embed_dim)
-    params = {"encoder": variables["params"],
-              "class_centers": centers_init(centers_rng, centers_shape, jnp.dtype(self.config.head.param_dtype))}
+    params = {"encoder": variables["params"]}
+    if self.config.head.loss == "info_nce":  # no class centres: a learned log(1 / temperature) instead
+      params["logit_scale_log"] = jnp.asarray(np.log(1.0 / self.config.head.temperature), jnp.float32)
+    else:
+      centers_init = nn.with_logical_partitioning(nn.initializers.normal(0.01), ("classes", "embed"))
+      centers_shape = (self.padded_classes, self.config.model.embed_dim)
+      params["class_centers"] = centers_init(centers_rng, centers_shape, jnp.dtype(self.config.head.param_dtype))
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": self.tx.init(params)}
 
   def abstract_state(self):
@@ -99,19 +109,45 @@ class OclearTask:
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
       return init(rng)
 
+  # == Embeddings of a batch: records (images, title ids) or cached tower outputs ================
+  def _title(self, batch) -> TitleFeatures | None:
+    if self.config.model.fusion == "image_only":
+      return None
+    return TitleFeatures(batch["text_tokens"].astype(jnp.float32), batch["text_pooled"], batch["text_mask"],
+                         batch["present"])
+
+  def _both_views(self, variables, batch, *, train: bool, rngs=None):
+    """(query view, document view) of every row; a features batch skips the (frozen) towers."""
+    if "image" in batch:
+      return self.model.apply(variables, batch["image"], batch["title_tokens"], train=train, rngs=rngs,
+                              method="both_views")
+    queries = self.model.apply(variables, batch["image_pooled"], method="queries_from_features")
+    documents = self.model.apply(variables, batch["image_tokens"].astype(jnp.float32), batch["image_pooled"],
+                                 self._title(batch), train=train, rngs=rngs, method="documents_from_features")
+    return queries, documents
+
+  def _own_view(self, variables, batch, rngs):
+    """Each row through its own kind's head (train.both_views=False)."""
+    if "image" in batch:
+      return self.model.apply(variables, batch["image"], batch["title_tokens"], batch["kind"] == 1, train=True,
+                              rngs=rngs)
+    return self.model.apply(variables, batch["image_tokens"].astype(jnp.float32), batch["image_pooled"],
+                            self._title(batch), batch["kind"] == 1, train=True, rngs=rngs, method="from_features")
+
   # == Update step ===============================================================================
   def loss_fn(self, params, batch, rng):
     dropout_rng, sample_rng = jax.random.split(rng)
     variables, rngs = {"params": params["encoder"]}, {"dropout": dropout_rng}
     if self.config.train.both_views:  # Each row through both heads: 2B samples of their classes.
-      queries, documents = self.model.apply(variables, batch["image"], batch["title_tokens"], train=True,
-                                            rngs=rngs, method="both_views")
+      queries, documents = self._both_views(variables, batch, train=True, rngs=rngs)
+      if self.config.head.loss == "info_nce":  # row i's two views are each other's positive
+        scale = info_nce.logit_scale(params["logit_scale_log"])
+        return info_nce.info_nce_loss(queries, documents, scale), {
+            "accuracy": info_nce.in_batch_accuracy(queries, documents), "logit_scale": scale}
       embeddings = jnp.concatenate([queries, documents])
       labels = jnp.concatenate([batch["label"], batch["label"]])
-    else:  # Each row through its own kind's head.
-      embeddings = self.model.apply(variables, batch["image"], batch["title_tokens"], batch["kind"] == 1,
-                                    train=True, rngs=rngs)
-      labels = batch["label"]
+    else:
+      embeddings, labels = self._own_view(variables, batch, rngs), batch["label"]
     head = self.config.head
     loss, aux = sharded_softmax.margin_softmax_loss(
         embeddings, labels, params["class_centers"], num_classes=self.num_classes,
@@ -143,9 +179,8 @@ class OclearTask:
   # == Predict (for evaluators) ==================================================================
   def jit_predict(self):
     def predict(params, batch):
-      variables = {"params": params["encoder"]}
-      return {"query": self.model.apply(variables, batch["image"], method="embed_queries"),
-              "doc": self.model.apply(variables, batch["image"], batch["title_tokens"], method="embed_documents")}
+      queries, documents = self._both_views({"params": params["encoder"]}, batch, train=False)
+      return {"query": queries, "doc": documents}
     predict = jax.jit(predict)
 
     def run(params, batch):
@@ -153,33 +188,15 @@ class OclearTask:
         return predict(params, batch)
     return run
 
+  def jit_pooled(self, params):
+    """device_batch -> the image tower's own pooled features f32[B, W] (the "frozen pretrained" row)."""
+    pooled = jax.jit(lambda p, images: self.model.apply(
+        {"params": p}, images, method=lambda m, x: m.image_encoder(x, train=False)[1]))
 
-def _evaluate(task: OclearTask, state, prepared: datasets.PreparedData, workdir: str, step: int, *,
-              artifacts: bool) -> dict[str, float]:
-  from input_pipeline import pipeline  # pylint: disable=g-import-not-at-top  (imports TF)
-  config = task.config
-  place = lambda b: sharding.global_batch(b, task.mesh, task.rules)
-  predict = task.jit_predict()
-  eval_batches = lambda: pipeline.make_dataset(
-      prepared.records_dir, "eval", batch_size=config.eval.batch_size, preprocess=config.data.eval_preprocess,
-      shuffle=False, repeat=False, drop_remainder=False).as_numpy_iterator()
-  eval_set = retrieval.embed_eval_set(eval_batches(), lambda b: predict(state["params"], b), place,
-                                      config.eval.batch_size)
-  result = retrieval.search_and_score(
-      eval_set, ks=tuple(config.eval.ks), use_scann=config.eval.scann,
-      scann_dir=os.path.join(workdir, "scann_index") if artifacts else None,
-      cutoffs=tuple(config.eval.get("cutoffs", ())), scann_params=scann_search.params_from_config(config.index))
-  retrieval.save_metrics(os.path.join(workdir, "eval", f"step_{step}.json"), step, result.metrics)
-  if artifacts and config.eval.contact_sheet_queries > 0:
-    wanted = retrieval.contact_sheet_ids(eval_set, result, config.eval.contact_sheet_queries)
-    images = {}
-    for batch in eval_batches():  # a second pass fetches only the images the sheet shows
-      for i, ex_id in enumerate(batch["id"]):
-        if ex_id in wanted:
-          images[ex_id] = np.clip((batch["image"][i] + 1.0) * 127.5, 0, 255).astype(np.uint8)
-    retrieval.write_contact_sheet(eval_set, result, images, os.path.join(workdir, "contact_sheet.png"),
-                                  config.eval.contact_sheet_queries)
-  return result.metrics
+    def run(batch):
+      with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+        return pooled(params["encoder"], batch["image"])
+    return run
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
@@ -210,6 +227,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
   # == Model & init ==============================================================================
   task = OclearTask(config, mesh, num_classes=prepared.num_classes, vocab_size=prepared.vocab_size,
                     title_special_ids=prepared.title_special_ids)
+  place = lambda b: sharding.global_batch(b, mesh, task.rules)
+  # Records, or the frozen towers' outputs of every catalogue row, computed once and cached.
+  inputs = train_inputs.make_input(config, prepared, place, workdir, progress=progress)
   abstract, shardings = task.abstract_state()
   sharding.check_sufficiently_sharded(abstract, shardings, int(config.sharding.max_replicated_mib * 2**20))
   store = checkpoint_lib.CheckpointStore(os.path.join(workdir, "checkpoints"),
@@ -230,25 +250,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
 
   # == Evaluators ================================================================================
   writer = metric_writers.MetricWriter(workdir)
-  evaluate = functools.partial(_evaluate, task, prepared=prepared, workdir=workdir)
-  eval_history = _load_eval_history(workdir)
+  evaluate = functools.partial(train_eval.evaluate, task, inputs, workdir=workdir)
+  eval_history = train_eval.load_eval_history(workdir)
+  frozen = train_eval.frozen_row(task, inputs, state, shardings, workdir, fresh=start_step == 0)
+  select = train_eval.CheckpointSelection(task, inputs, workdir)
   if config.eval.at_start and start_step == 0 and 0 not in eval_history:
-    eval_history[0] = evaluate(state, step=0, artifacts=False)
+    eval_history[0] = evaluate(state["params"], step=0, artifacts=False)
     writer.write(0, {f"eval/{k}": v for k, v in eval_history[0].items()})
+  if start_step == 0:
+    select(state, 0)  # a trained model must beat its own step 0 on validation to be selected
 
   # == Loop ======================================================================================
   train_step = task.jit_train_step(shardings)
   base_rng = jax.random.key(config.seed + 1)
-  batches = datasets.train_batches(prepared, config.data, global_batch_size=config.train.batch_size,
-                                   seed=config.seed, start_step=start_step)
+  batches = inputs.train_batches(start_step)
   progress_line = metric_writers.ProgressLine(config.train.num_steps, config.train.batch_size, start_step)
-  place = lambda b: sharding.global_batch(b, mesh, task.rules)
   last_step = min(config.train.num_steps, stop_at_step or config.train.num_steps)
   unchecked = None  # (step, metrics, batch ids): finiteness is read one step late, not to stall the device
   try:
     for step in range(start_step + 1, last_step + 1):
       host_batch = next(batches)
-      state, metrics = train_step(state, datasets.to_device_batch(host_batch, place), base_rng)
+      state, metrics = train_step(state, inputs.to_device(host_batch), base_rng)
       if unchecked:
         _check_finite(*unchecked, workdir=workdir, store=store)
       unchecked = (step, metrics, host_batch["id"])
@@ -264,49 +286,57 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
         _check_finite(*unchecked, workdir=workdir, store=store)  # never save a state that saw a NaN
         store.save(step, state)
       if config.eval.every and step % config.eval.every == 0 and step != config.train.num_steps:
-        eval_history[step] = evaluate(state, step=step, artifacts=False)
+        eval_history[step] = evaluate(state["params"], step=step, artifacts=False)
         writer.write(step, {f"eval/{k}": v for k, v in eval_history[step].items()})
+        _check_finite(*unchecked, workdir=workdir, store=store)  # never select a state that saw a NaN
+        select(state, step)
     if unchecked:
       _check_finite(*unchecked, workdir=workdir, store=store)
   except BaseException:
     store.close()
+    select.close()
     writer.close()
     raise
   if last_step < config.train.num_steps:  # a drill: stop as a preempted job would, minus the kill
     store.close()
+    select.close()
     writer.close()
-    return {"final_step": last_step, "eval": eval_history}
+    return {"final_step": last_step, "eval": eval_history, "frozen": frozen, "best": select.best}
 
   final_step = int(jax.device_get(state["step"]))
   if final_step not in eval_history or not os.path.exists(os.path.join(workdir, "contact_sheet.png")):
-    eval_history[final_step] = evaluate(state, step=final_step, artifacts=True)
+    eval_history[final_step] = evaluate(state["params"], step=final_step, artifacts=True)
     writer.write(final_step, {f"eval/{k}": v for k, v in eval_history[final_step].items()})
+  select(state, final_step)
   store.close()
+  select.close()
   writer.close()
   if jax.process_index() == 0:
     curves = {("untrained" if s == 0 else f"step {s}"): {k: m[f"recall@{k}"] for k in config.eval.ks}
               for s, m in sorted(eval_history.items()) if s in (0, final_step)}
     plots.plot_recall_at_k(curves, os.path.join(workdir, "recall_at_k.png"))
-  return {"final_step": final_step, "eval": eval_history}
+  return {"final_step": final_step, "eval": eval_history, "frozen": frozen, "best": select.best}
 
 
 def restore_trained_state(config: ml_collections.ConfigDict, workdir: str, step: int | None = None, *,
-                          prepared: datasets.PreparedData | None = None):
+                          prepared: datasets.PreparedData | None = None, best: bool = False):
   """(task, state, step) of the run in `workdir` (latest checkpoint by default), on this config's mesh.
 
-  `prepared` skips re-reading the catalogue when the caller already has the run's records.
+  `prepared` skips re-reading the catalogue when the caller already has the run's records;
+  `best` restores the checkpoint `config.eval.select_on` selected (eval/best.json) instead.
   """
   prepared = prepared or datasets.prepare_data(config.data, workdir, seed=config.seed, progress=False)
   task = OclearTask(config, sharding.make_mesh(config.mesh.shape), num_classes=prepared.num_classes,
                     vocab_size=prepared.vocab_size, title_special_ids=prepared.title_special_ids)
   abstract, shardings = task.abstract_state()
-  store = checkpoint_lib.CheckpointStore(os.path.join(workdir, "checkpoints"))
+  directory = train_eval.best_checkpoint_dir(workdir) if best else os.path.join(workdir, "checkpoints")
+  store = checkpoint_lib.CheckpointStore(directory)
   try:
     state, step = store.restore(checkpoint_lib.abstract_with_shardings(abstract, shardings), step)
   finally:
     store.close()
   if state is None:
-    raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints; train first (--mode=train)")
+    raise FileNotFoundError(f"no checkpoint in {directory}; train first (--mode=train)")
   return task, state, step
 
 
@@ -327,15 +357,3 @@ def _check_finite(step: int, metrics: dict[str, jax.Array], batch_ids: np.ndarra
       f"the loss ({loss}) or gradient norm ({grad_norm}) is not finite at step {step}; this process's batch ids "
       f"are in {path}. Nothing after step {store.latest_step()} was saved (the last good checkpoint); "
       f"look at those examples, or lower config.optimizer.learning_rate, then rerun to resume")
-
-
-def _load_eval_history(workdir: str) -> dict[int, dict[str, float]]:
-  history = {}
-  eval_dir = os.path.join(workdir, "eval")
-  if os.path.isdir(eval_dir):
-    for name in os.listdir(eval_dir):
-      if name.startswith("step_") and name.endswith(".json"):
-        with open(os.path.join(eval_dir, name), encoding="utf-8") as f:
-          record = json.load(f)
-        history[int(record.pop("step"))] = record
-  return history
