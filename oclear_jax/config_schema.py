@@ -64,6 +64,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.text_tower = "transformer"
   c.model.embed_dim = 128
   c.model.head_hidden = 256
+  # mlp: Dense-GELU-Dense from the tower to embed_dim | identity_linear: one linear map started at the
+  # identity (embed_dim == tower width) and a title term started at zero, so step 0 ranks exactly as the
+  # pretrained tower does (models/oclear.py IdentityLinearHead)
+  c.model.head = "mlp"
   c.model.fusion = "gated"
   c.model.title_dropout = 0.1
   c.model.shared_heads = False
@@ -132,6 +136,11 @@ def base_config() -> ml_collections.ConfigDict:
   # 'val': score the catalogue's split=='val' rows at step 0, every `every` steps and the last; keep the
   # best step by MAP@R in checkpoints_best/ and eval/best.json. '' = no selection.
   c.eval.select_on = ""
+  # Titles at search time (evaluators/title_feedback.py): the titles of each query's top
+  # `title_feedback_docs` results re-rank its candidates, score += weight * mean_title . title;
+  # eval reports the re-ranked metrics under prf/ beside the plain ones. 0 = off.
+  c.eval.title_feedback_docs = 0
+  c.eval.title_feedback_weight = 0.4
 
   # --mode=index / --mode=search (evaluators/search_command.py) and the ScaNN searcher, also used by eval.
   # 0 = ScaNN's recipe: round(sqrt(n)) leaves, search a tenth of them, reorder max(100, 4k), train the
@@ -228,6 +237,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for key in ("train.batch_size", "train.num_steps", "eval.batch_size", "model.embed_dim"):
     if _get(config, key) <= 0:
       raise ValueError(f"config.{key} must be positive, got {_get(config, key)}")
+  for key in ("eval.title_feedback_docs", "eval.title_feedback_weight"):
+    if key.split(".")[1] in config.eval and _get(config, key) < 0:
+      raise ValueError(f"config.{key} must be >= 0 (0 = no title feedback), got {_get(config, key)}")
   for key in ("index.shard_size", "index.dims_per_block"):
     if key.split(".")[0] in config and _get(config, key) <= 0:
       raise ValueError(f"config.{key} must be positive, got {_get(config, key)}")

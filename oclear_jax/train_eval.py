@@ -11,6 +11,9 @@ truth, ScaNN against it, Recall@K / MAP@R / Product1M metrics), on embeddings an
   products held out of training, never the eval split) at step 0, every `eval.every` steps and
   the last, and keeps the best step by MAP@R in checkpoints_best/ (beside the orbax step
   directory, so keep-N never deletes it) with eval/best.json.
+
+With `config.eval.title_feedback_docs` > 0, every score also re-ranks by the titles of each query's
+top results (`evaluators.title_feedback`) and reports those metrics under prf/ beside the plain ones.
 """
 from __future__ import annotations
 
@@ -19,27 +22,75 @@ import logging
 import os
 from typing import Any
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from oclear_jax import checkpoint as checkpoint_lib
+from oclear_jax import models
 from oclear_jax import pretrained_towers
 from oclear_jax.evaluators import retrieval
 from oclear_jax.evaluators import scann_search
+from oclear_jax.evaluators import title_feedback
 
 FROZEN_FILE = "frozen.json"
 BEST_FILE = "best.json"
 SELECT_METRIC = "map@r"
 
 
-def best_checkpoint_dir(workdir: str) -> str:
-  return os.path.join(workdir, "checkpoints_best")
+best_checkpoint_dir = checkpoint_lib.best_checkpoint_dir
 
 
-def _search_and_score(config, eval_set: retrieval.EvalSet, *, use_scann: bool, scann_dir: str | None = None):
+def _search_and_score(config, eval_set: retrieval.EvalSet, *, use_scann: bool, scann_dir: str | None = None,
+                      title_vectors: np.ndarray | None = None):
   return retrieval.search_and_score(
       eval_set, ks=tuple(config.eval.ks), use_scann=use_scann, scann_dir=scann_dir,
-      cutoffs=tuple(config.eval.get("cutoffs", ())), scann_params=scann_search.params_from_config(config.index))
+      cutoffs=tuple(config.eval.get("cutoffs", ())), scann_params=scann_search.params_from_config(config.index),
+      title_vectors=title_vectors, feedback_docs=config.eval.get("title_feedback_docs", 0),
+      feedback_weight=config.eval.get("title_feedback_weight", 0.4))
+
+
+# == Title feedback: unit title vectors of the eval rows =========================================
+def _title_feedback_on(config) -> bool:
+  return (config.eval.get("title_feedback_docs", 0) > 0 and config.eval.get("title_feedback_weight", 0.4) > 0
+          and config.model.fusion != "image_only")
+
+
+def _jit_title_pooled(task, params):
+  """device_batch -> the model's text tower pooled titles f32[B, T], zero rows for rows without a title."""
+  def pooled(p, ids):
+    _, vectors, _ = task.model.apply({"params": p}, ids, method=lambda m, x: m.text_encoder(x, train=False))
+    return jnp.where(models.title_present(ids, task.model.title_special_ids)[:, None], vectors, 0.0)
+  pooled = jax.jit(pooled)
+
+  def run(batch):
+    with jax.set_mesh(task.mesh), nn.logical_axis_rules(task.rules):
+      return pooled(params["encoder"], batch["title_tokens"])
+  return run
+
+
+def _title_vectors(config, inputs, eval_set: retrieval.EvalSet, split: str) -> np.ndarray | None:
+  """f32[N, T] per eval row (`title_feedback.title_vectors`), or None: no title feedback.
+
+  tower_features: the cached frozen MiniLM titles, centred by the training rows' mean. Records: the
+  text tower's pooled titles the predict function returned (`EvalSet.title_pooled`), centred by the
+  gallery's own mean (a training-split mean would need a pass over the training records).
+  """
+  if config.eval.get("title_feedback_docs", 0) > 0 and config.model.fusion == "image_only":
+    logging.warning("config.eval.title_feedback_docs=%d but model.fusion='image_only' has no text tower: "
+                    "no title feedback, no prf/ metrics", config.eval.title_feedback_docs)
+  if not _title_feedback_on(config):
+    return None
+  if config.data.get("input", "records") == "tower_features":
+    train, rows = inputs.splits["train"].table, inputs.splits[split].table
+    return title_feedback.title_vectors(rows.text_pooled, rows.present,
+                                        title_feedback.title_mean(train.text_pooled, train.present))
+  if eval_set.title_pooled is None:  # embedded without the text tower (the frozen row of records)
+    return None
+  present = np.any(eval_set.title_pooled != 0, axis=1)
+  mean = title_feedback.title_mean(eval_set.title_pooled, present & (eval_set.kinds == retrieval.DOC))
+  return title_feedback.title_vectors(eval_set.title_pooled, present, mean)
 
 
 def evaluate(task, inputs, params, *, workdir: str, step: int, artifacts: bool = False,
@@ -47,9 +98,14 @@ def evaluate(task, inputs, params, *, workdir: str, step: int, artifacts: bool =
   """Embeds `split` with `params`, searches, scores and saves the metrics; artifacts: index + contact sheet."""
   config = task.config
   predict = task.jit_predict()
-  eval_set = inputs.eval_set(lambda b: predict(params, b), split)
+  if _title_feedback_on(config) and config.data.get("input", "records") != "tower_features":
+    titles = _jit_title_pooled(task, params)  # records: the text tower's titles, in the same pass
+    eval_set = inputs.eval_set(lambda b: {**predict(params, b), "title": titles(b)}, split)
+  else:
+    eval_set = inputs.eval_set(lambda b: predict(params, b), split)
   result = _search_and_score(config, eval_set, use_scann=config.eval.scann and split == "eval",
-                             scann_dir=os.path.join(workdir, "scann_index") if artifacts else None)
+                             scann_dir=os.path.join(workdir, "scann_index") if artifacts else None,
+                             title_vectors=_title_vectors(config, inputs, eval_set, split))
   subdir = "eval" if split == "eval" else os.path.join("eval", split)
   if jax.process_index() == 0:
     retrieval.save_metrics(os.path.join(workdir, subdir, f"step_{step}.json"), step, result.metrics)
@@ -81,7 +137,9 @@ def frozen_row(task, inputs, state, shardings, workdir: str, *, fresh: bool) -> 
     if not (fresh or config.model.freeze_image_tower):  # fine-tuned since: the pretrained weights again
       params = pretrained_towers.load_pretrained_into_state(state, shardings, config.model)["params"]
     pooled = task.jit_pooled(params)
-  result = _search_and_score(config, inputs.frozen_eval_set(pooled), use_scann=config.eval.scann)
+  eval_set = inputs.frozen_eval_set(pooled)
+  result = _search_and_score(config, eval_set, use_scann=config.eval.scann,
+                             title_vectors=_title_vectors(config, inputs, eval_set, "eval"))
   if jax.process_index() == 0:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:

@@ -5,6 +5,10 @@ Like big_vision's evaluators it receives a predict function, never the model:
 tower once and both heads. Queries are the eval split's shopper photos (kind == query) searched
 against its documents; a catalogue without queries (e.g. a plain product catalogue) is evaluated
 leave-one-out: every document's image queries all *other* documents.
+
+With title vectors (`title_feedback.title_vectors`, one per EvalSet row) and feedback on,
+`search_and_score` also re-ranks the exact top-k by the titles of each query's top results
+(`title_feedback.rerank`) and reports those metrics under ``prf/`` beside the plain ones.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from oclear_jax.evaluators import metrics as metrics_lib
 from oclear_jax.evaluators import plots
 from oclear_jax.evaluators import product1m_metrics
 from oclear_jax.evaluators import scann_search
+from oclear_jax.evaluators import title_feedback
 
 QUERY, DOC = 1, 0
 
@@ -33,6 +38,8 @@ class EvalSet:
   titles: np.ndarray
   query_emb: np.ndarray
   doc_emb: np.ndarray
+  # f32[N, T] the text tower's pooled titles, zero rows = no title; only when predict_fn returns 'title'.
+  title_pooled: np.ndarray | None = None
 
 
 def _pad_batch(batch: dict[str, np.ndarray], size: int) -> tuple[dict[str, np.ndarray], int]:
@@ -44,20 +51,26 @@ def _pad_batch(batch: dict[str, np.ndarray], size: int) -> tuple[dict[str, np.nd
 
 def embed_eval_set(batches: Iterable[dict[str, np.ndarray]], predict_fn: Callable, place_fn: Callable,
                    batch_size: int) -> EvalSet:
-  """Embeds every eval example; the last short batch is padded to keep shapes static."""
-  cols = {k: [] for k in ("ids", "labels", "kinds", "titles", "query_emb", "doc_emb")}
+  """Embeds every eval example; the last short batch is padded to keep shapes static.
+
+  A `predict_fn` that also returns 'title' (f32[B, T], zero where a row has no title) fills
+  `EvalSet.title_pooled`.
+  """
+  cols = {k: [] for k in ("ids", "labels", "kinds", "titles", "query_emb", "doc_emb", "title_pooled")}
   for batch in batches:
     padded, n = _pad_batch({k: batch[k] for k in ("image", "title_tokens", "label", "kind")}, batch_size)
     out = predict_fn(place_fn(padded))
     cols["query_emb"].append(np.asarray(out["query"])[:n])
     cols["doc_emb"].append(np.asarray(out["doc"])[:n])
+    if "title" in out:
+      cols["title_pooled"].append(np.asarray(out["title"])[:n])
     cols["ids"].append(batch["id"][:n])
     cols["labels"].append(batch["label"][:n])
     cols["kinds"].append(batch["kind"][:n])
     cols["titles"].append(batch["title"][:n])
   if not cols["ids"]:
     raise ValueError("the eval split is empty: no evaluation possible (check data.eval_fraction / the split column)")
-  return EvalSet(**{k: np.concatenate(v) for k, v in cols.items()})
+  return EvalSet(**{k: np.concatenate(v) if v else None for k, v in cols.items()})
 
 
 @dataclasses.dataclass
@@ -71,12 +84,19 @@ class SearchResult:
 
 def search_and_score(es: EvalSet, *, ks=(1, 5, 10), use_scann: bool = True, max_k: int = 1000,
                      scann_dir: str | None = None, cutoffs=(10, 50, 100),
-                     scann_params: dict | None = None) -> SearchResult:
+                     scann_params: dict | None = None, title_vectors: np.ndarray | None = None,
+                     feedback_docs: int = 0, feedback_weight: float = 0.4) -> SearchResult:
   """Exact search is ground truth; ScaNN is scored against the labels and against exact.
 
   Metrics: Recall@K for `ks`, Musgrave's MAP@R / R-precision (``map@r``, ``prec@r``) and
   Product1M's Prec@R, mAP@R, mAR@R for each R in `cutoffs` (see `product1m_metrics`).
   `scann_params` are `ScannIndex.build` keyword arguments (`scann_search.params_from_config`).
+
+  Title feedback: with `title_vectors` f32[N, T] (one per EvalSet row, `title_feedback.title_vectors`),
+  `feedback_docs` > 0 and `feedback_weight` > 0, the exact top-k (the same k as the metrics', so it
+  covers every cutoff and R) is re-ranked by `title_feedback.rerank` and scored again into
+  ``prf/<metric>``; leave-one-out's exclusion already keeps a query's own row out of its list, and so
+  out of its feedback. The returned ranking stays the plain one.
   """
   gallery_rows = np.flatnonzero(es.kinds == DOC)
   query_rows = np.flatnonzero(es.kinds == QUERY)
@@ -95,13 +115,19 @@ def search_and_score(es: EvalSet, *, ks=(1, 5, 10), use_scann: bool = True, max_
   k = int(min(max(longest, max_r), max(max_k, longest)))
   scores, retrieved = exact_search.exact_top_k(queries, gallery, k, exclude=exclude)
   scores, retrieved = np.asarray(scores), np.asarray(retrieved)
-  result = dict(metrics_lib.retrieval_metrics(
-      retrieved, q_labels, g_labels, ks=ks, query_ids=q_ids if leave_one_out else None,
-      gallery_ids=g_ids if leave_one_out else None))
-  if cutoffs:
-    result.update(product1m_metrics.product1m_metrics(
-        retrieved, q_labels, g_labels, cutoffs, query_ids=q_ids if leave_one_out else None,
-        gallery_ids=g_ids if leave_one_out else None))
+  loo_ids = dict(query_ids=q_ids, gallery_ids=g_ids) if leave_one_out else dict(query_ids=None, gallery_ids=None)
+
+  def score(ranked: np.ndarray) -> dict[str, float]:
+    out = dict(metrics_lib.retrieval_metrics(ranked, q_labels, g_labels, ks=ks, **loo_ids))
+    if cutoffs:
+      out.update(product1m_metrics.product1m_metrics(ranked, q_labels, g_labels, cutoffs, **loo_ids))
+    return out
+
+  result = score(retrieved)
+  if title_vectors is not None and feedback_docs > 0 and feedback_weight > 0:
+    _, reranked = title_feedback.rerank(scores, retrieved, np.asarray(title_vectors)[gallery_rows],
+                                        feedback_docs=feedback_docs, weight=feedback_weight)
+    result.update({f"prf/{name}": value for name, value in score(reranked).items()})
   result["num_gallery"] = float(len(gallery_rows))
   result["leave_one_out"] = float(leave_one_out)
   if use_scann:
