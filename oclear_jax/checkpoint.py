@@ -114,6 +114,11 @@ class CheckpointStore:
     self._manager.close()
 
 
+def best_checkpoint_dir(workdir: str) -> str:
+  """Where a run keeps the one checkpoint it selected on its validation split (train_eval.py)."""
+  return os.path.join(workdir, "checkpoints_best")
+
+
 def abstract_with_shardings(abstract_tree: Any, shardings: Any) -> Any:
   """Attaches shardings to an eval_shape tree (eval_shape drops them) to make a restore target."""
   return jax.tree.map(

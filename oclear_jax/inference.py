@@ -209,7 +209,10 @@ class TrainedModel:
 
 def restore_trained_model(config: ml_collections.ConfigDict, workdir: str, step: int | None = None, *,
                           records: datasets.PreparedData | None = None) -> TrainedModel:
-  """The run in `workdir` at checkpoint `step` (default latest), built from `config` on its mesh.
+  """The run in `workdir` at checkpoint `step`, built from `config` on its mesh.
+
+  Default step: the checkpoint the run selected on its validation split (checkpoints_best/, see
+  `train_eval.CheckpointSelection`) when it kept one, else the latest.
 
   The vocabulary size and title special ids come from the run's records (`run_records`), never
   from re-preparing data: the model was trained on those records.
@@ -220,7 +223,9 @@ def restore_trained_model(config: ml_collections.ConfigDict, workdir: str, step:
   model = build_model(config.model, vocab_size=records.vocab_size, max_title_len=config.data.max_title_len,
                       title_special_ids=records.title_special_ids)
   abstract, shardings = abstract_model_params(model, config, mesh, rules)
-  params, step = restore_encoder_params(os.path.join(workdir, "checkpoints"),
+  best_dir = checkpoint_lib.best_checkpoint_dir(workdir)
+  use_best = step is None and os.path.isdir(best_dir) and os.listdir(best_dir)
+  params, step = restore_encoder_params(best_dir if use_best else os.path.join(workdir, "checkpoints"),
                                         checkpoint_lib.abstract_with_shardings(abstract, shardings), step)
   return TrainedModel(config=config, mesh=mesh, rules=rules, model=model, params=params, step=step,
                       records=records)

@@ -38,6 +38,8 @@ FUSIONS = ("image_only", "sum", "gated", "concat_mlp", "concept_attention")
 # records.json stores them and the trainer passes them to build_model(title_special_ids=...).
 DEFAULT_SPECIAL_IDS = (2, 3)
 EMBED_AXES = ("batch", "proj")
+# Fusions whose title term is one projection that can start at zero (DocumentFusion.zero_init).
+ZERO_INIT_FUSIONS = ("image_only", "sum", "gated")
 
 
 class TitleFeatures(NamedTuple):
@@ -67,6 +69,9 @@ class DocumentFusion(nn.Module):
   title_dropout: float = 0.0
   concept_slots: int = 16
   concept_heads: int = 4
+  # The title projection starts at zero, so an untrained document is exactly its image embedding
+  # (used with pretrained towers: step 0 reproduces the frozen tower). sum and gated only.
+  zero_init: bool = False
 
   @nn.compact
   def __call__(self, img_emb: jax.Array, title: TitleFeatures | None, image_tokens: jax.Array | None = None, *,
@@ -91,7 +96,9 @@ class DocumentFusion(nn.Module):
       hidden = nn.with_logical_constraint(hidden, ("batch", "mlp"))
       fused = vit.partitioned_dense(embed_dim, ("mlp", "proj"), name="fc2")(hidden)
     else:
-      text_emb = vit.partitioned_dense(embed_dim, ("embed", "proj"), name="text_proj")(title.pooled)
+      text_init = nn.initializers.zeros_init() if self.zero_init else nn.initializers.xavier_uniform()
+      text_emb = vit.partitioned_dense(embed_dim, ("embed", "proj"), name="text_proj", kernel_init=text_init)(
+          title.pooled)
       if self.mode == "gated":
         gate_in = jnp.concatenate([img_emb, title.pooled], axis=-1)
         gate = nn.sigmoid(vit.partitioned_dense(embed_dim, ("embed", "proj"), name="gate")(gate_in))

@@ -50,6 +50,7 @@ class ModelConfig:
   text: TextConfig = dataclasses.field(default_factory=TextConfig)
   embed_dim: int = 128
   head_hidden: int = 256
+  head: str = "mlp"
   fusion: str = "gated"
   title_dropout: float = 0.1
   shared_heads: bool = False
@@ -97,12 +98,38 @@ class ProjectionHead(nn.Module):
     return nn.with_logical_constraint(x, fusion_lib.EMBED_AXES)
 
 
+class IdentityLinearHead(nn.Module):
+  """x / |x| -> Dense(width -> embed_dim) with the kernel initialised to the identity.
+
+  Why: a randomly initialised head throws away what the pretrained tower knows, and on unseen
+  products a small head trained on frozen features ends below the raw features it started from
+  (PITFALLS.md). Started at the identity, step 0 ranks exactly as the frozen tower's cosine does,
+  and training only moves the space away from it where the categories ask for it; the linear map
+  (no hidden layer) keeps that move small and easy to regularise. Needs embed_dim == the tower's
+  width (1280 for EfficientNet-Lite0).
+  """
+  embed_dim: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if x.shape[-1] != self.embed_dim:
+      raise ValueError(f"model.head='identity_linear' needs model.embed_dim == the image tower's width; got "
+                       f"embed_dim={self.embed_dim}, width={x.shape[-1]}: set model.embed_dim={x.shape[-1]}")
+    identity = lambda key, shape, dtype=jnp.float32: jnp.eye(*shape, dtype=dtype)
+    x = vit.partitioned_dense(self.embed_dim, ("embed", "proj"), name="linear", kernel_init=identity)(l2_normalize(x))
+    return nn.with_logical_constraint(x, fusion_lib.EMBED_AXES)
+
+
+HEADS = ("mlp", "identity_linear")
+
+
 class OclearModel(nn.Module):
   """Query and document embeddings (unit norm, f32[B, embed_dim]); see the module docstring."""
   image_encoder: nn.Module
   text_encoder: nn.Module | None
   embed_dim: int
   head_hidden: int
+  head: str = "mlp"
   fusion: str = "gated"
   title_dropout: float = 0.0
   shared_heads: bool = False
@@ -117,13 +144,16 @@ class OclearModel(nn.Module):
   def setup(self):
     if self.fusion != "image_only" and self.text_encoder is None:
       raise ValueError(f"fusion={self.fusion!r} needs a text_encoder; pass one or use fusion='image_only'")
+    make_head = (lambda: IdentityLinearHead(self.embed_dim)) if self.head == "identity_linear" else (
+        lambda: ProjectionHead(self.head_hidden, self.embed_dim))
     if self.shared_heads:
-      self.shared_head = ProjectionHead(self.head_hidden, self.embed_dim)
+      self.shared_head = make_head()
     else:
-      self.query_head = ProjectionHead(self.head_hidden, self.embed_dim)
-      self.doc_head = ProjectionHead(self.head_hidden, self.embed_dim)
+      self.query_head = make_head()
+      self.doc_head = make_head()
+    # With the identity head the title term starts at zero too: step 0 is the frozen tower, documents included.
     self.doc_fusion = fusion_lib.DocumentFusion(self.fusion, self.title_dropout, self.concept_slots,
-                                                self.concept_heads)
+                                                self.concept_heads, zero_init=self.head == "identity_linear")
 
   def _image_features(self, images: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
     """(spatial tokens f32[B, N, W], pooled f32[B, W]) of the image tower."""
@@ -259,6 +289,11 @@ def build_model(model_config: Any, *, vocab_size: int, max_title_len: int,
     raise ValueError(f"model.image_tower={config.image_tower!r} is unknown; registered: {sorted(IMAGE_TOWERS)}")
   if config.fusion not in fusion_lib.FUSIONS:
     raise ValueError(f"model.fusion={config.fusion!r} is unknown; use one of {fusion_lib.FUSIONS}")
+  if config.head not in HEADS:
+    raise ValueError(f"model.head={config.head!r} is unknown; use one of {HEADS}")
+  if config.head == "identity_linear" and config.fusion not in fusion_lib.ZERO_INIT_FUSIONS:
+    raise ValueError(f"model.head='identity_linear' starts the title term at zero, which fusion={config.fusion!r} "
+                     f"cannot; use one of {fusion_lib.ZERO_INIT_FUSIONS}")
   if not 0.0 <= config.title_dropout <= 1.0:
     raise ValueError(f"model.title_dropout={config.title_dropout} must lie in [0, 1]")
   text_encoder = None
@@ -271,6 +306,7 @@ def build_model(model_config: Any, *, vocab_size: int, max_title_len: int,
       text_encoder=text_encoder,
       embed_dim=config.embed_dim,
       head_hidden=config.head_hidden,
+      head=config.head,
       fusion=config.fusion,
       title_dropout=config.title_dropout,
       shared_heads=config.shared_heads,

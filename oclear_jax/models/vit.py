@@ -30,11 +30,12 @@ TOKEN_AXES = ("batch", "length", "embed")
 POOLED_AXES = ("batch", "embed")
 
 
-def partitioned_dense(features: int, kernel_axes: tuple[str, str], *, name: str | None = None) -> nn.Dense:
+def partitioned_dense(features: int, kernel_axes: tuple[str, str], *, name: str | None = None,
+                      kernel_init: nn.initializers.Initializer = nn.initializers.xavier_uniform()) -> nn.Dense:
   """A Dense layer whose kernel and bias carry logical axis names (the bias takes the output's)."""
   return nn.Dense(
       features,
-      kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(), kernel_axes),
+      kernel_init=nn.with_logical_partitioning(kernel_init, kernel_axes),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), kernel_axes[-1:]),
       name=name)
 
