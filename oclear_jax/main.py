@@ -163,7 +163,12 @@ def _prepare(config, workdir):
 
 
 def _train(config, workdir):
+  from oclear_jax import datasets  # pylint: disable=g-import-not-at-top
   from oclear_jax import trainer  # pylint: disable=g-import-not-at-top
+  if config.data.governed and not os.path.exists(datasets.governed_catalogue_path(workdir)):
+    # One command from a raw catalogue to a trained model: govern first (what --mode=govern does).
+    print(f"{datasets.governed_catalogue_path(workdir)} does not exist: governing the catalogue first")
+    _govern(config, workdir)
   result = trainer.train_and_evaluate(config, workdir)
   selected = (result.get("best") or {}).get("step")
   history = {s: m for s, m in result["eval"].items() if s in (0, result["final_step"], selected)}

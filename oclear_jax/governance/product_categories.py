@@ -375,19 +375,3 @@ def read_catalogues(csv_paths: Sequence[str], columns: catalogue_lib.CatalogueCo
       rows.append(row)
       source.append(name)
   return SourcedCatalogue(rows=rows, source=source, sources=sources, counts=counts, renamed_ids=renamed)
-
-
-def myntra_overrides(small_root: str, thumbs_root: str) -> dict[str, object]:
-  """The config overrides that govern the two Myntra folders of ../shared/data into product categories:
-  fashion_small12k is the main catalogue (full resolution: the only one evaluated), fashion_thumbs32k
-  (60x80 thumbnails) adds training products. Apply with `config.update_from_flattened_dict(...)`."""
-  return {
-      "data.source": "csv", "data.root": small_root, "data.csv": "meta.csv",
-      "data.columns.id": "id", "data.columns.image": "image", "data.columns.title": "productDisplayName",
-      "data.columns.label": "articleType", "data.columns.kind": "", "data.columns.split": "",
-      "data.columns.colour": "baseColour",
-      "governance.categories": "product",
-      "governance.extra_catalogues": (os.path.join(thumbs_root, "meta.csv"),),
-      "governance.eval_sources": (os.path.basename(os.path.normpath(small_root)),),
-      "governance.val_fraction": 0.1, "governance.eval_fraction": 0.2,
-  }
