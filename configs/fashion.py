@@ -8,11 +8,12 @@ The CSV has no query/doc or split columns: every row is a catalogue document, ca
 split class-disjointly (held-out articleTypes only at evaluation), and evaluation is
 leave-one-out (each held-out image queries all other held-out documents).
 
-`frozen` (optionally `frozen,/path/to/catalogue`) is the setting of
-benchmarks/fashion_retrieval.py: the pretrained towers from wheels (EfficientNet-Lite0 ImageNet
-at 224 px, MiniLM-L6), frozen, so only the query/doc heads, the fusion and the class centres
-train. The benchmark trains exactly those on cached tower features (oclear_jax/frozen_features.py);
-the trainer runs the same model end to end (slow on a CPU: the towers run at every step).
+`frozen` (optionally `frozen,/path/to/catalogue`): the pretrained towers from wheels
+(EfficientNet-Lite0 ImageNet at 224 px, MiniLM-L6), frozen, so only the query/doc heads, the
+fusion and the class centres train, on the records (the towers run at every step; add
+`--config.data.input=tower_features` to train on their cached outputs). The articleType-level
+baseline of benchmarks/fusion_ablation.py; the recommended real-data model is
+configs/fashion_products.py (same-product categories).
 """
 import os
 
@@ -44,7 +45,7 @@ def get_config(arg: str | None = None):
 
 
 def _frozen_towers(c) -> None:
-  """Frozen wheel towers; heads, fusion and margin as chosen by benchmarks/fashion_retrieval.py.
+  """Frozen wheel towers; heads, fusion and margin as chosen by the former fashion_retrieval benchmark.
 
   Shared heads: queries and documents are the same catalogue photos here, so one image head
   serves both and only the (gated) title term tells a document from its query. Title dropout
