@@ -3,7 +3,7 @@
 Layout of a record directory:
   {split}-{i:05d}-of-{n:05d}.tfrecord  examples: id, image (JPEG), title, title_tokens,
                                        label, kind (0 doc, 1 query)
-  labels.json     {"train": {label: int}, "eval": {label: int}}, each sorted by label
+  labels.json     {"train": {label: int}, "eval": {label: int}[, "val": ...]}, each sorted by label
   skipped.jsonl   one line per row whose image could not be used, with the reason
   tokenizer.json  the tokenizer that made title_tokens
   records.json    summary and fingerprint; written last, so its presence means "complete"
@@ -157,9 +157,12 @@ def write_records(rows: Sequence[CatalogueRow], out_dir: str | os.PathLike, *,
       staged.append((row, staging.tell(), len(jpeg)))
       staging.write(jpeg)
 
-  # Label maps come from the rows that survived, so every train id has examples.
+  # Label maps come from the rows that survived, so every train id has examples. A 'val' split
+  # (training products held out for checkpoint selection, e.g. governance's product categories)
+  # is written like the others when the catalogue has one.
+  splits = ("train", "eval") + (("val",) if any(row.split == "val" for row, _, _ in staged) else ())
   label_maps = {}
-  for split in ("train", "eval"):
+  for split in splits:
     labels = sorted({row.label for row, _, _ in staged if row.split == split})
     label_maps[split] = {label: i for i, label in enumerate(labels)}
   (tmp_dir / LABELS_FILE).write_text(json.dumps(label_maps, indent=1, ensure_ascii=False))
@@ -167,10 +170,10 @@ def write_records(rows: Sequence[CatalogueRow], out_dir: str | os.PathLike, *,
   # Pass 2: tokenize titles and write shards round-robin in a fixed shuffled order.
   random.Random(_WRITE_ORDER_SEED).shuffle(staged)
   tokens = tokenizer.encode_batch([row.title for row, _, _ in staged], max_title_len)
-  counts = {s: {"doc": 0, "query": 0, "total": 0} for s in ("train", "eval")}
+  counts = {s: {"doc": 0, "query": 0, "total": 0} for s in splits}
   files = {}
   with open(tmp_dir / "staging.bin", "rb") as staging:
-    for split in ("train", "eval"):
+    for split in splits:
       indices = [i for i, (row, _, _) in enumerate(staged) if row.split == split]
       n = max(1, min(num_shards, len(indices)))
       files[split] = [shard_name(split, i, n) for i in range(n)]

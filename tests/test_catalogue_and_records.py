@@ -145,3 +145,18 @@ def test_images_convert_to_rgb(written):
       if row_id in tiny_catalogue.CONVERTED:
         seen[row_id] = tf.io.decode_jpeg(ex["image"].bytes_list.value[0]).shape
   assert seen == {k: (24, 32, 3) for k in tiny_catalogue.CONVERTED}
+
+
+def test_a_val_split_is_written_not_dropped(read, title_tokenizer, tmp_path):
+  """Rows marked 'val' (training products held out for checkpoint selection) get their own shards."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from input_pipeline import records  # pylint: disable=g-import-not-at-top
+  rows = [dataclasses.replace(r, split="val") if r.split == "train" and r.label in ("cat00", "cat01") else r
+          for r in read.rows]
+  summary = records.write_records(rows, tmp_path / "recs", tokenizer=title_tokenizer, max_title_len=16,
+                                  num_shards=2, progress=False)
+  bad = set(tiny_catalogue.BAD_IMAGES)
+  val_rows = [r for r in rows if r.split == "val" and r.id not in bad]
+  assert val_rows and summary["counts"]["val"]["total"] == len(val_rows)
+  assert sum(c["total"] for c in summary["counts"].values()) == len([r for r in rows if r.id not in bad])
+  assert summary["files"]["val"] and summary["num_classes"]["val"] == 2
