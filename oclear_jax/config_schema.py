@@ -51,8 +51,14 @@ def base_config() -> ml_collections.ConfigDict:
   # 'tower_features': with frozen pretrained towers, their outputs of every catalogue row, computed
   # once and cached in `feature_cache` ('' = {workdir}/tower_features); heads, fusion and class
   # centres train on them, the checkpoint is the same full model. No augmentation, no balanced sampling.
+  # 'trunk_activations' (partial fine-tuning, model.image_trainable_from=k >= 1): the frozen stem and blocks
+  # 0..k-1 of EfficientNet-Lite0 run once per row and view (`trunk_views`: view 0 = eval preprocessing,
+  # views >= 1 = seeded crop + flip) and are cached as float16 in `feature_cache` ('' =
+  # {workdir}/trunk_activations; oclear_jax/weights/trunk_cache.py); the tower's top, heads, fusion and
+  # class centres train on them, titles come from the tower_features cache.
   c.data.input = "records"
   c.data.feature_cache = ""
+  c.data.trunk_views = 2
 
   c.model = ml_collections.ConfigDict()
   c.model.image_tower = "vit"
@@ -80,6 +86,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.text_pretrained = False
   c.model.freeze_image_tower = False
   c.model.freeze_text_tower = False
+  # With freeze_image_tower=False: the first trained MBConv block of EfficientNet-Lite0 (0..16). 0 = the
+  # whole tower trains; k = the stem and blocks 0..k-1 are frozen (no gradient, no update), blocks k..15
+  # and the 1x1 head conv train; 16 = only the head conv trains. Maps at 224 px (the trunk's output,
+  # models/efficientnet.py trunk_shape): 1: 112x112x16, 2-3: 56x56x24, 4-5: 28x28x40, 6-8: 14x14x80,
+  # 9-11: 14x14x112, 12-15: 7x7x192, 16: 7x7x320. Records and trunk_activations honour it alike.
+  c.model.image_trainable_from = 0
 
   # Learning by classification: a margin softmax over class centres named ('classes', 'embed').
   c.head = ml_collections.ConfigDict()
@@ -112,6 +124,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.weight_decay = 1e-4
   c.optimizer.grad_clip_norm = 1.0
   c.optimizer.b2 = 0.999
+  # Learning-rate multiplier of the pretrained towers' trained parameters (e.g. 0.1); heads, fusion and
+  # class centres keep optimizer.learning_rate.
+  c.optimizer.pretrained_lr_scale = 1.0
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 128  # global
@@ -251,7 +266,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _validate_training_input(config)
 
 
-INPUTS = ("records", "tower_features")
+INPUTS = ("records", "tower_features", "trunk_activations")
 HEAD_LOSSES = ("margin_softmax", "info_nce")
 SELECT_ON = ("", "val")
 # data.input='tower_features': the towers whose outputs the trainer caches (train_inputs.py).
@@ -270,25 +285,58 @@ def _validate_training_input(config: ml_collections.ConfigDict) -> None:
                        "set config.train.both_views=True")
     if config.head.temperature <= 0:
       raise ValueError(f"config.head.temperature={config.head.temperature} must be positive")
-  if data.input != "tower_features":
+  _validate_fine_tuning(config)
+  if data.input not in ("tower_features", "trunk_activations"):
     return
-  sides = ("image",) + (("text",) if model.fusion != "image_only" else ())
+  trunk = data.input == "trunk_activations"
+  sides = (() if trunk else ("image",)) + (("text",) if model.fusion != "image_only" else ())
   for side in sides:
     tower_key, tower = FEATURE_TOWERS[side]
     if not model.get(f"freeze_{side}_tower") or model.get(tower_key) != tower:
       raise ValueError(
-          f"config.data.input='tower_features' trains on cached outputs of frozen pretrained towers, but the "
+          f"config.data.input={data.input!r} trains on cached outputs of frozen pretrained towers, but the "
           f"{side} tower is config.model.{tower_key}={model.get(tower_key)!r} with "
           f"freeze_{side}_tower={model.get(f'freeze_{side}_tower')}; set config.model.{tower_key}={tower!r}, "
           f"{side}_pretrained=True and freeze_{side}_tower=True"
           + (" (or fusion='image_only')" if side == "text" else "") + ", or use config.data.input='records'")
   if data.stored_image_size < 32:
-    raise ValueError(f"config.data.stored_image_size={data.stored_image_size}: data.input='tower_features' "
+    raise ValueError(f"config.data.stored_image_size={data.stored_image_size}: data.input={data.input!r} "
                      f"computes image features at that size, which must be at least 32")
   if data.get("governed", False) and data.get("balanced_sampling", True):
-    raise ValueError("config.data.input='tower_features' draws batches uniformly (epochs of permutations); "
+    raise ValueError(f"config.data.input={data.input!r} draws batches uniformly (epochs of permutations); "
                      "governance's class-balanced sampling is only applied to records: set "
                      "config.data.balanced_sampling=False or config.data.input='records'")
+
+
+def _validate_fine_tuning(config: ml_collections.ConfigDict) -> None:
+  """model.image_trainable_from, optimizer.pretrained_lr_scale and data.input='trunk_activations'."""
+  data, model = config.data, config.model
+  scale = config.optimizer.get("pretrained_lr_scale", 1.0)
+  if not scale > 0:
+    raise ValueError(f"config.optimizer.pretrained_lr_scale={scale} must be positive (1 = the full learning rate)")
+  k = model.get("image_trainable_from", 0)
+  if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= 16:
+    raise ValueError(f"config.model.image_trainable_from={k!r}: use an int in 0..16 (0 = the whole image tower "
+                     f"trains, k = blocks k..15 and the head conv train, 16 = only the head conv)")
+  if k > 0:
+    if model.image_tower != "efficientnet_lite0":
+      raise ValueError(f"config.model.image_trainable_from={k} splits EfficientNet-Lite0 in blocks, but "
+                       f"config.model.image_tower={model.image_tower!r}; use 'efficientnet_lite0' or set "
+                       f"config.model.image_trainable_from=0")
+    if not model.image_pretrained:
+      raise ValueError(f"config.model.image_trainable_from={k} would freeze random blocks; set "
+                       f"config.model.image_pretrained=True or config.model.image_trainable_from=0")
+    if model.freeze_image_tower:
+      raise ValueError(f"config.model.image_trainable_from={k} trains blocks {k}.. of the image tower, but "
+                       f"config.model.freeze_image_tower=True freezes all of it; set freeze_image_tower=False "
+                       f"(or image_trainable_from=0)")
+  if data.input == "trunk_activations":
+    if k < 1 or model.freeze_image_tower:
+      raise ValueError(f"config.data.input='trunk_activations' trains the image tower from block "
+                       f"config.model.image_trainable_from on cached trunk maps; set freeze_image_tower=False and "
+                       f"image_trainable_from to 1..16 (got {k}; 0 = the whole tower: use data.input='records')")
+    if data.get("trunk_views", 1) < 1:
+      raise ValueError(f"config.data.trunk_views={data.trunk_views} must be at least 1 (view 0 = eval preprocessing)")
 
 
 def _validate_towers(model: ml_collections.ConfigDict) -> None:

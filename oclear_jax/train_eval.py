@@ -70,10 +70,15 @@ def _jit_title_pooled(task, params):
   return run
 
 
+def _cached_tower_outputs(inputs) -> bool:
+  """The cached-input sources (tower_features, trunk_activations) hold the frozen towers' outputs, titles included."""
+  return getattr(inputs, "splits", None) is not None
+
+
 def _title_vectors(config, inputs, eval_set: retrieval.EvalSet, split: str) -> np.ndarray | None:
   """f32[N, T] per eval row (`title_feedback.title_vectors`), or None: no title feedback.
 
-  tower_features: the cached frozen MiniLM titles, centred by the training rows' mean. Records: the
+  Cached inputs: the cached frozen MiniLM titles, centred by the training rows' mean. Records: the
   text tower's pooled titles the predict function returned (`EvalSet.title_pooled`), centred by the
   gallery's own mean (a training-split mean would need a pass over the training records).
   """
@@ -82,7 +87,7 @@ def _title_vectors(config, inputs, eval_set: retrieval.EvalSet, split: str) -> n
                     "no title feedback, no prf/ metrics", config.eval.title_feedback_docs)
   if not _title_feedback_on(config):
     return None
-  if config.data.get("input", "records") == "tower_features":
+  if _cached_tower_outputs(inputs):
     train, rows = inputs.splits["train"].table, inputs.splits[split].table
     return title_feedback.title_vectors(rows.text_pooled, rows.present,
                                         title_feedback.title_mean(train.text_pooled, train.present))
@@ -98,7 +103,7 @@ def evaluate(task, inputs, params, *, workdir: str, step: int, artifacts: bool =
   """Embeds `split` with `params`, searches, scores and saves the metrics; artifacts: index + contact sheet."""
   config = task.config
   predict = task.jit_predict()
-  if _title_feedback_on(config) and config.data.get("input", "records") != "tower_features":
+  if _title_feedback_on(config) and not _cached_tower_outputs(inputs):
     titles = _jit_title_pooled(task, params)  # records: the text tower's titles, in the same pass
     eval_set = inputs.eval_set(lambda b: {**predict(params, b), "title": titles(b)}, split)
   else:
@@ -128,7 +133,7 @@ def frozen_row(task, inputs, state, shardings, workdir: str, *, fresh: bool) -> 
   if os.path.exists(path):
     with open(path, encoding="utf-8") as f:
       return json.load(f)["metrics"]
-  features = config.data.get("input", "records") == "tower_features"
+  features = _cached_tower_outputs(inputs)  # the cached frozen pooled features are the frozen row
   if not (features or config.model.image_pretrained):
     return None
   pooled = None

@@ -1,4 +1,4 @@
-"""The trainer's two input sources: records (images through the towers) and cached tower features.
+"""The trainer's input sources: records (images through the towers), cached tower features, cached trunk maps.
 
 Both give the loop the same things, so everything after them -- the update step, the sharded
 head, checkpoints, exact resume, evaluators, logging -- is the one trainer's:
@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import functools
 import itertools
+import logging
+import os
 from collections.abc import Callable, Iterator
 
 import jax
@@ -118,8 +120,16 @@ class TowerFeaturesInput:
     share = slice(jax.process_index() * local, (jax.process_index() + 1) * local)
     for step in itertools.count(start_step + 1):
       rows = epoch_rows(len(train), self.config.train.batch_size, self.config.seed, step)[share]
-      yield {**train.table.device_batch(rows), "label": train.labels[rows], "kind": train.kinds[rows],
-             "id": train.ids[rows]}
+      yield {**self._train_batch(step, share, rows), "id": train.ids[rows]}
+
+  def _train_batch(self, step: int, share: slice, rows: np.ndarray) -> HostBatch:
+    """This process's `share` of global batch `step`, whose rows here are `rows`."""
+    del step, share
+    return self._split_batch("train", rows)
+
+  def _split_batch(self, split: str, rows: np.ndarray) -> HostBatch:
+    s = self.splits[split]
+    return {**s.table.device_batch(rows), "label": s.labels[rows], "kind": s.kinds[rows]}
 
   def to_device(self, batch: HostBatch) -> dict[str, jax.Array]:
     return self.place({k: v for k, v in batch.items() if k != "id"})
@@ -135,7 +145,7 @@ class TowerFeaturesInput:
     query, doc = [], []
     for start in range(0, len(s), size):
       rows = np.minimum(np.arange(start, start + size), len(s) - 1)  # static shapes: pad with the last row
-      out = predict(self.place({**s.table.device_batch(rows), "label": s.labels[rows], "kind": s.kinds[rows]}))
+      out = predict(self.place(self._split_batch(split, rows)))
       count = min(size, len(s) - start)
       query.append(np.asarray(out["query"])[:count])
       doc.append(np.asarray(out["doc"])[:count])
@@ -155,9 +165,77 @@ class TowerFeaturesInput:
             for i, p in zip(s.ids.tolist(), s.image_paths.tolist()) if i in ids}
 
 
+def trunk_views(seed: int, step: int, batch_size: int, num_views: int) -> np.ndarray:
+  """int[batch_size]: the view each position of global batch `step` reads; a function of (seed, step) only.
+
+  The rows of a batch are a function of (seed, step) too (`epoch_rows`), so each row's view is
+  one of (seed, step, row): a resumed run reads exactly the views an uninterrupted one would.
+  """
+  return np.random.default_rng([seed, step, 1]).integers(num_views, size=batch_size)
+
+
+class TrunkActivationsInput(TowerFeaturesInput):
+  """Cached trunk maps of the image tower (`weights.trunk_cache`), the top of which trains.
+
+  `model.image_trainable_from=k`: the frozen stem and blocks 0..k-1 of EfficientNet-Lite0 ran once
+  per training row for `data.trunk_views` views (view 0 = eval preprocessing, views >= 1 = seeded
+  crops and flips) and once per other row (view 0). Each step reads, for each row of the
+  tower_features batch order, the map of one view (`trunk_views`); the loss runs the tower's top
+  (blocks k.., head conv; `EfficientNetLite0.top`) and then the heads and fusion. Titles, labels,
+  kinds and the frozen pretrained row come from the tower_features cache, as in that source.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, prepared: datasets.PreparedData, place: Callable,
+               workdir: str, *, progress: bool = True):
+    from oclear_jax.weights import trunk_cache  # pylint: disable=g-import-not-at-top
+    super().__init__(config, prepared, place, workdir, progress=progress)
+    self.num_views = int(config.data.trunk_views)
+    paths, counts = [], []
+    for name, s in self.splits.items():
+      paths += s.image_paths.tolist()
+      counts += [self.num_views if name == "train" else 1] * len(s)
+    self.cache = trunk_cache.trunk_activations(
+        paths, counts, image_size=config.data.stored_image_size, trainable_from=config.model.image_trainable_from,
+        cache_dir=config.data.get("feature_cache") or os.path.join(workdir, "trunk_activations"),
+        batch_size=min(64, config.eval.batch_size), progress=progress)
+    # items[split]: int64[views, rows] rows of the cache; a row any of whose views failed is dropped (the
+    # tower_features source decodes the same way, so this only differs from it if a file changed since)
+    self.items = {}
+    for name, s in list(self.splits.items()):
+      views = self.num_views if name == "train" else 1
+      items = np.stack([self.cache.rows(s.image_paths, v) for v in range(views)])
+      keep = np.flatnonzero(self.cache.ok[items].all(axis=0))
+      if len(keep) < len(s):
+        logging.warning("trunk activations: %d of %d %s rows dropped (unreadable image)", len(s) - len(keep),
+                        len(s), name)
+        self.splits[name] = s = tower_features.FeatureSplit(
+            table=s.table.take(keep), ids=s.ids[keep], labels=s.labels[keep], kinds=s.kinds[keep],
+            titles=s.titles[keep], image_paths=s.image_paths[keep])
+        items = items[:, keep]
+      if not len(keep):
+        del self.splits[name]
+        continue
+      self.items[name] = items
+    if "train" not in self.splits:
+      raise ValueError(f"data.input='trunk_activations': no readable training rows in {prepared.catalogue_csv}")
+
+  def _split_batch(self, split: str, rows: np.ndarray, views: np.ndarray | int = 0) -> HostBatch:
+    """Rows of `split` with the trunk map of view `views` (the eval preprocessing by default)."""
+    s = self.splits[split]
+    titles = {k: v for k, v in s.table.device_batch(rows).items() if not k.startswith("image_")}
+    trunk = self.cache.activations[self.items[split][views, rows]]
+    return {**titles, "trunk": trunk, "label": s.labels[rows], "kind": s.kinds[rows]}
+
+  def _train_batch(self, step: int, share: slice, rows: np.ndarray) -> HostBatch:
+    views = trunk_views(self.config.seed, step, self.config.train.batch_size, self.num_views)[share]
+    return self._split_batch("train", rows, views)
+
+
 def make_input(config: ml_collections.ConfigDict, prepared: datasets.PreparedData, place: Callable, workdir: str, *,
                progress: bool = True):
   """The input source `config.data.input` names."""
   if config.data.get("input", "records") == "tower_features":
     return TowerFeaturesInput(config, prepared, place, workdir, progress=progress)
+  if config.data.get("input", "records") == "trunk_activations":
+    return TrunkActivationsInput(config, prepared, place, workdir, progress=progress)
   return RecordsInput(config, prepared, place)

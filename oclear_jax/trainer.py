@@ -67,14 +67,16 @@ class OclearTask:
     self.rules = sharding.logical_rules(config.sharding.rules)
     self.model = build_model(config.model, vocab_size=vocab_size, max_title_len=config.data.max_title_len,
                              title_special_ids=title_special_ids)  # the records' tokenizer's [CLS], [SEP]
+    # model.image_trainable_from=k: no backward pass through the frozen image trunk (blocks < k).
+    self.model = pretrained_towers.with_trainable_from(self.model, config.model)
     self.num_classes = num_classes
     self.batch_axes = sharding.mesh_axes("batch", self.rules)
     self.class_axes = sharding.mesh_axes("classes", self.rules)
     self.padded_classes = sharded_softmax.pad_num_classes(
         num_classes, sharding.num_shards(mesh, self.class_axes), chunk_size=config.head.chunk_size or None)
-    # Frozen towers (config.model.freeze_*) get zero updates: no Adam step, no weight decay, no moments.
-    self.tx = pretrained_towers.freeze_towers(make_optimizer(config.optimizer, config.train.num_steps),
-                                              pretrained_towers.frozen_towers(config.model))
+    # Frozen towers (config.model.freeze_*) and the image trunk before model.image_trainable_from get zero
+    # updates: no Adam step, no weight decay, no moments; optimizer.pretrained_lr_scale slows pretrained layers.
+    self.tx = pretrained_towers.tower_optimizer(make_optimizer(config.optimizer, config.train.num_steps), config)
     self.margin_fn = margin_from_config(config.head)
     size = config.data.stored_image_size
     self._dummy = dict(
@@ -116,13 +118,21 @@ class OclearTask:
     return TitleFeatures(batch["text_tokens"].astype(jnp.float32), batch["text_pooled"], batch["text_mask"],
                          batch["present"])
 
+  def _image_features(self, variables, batch):
+    """(image tokens, pooled) of a features batch; a trunk batch runs the image tower's trainable top."""
+    if "trunk" not in batch:
+      return batch["image_tokens"].astype(jnp.float32), batch["image_pooled"]
+    k = self.config.model.image_trainable_from
+    return self.model.apply(variables, batch["trunk"], method=lambda m, a: m.image_encoder.top(a, k))
+
   def _both_views(self, variables, batch, *, train: bool, rngs=None):
     """(query view, document view) of every row; a features batch skips the (frozen) towers."""
     if "image" in batch:
       return self.model.apply(variables, batch["image"], batch["title_tokens"], train=train, rngs=rngs,
                               method="both_views")
-    queries = self.model.apply(variables, batch["image_pooled"], method="queries_from_features")
-    documents = self.model.apply(variables, batch["image_tokens"].astype(jnp.float32), batch["image_pooled"],
+    image_tokens, image_pooled = self._image_features(variables, batch)
+    queries = self.model.apply(variables, image_pooled, method="queries_from_features")
+    documents = self.model.apply(variables, image_tokens, image_pooled,
                                  self._title(batch), train=train, rngs=rngs, method="documents_from_features")
     return queries, documents
 
@@ -131,7 +141,7 @@ class OclearTask:
     if "image" in batch:
       return self.model.apply(variables, batch["image"], batch["title_tokens"], batch["kind"] == 1, train=True,
                               rngs=rngs)
-    return self.model.apply(variables, batch["image_tokens"].astype(jnp.float32), batch["image_pooled"],
+    return self.model.apply(variables, *self._image_features(variables, batch),
                             self._title(batch), batch["kind"] == 1, train=True, rngs=rngs, method="from_features")
 
   # == Update step ===============================================================================

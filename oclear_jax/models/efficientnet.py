@@ -164,6 +164,40 @@ class MBConvBlock(nn.Module):
     return nn.with_logical_constraint(y, FEATURE_MAP_AXES)
 
 
+NUM_BLOCKS = sum(stage[0] for stage in LITE0_STAGES)  # 16 MBConv blocks
+
+
+def check_trainable_from(k: int) -> int:
+  if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= NUM_BLOCKS:
+    raise ValueError(f"model.image_trainable_from={k!r}: use an int in 0..{NUM_BLOCKS} (0 = the whole tower "
+                     f"trains; k = stem and blocks 0..k-1 frozen, blocks k..{NUM_BLOCKS - 1} and the head conv "
+                     f"train; {NUM_BLOCKS} = only the final 1x1 head conv trains)")
+  return k
+
+
+def trunk_shape(image_size: int, upto: int) -> tuple[int, int, int]:
+  """(h, w, c) of `trunk(images f32[B, S, S, 3], upto)`: the input of block `upto` (the images for 0).
+
+  At 224 px: 0: 224x224x3 (images), 1: 112x112x16, 2-3: 56x56x24, 4-5: 28x28x40, 6-8: 14x14x80,
+  9-11: 14x14x112, 12-15: 7x7x192, 16: 7x7x320 (the head conv's input).
+  """
+  check_trainable_from(upto)
+  if upto == 0:
+    return image_size, image_size, 3
+  side = same_padding(image_size, 3, 2)[1]  # the stem
+  for spec in list(block_specs())[:upto]:
+    side = same_padding(side, spec.kernel, spec.stride)[1]
+  return side, side, list(block_specs())[upto - 1].out_channels
+
+
+_ALL_LAYERS = NUM_BLOCKS + 2
+
+
+def _first_top_layer(k: int) -> int:
+  """The first layer of `top(., k)`: 0 (the stem) for k=0, else block k's layer k + 1."""
+  return 0 if check_trainable_from(k) == 0 else k + 1
+
+
 class EfficientNetLite0(nn.Module):
   """Images f32[B, H, W, 3] in [-1, 1] -> (tokens f32[B, h*w, 1280], pooled f32[B, 1280]).
 
@@ -172,17 +206,47 @@ class EfficientNetLite0(nn.Module):
   `__call__` returns (tokens, pooled, logits) *in addition*: the ImageNet head (1000) is for
   checking the weights, not for retrieval; the registered tower has none. `train` is accepted
   for the tower contract: the tower has no dropout and no batch statistics (BN is folded).
+
+  Two parts, split before MBConv block k (`model.image_trainable_from`, 0..16; `trunk_shape`
+  gives the map sizes): `trunk(images, upto=k)` runs the input scaling, the stem and blocks
+  0..k-1 (k=0: the images unchanged), `top(activations, start=k)` the rest (blocks k..15, the
+  1x1 head conv, pooling); `__call__(x) == top(trunk(x, k), k)` bitwise for every k. With
+  `trainable_from=k > 0`, `__call__` puts a stop_gradient on the trunk's output, so fine-tuning
+  from block k spends no backward pass on the frozen part. Parameter names are the same for
+  every k (stem, block0..block15, head), so pretrained weights and checkpoints load unchanged.
   """
   num_classes: int = 0
+  trainable_from: int = 0
 
-  @nn.compact
   def __call__(self, images: jax.Array, *, train: bool = False):
     del train
-    x = images.astype(jnp.float32) * INPUT_SCALE + INPUT_SHIFT
-    x = nn.with_logical_constraint(x, FEATURE_MAP_AXES)
-    x = jax.nn.relu6(FoldedConv(STEM_WIDTH, 3, 2, "dense", name="stem")(x))
-    for i, spec in enumerate(block_specs()):
-      x = MBConvBlock(spec, name=f"block{i}")(x)
+    return self._forward(images, 0, _ALL_LAYERS, stop_gradient_at=self.trainable_from)
+
+  def trunk(self, images: jax.Array, upto: int) -> jax.Array:
+    """Images -> the input of block `upto`, f32[B, h, w, c] (`trunk_shape`)."""
+    return self._forward(images, 0, _first_top_layer(upto))
+
+  def top(self, activations: jax.Array, start: int):
+    """`trunk(images, start)` -> what `__call__(images)` returns."""
+    return self._forward(activations, _first_top_layer(start), _ALL_LAYERS)
+
+  @nn.compact
+  def _forward(self, x: jax.Array, start: int, stop: int, stop_gradient_at: int = 0):
+    """Layers [start, stop) of: 0 = scaling + stem, i + 1 = block i, NUM_BLOCKS + 1 = head conv + pool."""
+    if stop_gradient_at and start > 0:
+      raise ValueError("stop_gradient_at needs the whole forward pass (start=0)")
+    if start == 0 and stop > 0:
+      x = x.astype(jnp.float32) * INPUT_SCALE + INPUT_SHIFT
+      x = nn.with_logical_constraint(x, FEATURE_MAP_AXES)
+      x = jax.nn.relu6(FoldedConv(STEM_WIDTH, 3, 2, "dense", name="stem")(x))
+    x = x.astype(jnp.float32)  # cached trunk activations may come as float16
+    for i, spec in enumerate(block_specs()):  # block i is layer i + 1
+      if start <= i + 1 < stop:
+        x = MBConvBlock(spec, name=f"block{i}")(x)
+      if i + 1 == stop_gradient_at and start == 0:  # everything before block stop_gradient_at is frozen
+        x = jax.lax.stop_gradient(x)
+    if stop <= NUM_BLOCKS + 1:  # the head conv is layer NUM_BLOCKS + 1
+      return x
     x = jax.nn.relu6(FoldedConv(HEAD_WIDTH, name="head")(x))
     b, h, w, c = x.shape
     tokens = nn.with_logical_constraint(x.reshape(b, h * w, c), vit.TOKEN_AXES)
