@@ -68,4 +68,6 @@ def get_config(arg: str | None = None):
   # == Evaluation: checkpoint chosen on training products' val split ==
   c.eval.select_on, c.eval.every = "val", 100
   c.eval.batch_size = 256
+  # Titles at search time too: the titles of each query's top 3 results re-rank the rest (prf/ rows).
+  c.eval.title_feedback_docs = 3
   return c

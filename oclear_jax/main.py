@@ -107,7 +107,8 @@ def results_table(history: dict[int, dict[str, float]], ks=(1, 5, 10), *,
                   frozen: dict[str, float] | None = None, selected_step: int | None = None) -> str:
   """A plain-text table: the frozen pretrained tower (eval/frozen.json), untrained (step 0), trained.
 
-  `selected_step` marks the step `config.eval.select_on` chose (eval/best.json).
+  `selected_step` marks the step `config.eval.select_on` chose (eval/best.json). Where the eval
+  re-ranked by title feedback (`eval.title_feedback_docs`), each row is followed by its prf/ row.
   """
   columns = [f"Recall@{k}" for k in ks] + ["mAP@R", "ScaNN R@10 vs exact"]
   rows = []
@@ -115,7 +116,13 @@ def results_table(history: dict[int, dict[str, float]], ks=(1, 5, 10), *,
       ("untrained (step 0)" if step == 0 else
        f"trained (step {step}{', selected on val' if step == selected_step else ''})", history[step])
       for step in sorted(history)]
+  with_feedback = []
   for name, m in named:
+    with_feedback.append((name, m))
+    if "prf/map@r" in m:
+      with_feedback.append(("  + title feedback re-ranking", {k[len("prf/"):]: v for k, v in m.items()
+                                                              if k.startswith("prf/")}))
+  for name, m in with_feedback:
     values = [m.get(f"recall@{k}", float("nan")) for k in ks] + [m.get("map@r", float("nan")),
                                                                  m.get("scann/recall_vs_exact@10", float("nan"))]
     rows.append([name] + [f"{v:.3f}" for v in values])
