@@ -240,7 +240,13 @@ def preprocess_image_files(paths: Sequence[str], config: ml_collections.ConfigDi
   Each file is re-encoded like the records (`records.encode_image`, in threads: PIL releases the
   GIL) and then run through `data.eval_preprocess`; `first_index + position` is the example index
   of the op seed, as the eval pipeline's enumerate gives it (eval ops are deterministic anyway).
+  A run trained on cached tower outputs (`data.input` tower_features / trunk_activations) saw its
+  images through the caches' loader (`feature_cache.load_image`), so its files are loaded that way:
+  what is served is what was trained and evaluated (the two loaders differ by a JPEG re-encode and a
+  second resampling, cosine ~0.98 between their Lite0 features).
   """
+  if config.data.get("input", "records") != "records":
+    return _cached_input_images(paths, config.data.stored_image_size)
   from input_pipeline import preprocess_ops  # pylint: disable=g-import-not-at-top  (imports TF)
   from input_pipeline import records as records_lib  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -261,3 +267,16 @@ def preprocess_image_files(paths: Sequence[str], config: ml_collections.ConfigDi
                                            tf.constant([first_index + i for i in kept], tf.int64)))
   images = ds.map(as_input).batch(len(kept)).get_single_element()
   return np.asarray(images), kept, failed
+
+
+def _cached_input_images(paths: Sequence[str], size: int) -> tuple[np.ndarray, list[int], list[tuple[int, str]]]:
+  from oclear_jax.weights import feature_cache  # pylint: disable=g-import-not-at-top
+  images, kept, failed = [], [], []
+  for i, path in enumerate(paths):
+    try:
+      images.append(feature_cache.load_image(path, size))
+      kept.append(i)
+    except ValueError:
+      from input_pipeline import records as records_lib  # pylint: disable=g-import-not-at-top
+      failed.append((i, records_lib.encode_image(path, size)[1] or "unreadable"))  # the records' reason words
+  return (np.stack(images) if images else np.zeros((0,), np.float32)), kept, failed

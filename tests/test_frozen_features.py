@@ -279,3 +279,19 @@ def test_validate_names_the_other_new_keys():
   config.model.freeze_text_tower = False
   with pytest.raises(ValueError, match="freeze_text_tower=False"):
     config_schema.validate(config)
+
+
+def test_served_embeddings_equal_the_cached_features_path(tmp_path):
+  """A run trained on cached tower outputs serves (inference / --mode=embed) what it trained and scored on."""
+  from oclear_jax import inference  # pylint: disable=g-import-not-at-top
+  config = _config()
+  config.train.update(dict(num_steps=4, checkpoint_every=4))
+  trainer.train_and_evaluate(config, str(tmp_path), progress=False)
+  s = tower_features.load_feature_splits(config, datasets.prepare_data(config.data, str(tmp_path), progress=False),
+                                         str(tmp_path), progress=False)["eval"]
+  model = inference.restore_trained_model(config, str(tmp_path))
+  images, kept, failed = inference.preprocess_image_files(list(s.image_paths), config)
+  assert not failed and kept == list(range(len(s)))
+  served = model.embedder("query", batch_size=-(-len(s) // 8) * 8)({"image": images, "title_tokens": model.tokenize([""] * len(s))})
+  want = np.asarray(model.model.apply({"params": model.params}, s.table.image_pooled, method="queries_from_features"))
+  np.testing.assert_allclose(served, want, atol=2e-5)
