@@ -39,6 +39,7 @@ def get_config(arg: str | None = None):
   c.data.eval_preprocess = "decode|resize(128)|value_range(-1, 1)"
   c.data.train_preprocess = "decode|random_resized_crop(128)|flip_lr|color_jitter|value_range(-1, 1)"
   c.data.input = "tower_features"
+  c.data.balanced_sampling = False  # records only; also on governed categories (colab/quickstart.ipynb)
   c.head.margin_value = 0.2
   c.train.batch_size, c.train.num_steps, c.train.checkpoint_every = 256, 400, 200
   c.optimizer.learning_rate = 1e-3
