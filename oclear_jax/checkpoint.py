@@ -45,6 +45,11 @@ def _describe_mismatch(saved: dict, wanted: dict) -> str:
   return ""
 
 
+def shape_mismatch(saved_tree: Any, wanted_tree: Any) -> str:
+  """'' if the two trees hold the same arrays with the same shapes, else the first difference in words."""
+  return _describe_mismatch(_flat_shapes(saved_tree), _flat_shapes(wanted_tree))
+
+
 class CheckpointStore:
   """A thin, opinionated wrapper over `ocp.CheckpointManager` for one train state."""
 
@@ -67,9 +72,7 @@ class CheckpointStore:
     return self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
 
   def check_compatible(self, step: int, abstract_state: Any) -> None:
-    saved = _flat_shapes(self._manager.item_metadata(step).tree)
-    wanted = _flat_shapes(abstract_state)
-    problem = _describe_mismatch(saved, wanted)
+    problem = shape_mismatch(self._manager.item_metadata(step).tree, abstract_state)
     if problem:
       raise IncompatibleCheckpointError(
           f"checkpoint {self.directory}/{step} belongs to a different model: {problem}. "

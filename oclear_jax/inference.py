@@ -10,9 +10,10 @@ it also means a checkpoint trained on N classes embeds a catalogue with other la
   trained = restore_trained_model(config, workdir)
   embed = trained.embedder("query_and_doc")    # host batch -> f32[n, 2, d]
 
-Images become model inputs exactly as on the eval path: re-encoded like the records
-(`input_pipeline.records.encode_image`: RGB, shrunk to `data.stored_image_size`, JPEG), then
-`data.eval_preprocess` through the registered preprocessing ops (`preprocess_image_files`).
+Images become model inputs exactly as on the run's eval path (`preprocess_image_files`): for a
+run on records, re-encoded like the records (`input_pipeline.records.encode_image`: RGB, shrunk
+to `data.stored_image_size`, JPEG), then `data.eval_preprocess` through the registered
+preprocessing ops; for a run on cached tower outputs, through the caches' loader.
 Titles go through the tokenizer saved beside the run's records, padded to `data.max_title_len`.
 """
 from __future__ import annotations
@@ -130,8 +131,7 @@ def restore_encoder_params(checkpoints_dir: str, target: Any, step: int | None =
       raise FileNotFoundError(f"no checkpoint step {step} in {checkpoints_dir} (steps there: {sorted(steps)})")
     saved = manager.item_metadata(step).tree
     saved_encoder = saved.get("params", {}).get("encoder", {}) if isinstance(saved, dict) else {}
-    problem = checkpoint_lib._describe_mismatch(  # pylint: disable=protected-access  (the trainer's wording)
-        checkpoint_lib._flat_shapes(saved_encoder), checkpoint_lib._flat_shapes(target))  # pylint: disable=protected-access
+    problem = checkpoint_lib.shape_mismatch(saved_encoder, target)
     if problem:
       raise checkpoint_lib.IncompatibleCheckpointError(
           f"checkpoint {checkpoints_dir}/{step} holds another model's parameters: {problem}. Pass the run's "

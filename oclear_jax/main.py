@@ -13,8 +13,8 @@ Modes, in the order data flows:
   govern   raw catalogue -> curated categories, decision log and report (oclear_jax.governance);
   prepare  catalogue -> records only;
   train    (default) prepare data, train or resume, evaluate, print the results table;
-  index    embed the whole document gallery (the run's records, or --catalogue=CSV) with the latest
-           checkpoint and build the ScaNN index;
+  index    embed the whole document gallery (the run's records, or --catalogue=CSV) with the run's
+           checkpoint (the one selected on val, else the latest) and build the ScaNN index;
   search   embed query images and print their top-K documents, with a contact sheet;
   embed    embed every row of any catalogue CSV as a query and as a document into --output.
 Rerunning `train` resumes from the latest checkpoint in --workdir. `index`, `search` and `embed`

@@ -44,7 +44,6 @@ from oclear_jax.evaluators import gallery_index
 from oclear_jax.evaluators import plots
 
 CONTACT_SHEET = os.path.join("search", "contact_sheet.png")
-load_run_config = inference.load_run_config  # the run's saved config; kept here for callers of this module
 
 
 
@@ -55,7 +54,7 @@ def build_index(workdir: str, config: ml_collections.ConfigDict | None = None, *
   returns the index manifest."""
   out = out or sys.stdout
   workdir = os.path.abspath(workdir)
-  config = config if config is not None else load_run_config(workdir)
+  config = config if config is not None else inference.load_run_config(workdir)
   manifest = gallery_index.build(config, workdir, catalogue=catalogue, progress=progress)
   print(f"index: {manifest['num_documents']} documents ({manifest['gallery']}) embedded with checkpoint step "
         f"{manifest['step']} -> {os.path.join(workdir, gallery_index.INDEX_DIR)}", file=out)
@@ -137,7 +136,7 @@ def search(workdir: str, queries: list[str], *, top_k: int = 10, output_format: 
   if not queries:
     raise ValueError("no query images: pass --query=IMAGE (repeat it for several)")
   workdir = os.path.abspath(workdir)
-  config = config if config is not None else load_run_config(workdir)
+  config = config if config is not None else inference.load_run_config(workdir)
   images, shown = load_query_images(list(queries), config)  # bad files fail before anything slow
   index = gallery_index.GalleryIndex(workdir)
   latest = _latest_step(workdir)
