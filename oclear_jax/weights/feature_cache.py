@@ -4,8 +4,9 @@ Why: governance (dedupe, outliers, merges) and benchmarks need image features of
 catalogue, and on a 2-core CPU a ConvNet pass costs seconds per hundred images, so the features
 are computed once and reused. The cache key hashes everything that decides the numbers: the
 weights file's bytes, the image size, the token grid, the preprocessing version and the sorted
-set of paths with their sizes and mtimes, so a changed file or setting never reuses stale
-features, and the same set of paths in another order still hits.
+set of paths with the SHA-256 of each file's bytes, so a changed file or setting never reuses
+stale features, the same set of paths in another order still hits, and so does a copy of the
+same files with new mtimes (a data folder synced again, a checkout restored).
 
 Preprocessing matches the eval pipeline (`decode|resize(S)|value_range(-1, 1)`): PIL decode to
 RGB, a square resize to `image_size` (bilinear, antialiased when shrinking), x / 127.5 - 1.
@@ -35,7 +36,7 @@ from oclear_jax.weights import efficientnet_lite0
 PREPROCESS_VERSION = "pil-rgb|resize-bilinear-square|value_range(-1,1)|v1"
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=1 << 18)
 def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
   del size, mtime_ns  # Part of the lru key only: a rewritten file is hashed again.
   digest = hashlib.sha256()
@@ -45,23 +46,28 @@ def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
   return digest.hexdigest()
 
 
-def _stat(path: str) -> tuple[int, int]:
+def file_fingerprint(path: str) -> str:
+  """SHA-256 of a file's bytes ('missing' if it cannot be read): what cache keys hash per file.
+
+  Content, not (size, mtime): a copy of the same images keeps its features. Hashing is cheap next
+  to the tower (a 40k-image catalogue reads in seconds) and memoised per (path, size, mtime).
+  """
   try:
     st = os.stat(path)
+    return _file_sha256(path, st.st_size, st.st_mtime_ns)
   except OSError:
-    return -1, -1  # Missing now; it will be reported as a failure, and a later copy changes the key.
-  return st.st_size, st.st_mtime_ns
+    return "missing"  # Reported as a failure by the extraction; a later copy changes the key.
 
 
 def cache_key(paths: Sequence[str], *, image_size: int, token_grid: int) -> str:
-  """The hex key of a feature set: weights bytes, settings, preprocessing and (path, size, mtime)s."""
+  """The hex key of a feature set: weights bytes, settings, preprocessing and (path, content hash)s."""
   weights = str(efficientnet_lite0.weights_path())
   payload = {
-      "weights_sha256": _file_sha256(weights, *_stat(weights)),
+      "weights_sha256": file_fingerprint(weights),
       "image_size": int(image_size),
       "token_grid": int(token_grid),
       "preprocess": PREPROCESS_VERSION,
-      "files": [(p, *_stat(p)) for p in sorted(set(paths))],
+      "files": [(p, file_fingerprint(p)) for p in sorted(set(paths))],
   }
   return hashlib.sha256(json.dumps(payload).encode()).hexdigest()
 

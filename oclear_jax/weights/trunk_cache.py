@@ -69,17 +69,17 @@ class TrunkCache:
 
 
 def cache_key(items: Sequence[tuple[str, int]], *, image_size: int, trainable_from: int) -> str:
-  """Hex key of an item set: weights bytes, size, k, views, augmentation, (path, size, mtime, views)."""
+  """Hex key of an item set: weights bytes, size, k, views, augmentation, (path, content hash, views)."""
   weights = str(efficientnet_lite0.weights_path())
   views: dict[str, int] = {}
   for path, view in items:
     views[path] = max(views.get(path, 0), view + 1)
   payload = {
-      "weights_sha256": feature_cache._file_sha256(weights, *feature_cache._stat(weights)),  # pylint: disable=protected-access
+      "weights_sha256": feature_cache.file_fingerprint(weights),
       "image_size": int(image_size),
       "trainable_from": int(trainable_from),
       "augment": AUGMENT_VERSION,
-      "files": [(p, *feature_cache._stat(p), views[p]) for p in sorted(views)],  # pylint: disable=protected-access
+      "files": [(p, feature_cache.file_fingerprint(p), views[p]) for p in sorted(views)],
   }
   return hashlib.sha256(json.dumps(payload).encode()).hexdigest()
 
