@@ -33,7 +33,7 @@ def get_config(arg: str | None = None):
   m.image_tower, m.text_tower = "efficientnet_lite0", "minilm"
   m.image_pretrained = m.text_pretrained = m.freeze_image_tower = m.freeze_text_tower = True
   m.head, m.embed_dim = "identity_linear", 1280
-  m.fusion, m.title_dropout = "gated", 0.5
+  m.fusion, m.title_dropout = "bounded", 0.5
   c.data.tokenizer, c.data.max_title_len = "minilm", 16
   c.data.stored_image_size = 128  # the 64 px renders, upsampled: Lite0's 5 strides leave a 4x4 map
   c.data.eval_preprocess = "decode|resize(128)|value_range(-1, 1)"

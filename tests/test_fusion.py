@@ -19,6 +19,7 @@ FUSION_PARAMS = {
     "image_only": None,
     "sum": {"text_proj"},
     "gated": {"text_proj", "gate"},
+    "bounded": {"text_proj", "title_weight"},
     "concat_mlp": {"fc1", "fc2"},
     "concept_attention": {"concept_memory"},
 }
@@ -43,6 +44,31 @@ def _batch():
 def _empty_titles():
   cls_sep = jnp.zeros((B, L), jnp.int32).at[:, 0].set(CLS).at[:, 1].set(SEP)
   return jnp.where((jnp.arange(B) % 2 == 0)[:, None], cls_sep, 0)
+
+
+# == The bounded title term ======================================================================
+def test_bounded_fusion_matches_reference_and_bounds_the_title_term():
+  """doc = unit(img) + a * unit(proj(title)); at a = 0 (init) exactly the image direction."""
+  rng = np.random.default_rng(0)
+  img, pooled = rng.normal(size=(B, EMBED)).astype(np.float32), rng.normal(size=(B, 24)).astype(np.float32)
+  present = np.arange(B) % 3 != 0
+  title = models.TitleFeatures(jnp.zeros((B, L, 24)), jnp.asarray(pooled), jnp.ones((B, L), bool),
+                               jnp.asarray(present))
+  fusion = models.DocumentFusion("bounded")
+  variables = fusion.init(jax.random.key(0), jnp.asarray(img), title)
+  params = nn.unbox(variables)["params"]
+  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+  at_init = np.asarray(fusion.apply({"params": params}, jnp.asarray(img), title))
+  np.testing.assert_allclose(unit(at_init), unit(img), rtol=1e-6, atol=1e-6)
+  params = {**params, "title_weight": jnp.float32(0.4)}
+  out = np.asarray(fusion.apply({"params": params}, jnp.asarray(img), title))
+  text = pooled @ np.asarray(params["text_proj"]["kernel"]) + np.asarray(params["text_proj"]["bias"])
+  expected = np.where(present[:, None], unit(img) + 0.4 * unit(text), img)
+  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+  # Whatever the projection learns, the title term is 0.4 of the unit image term.
+  big = jax.tree.map(lambda p: p * 1e3, params["text_proj"])
+  out_big = np.asarray(fusion.apply({"params": {**params, "text_proj": big}}, jnp.asarray(img), title))
+  np.testing.assert_allclose(np.linalg.norm(out_big[present] - unit(img[present]), axis=-1), 0.4, rtol=1e-5)
 
 
 # == Shapes and logical names ====================================================================

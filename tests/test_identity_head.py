@@ -42,8 +42,9 @@ def _cosines(x: np.ndarray) -> np.ndarray:
   return x @ x.T
 
 
-def test_step0_ranks_exactly_as_the_frozen_tower():
-  task = _task()
+@pytest.mark.parametrize("fusion", ["bounded", "gated"])
+def test_step0_ranks_exactly_as_the_frozen_tower(fusion):
+  task = _task(fusion=fusion)
   _, shardings = task.abstract_state()
   state = task.init_state(jax.random.key(0), shardings)
   state = pretrained_towers.load_pretrained_into_state(state, shardings, task.config.model)

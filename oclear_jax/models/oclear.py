@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from oclear_jax.models import fusion as fusion_lib
+from oclear_jax.models.fusion import l2_normalize
 from oclear_jax.models import text as text_lib
 from oclear_jax.models import vit
 
@@ -79,10 +80,6 @@ def _get(config: Any, name: str) -> Any:
   if isinstance(config, Mapping):
     return config.get(name)
   return getattr(config, name, None)
-
-
-def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps))
 
 
 class ProjectionHead(nn.Module):
