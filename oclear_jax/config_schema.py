@@ -92,6 +92,10 @@ def base_config() -> ml_collections.ConfigDict:
   # models/efficientnet.py trunk_shape): 1: 112x112x16, 2-3: 56x56x24, 4-5: 28x28x40, 6-8: 14x14x80,
   # 9-11: 14x14x112, 12-15: 7x7x192, 16: 7x7x320. Records and trunk_activations honour it alike.
   c.model.image_trainable_from = 0
+  # Per-backend choices (models/accelerator.py); none of them changes the parameters or checkpoints.
+  c.model.dtype = "auto"  # towers' compute dtype: auto (bfloat16 on GPU/TPU, float32 on CPU) | float32 | bfloat16
+  c.model.remat = "none"  # none | blocks: recompute each tower block in the backward pass (activation memory)
+  c.model.conv_impl = "auto"  # EfficientNet: auto (CPU tricks on CPU only) | xla (lax convs) | cpu_tricks
 
   # Learning by classification: a margin softmax over class centres named ('classes', 'embed').
   c.head = ml_collections.ConfigDict()

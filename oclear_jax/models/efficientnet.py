@@ -17,6 +17,11 @@ as `lax.conv_general_dilated(feature_group_count=C)` (NHWC or NCHW alike) the to
 times per-channel weights (same results up to float32 rounding) at ~92 and ~1,780 (8x, 16x).
 1x1 convs are einsums (lax 1x1 convs: ~52 images/s at 224 px) and the 3-channel stem is an
 im2col matmul (lax stem: ~78). Matmul precision settings change nothing for float32 on CPU.
+Those two tricks are for XLA:CPU only: `conv_impl='auto'` (`model.conv_impl`) uses them on CPU
+and `lax.conv_general_dilated` (cuDNN, the TPU's convolution units) elsewhere; 'cpu_tricks' and
+'xla' force one. Both read the same parameters, so pretrained weights load into either.
+`dtype` is the compute dtype (bfloat16 on GPU/TPU through `model.dtype`; parameters stay float32,
+outputs are float32) and `remat='blocks'` recomputes each MBConv block in the backward pass.
 
 Inputs are f32[B, H, W, 3] in [-1, 1] (`value_range(-1, 1)`: x/127.5 - 1); the TF Lite models
 take (x - 127) / 128, so `__call__` maps one onto the other exactly before the stem.
@@ -26,13 +31,14 @@ sharding rules map: the 4.7M-parameter tower is replicated and only 'batch' is s
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from oclear_jax.models import accelerator
 from oclear_jax.models import oclear
 from oclear_jax.models import vit
 
@@ -113,17 +119,31 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
   return jnp.einsum("bhwk,ko->bhwo", patches, kernel.reshape(k * k * c_in, c_out))
 
 
+def xla_conv(x: jax.Array, kernel: jax.Array, stride: int, *, depthwise: bool) -> jax.Array:
+  """The same SAME conv as `conv2d` / `depthwise_conv`, as XLA's convolution (fast on GPU/TPU)."""
+  k = kernel.shape[0]
+  padding = (same_padding(x.shape[1], k, stride)[0], same_padding(x.shape[2], k, stride)[0])
+  return lax.conv_general_dilated(x, kernel, (stride, stride), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                  feature_group_count=x.shape[-1] if depthwise else 1)
+
+
 def pointwise_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """1x1 conv with a (1, 1, I, O) kernel as an einsum."""
   return jnp.einsum("bhwi,io->bhwo", x, kernel[0, 0])
 
 
 class FoldedConv(nn.Module):
-  """Conv + bias, BatchNorm folded in: kind 'dense' (im2col), 'pointwise' (1x1) or 'depthwise'."""
+  """Conv + bias, BatchNorm folded in: kind 'dense' (the stem), 'pointwise' (1x1) or 'depthwise'.
+
+  `conv_impl` ('cpu_tricks' or 'xla', resolved) picks how 'dense' and 'depthwise' are computed;
+  1x1 convs are einsums (matmuls) on every backend. Parameters are float32, cast to `dtype`.
+  """
   features: int
   kernel_size: int = 1
   stride: int = 1
   kind: str = "pointwise"
+  conv_impl: str = "cpu_tricks"
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -134,12 +154,14 @@ class FoldedConv(nn.Module):
     kernel = self.param("kernel", nn.with_logical_partitioning(init, CONV_AXES), shape, jnp.float32)
     bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), CONV_AXES[-1:]),
                       (self.features,), jnp.float32)
+    x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
+    tricks = self.conv_impl == "cpu_tricks"
     if self.kind == "depthwise":
       if self.features != c_in:
         raise ValueError(f"depthwise conv maps {c_in} channels to {c_in}, not {self.features}")
-      y = depthwise_conv(x, kernel, self.stride)
+      y = depthwise_conv(x, kernel, self.stride) if tricks else xla_conv(x, kernel, self.stride, depthwise=True)
     elif self.kind == "dense":
-      y = conv2d(x, kernel, self.stride)
+      y = conv2d(x, kernel, self.stride) if tricks else xla_conv(x, kernel, self.stride, depthwise=False)
     elif self.kind == "pointwise" and self.kernel_size == 1 and self.stride == 1:
       y = pointwise_conv(x, kernel)
     else:
@@ -151,15 +173,17 @@ class FoldedConv(nn.Module):
 class MBConvBlock(nn.Module):
   """Inverted residual: 1x1 expand + ReLU6, depthwise + ReLU6, 1x1 project, identity skip."""
   spec: BlockSpec
+  conv_impl: str = "cpu_tricks"
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    s = self.spec
+    s, impl, dtype = self.spec, self.conv_impl, self.dtype
     y = x
     if s.expand_ratio != 1:
-      y = jax.nn.relu6(FoldedConv(s.hidden, name="expand")(y))
-    y = jax.nn.relu6(FoldedConv(s.hidden, s.kernel, s.stride, "depthwise", name="depthwise")(y))
-    y = FoldedConv(s.out_channels, name="project")(y)
+      y = jax.nn.relu6(FoldedConv(s.hidden, conv_impl=impl, dtype=dtype, name="expand")(y))
+    y = jax.nn.relu6(FoldedConv(s.hidden, s.kernel, s.stride, "depthwise", impl, dtype, name="depthwise")(y))
+    y = FoldedConv(s.out_channels, conv_impl=impl, dtype=dtype, name="project")(y)
     y = x + y if s.residual else y  # Drop-connect is a training regulariser; not applied here.
     return nn.with_logical_constraint(y, FEATURE_MAP_AXES)
 
@@ -214,9 +238,16 @@ class EfficientNetLite0(nn.Module):
   `trainable_from=k > 0`, `__call__` puts a stop_gradient on the trunk's output, so fine-tuning
   from block k spends no backward pass on the frozen part. Parameter names are the same for
   every k (stem, block0..block15, head), so pretrained weights and checkpoints load unchanged.
+
+  `conv_impl` 'auto' | 'cpu_tricks' | 'xla' ('auto': the tricks on CPU only, resolved when traced),
+  `dtype` the compute dtype (outputs are float32 whatever it is), `remat` 'none' | 'blocks';
+  none of them changes the parameter tree.
   """
   num_classes: int = 0
   trainable_from: int = 0
+  conv_impl: str = "auto"
+  dtype: Any = jnp.float32
+  remat: str = "none"
 
   def __call__(self, images: jax.Array, *, train: bool = False):
     del train
@@ -235,19 +266,21 @@ class EfficientNetLite0(nn.Module):
     """Layers [start, stop) of: 0 = scaling + stem, i + 1 = block i, NUM_BLOCKS + 1 = head conv + pool."""
     if stop_gradient_at and start > 0:
       raise ValueError("stop_gradient_at needs the whole forward pass (start=0)")
+    impl, dtype = accelerator.conv_impl(self.conv_impl), self.dtype
     if start == 0 and stop > 0:
       x = x.astype(jnp.float32) * INPUT_SCALE + INPUT_SHIFT
       x = nn.with_logical_constraint(x, FEATURE_MAP_AXES)
-      x = jax.nn.relu6(FoldedConv(STEM_WIDTH, 3, 2, "dense", name="stem")(x))
-    x = x.astype(jnp.float32)  # cached trunk activations may come as float16
+      x = jax.nn.relu6(FoldedConv(STEM_WIDTH, 3, 2, "dense", impl, dtype, name="stem")(x))
+    x = x.astype(dtype)  # cached trunk activations may come as float16
+    block = accelerator.maybe_remat(MBConvBlock, self.remat)
     for i, spec in enumerate(block_specs()):  # block i is layer i + 1
       if start <= i + 1 < stop:
-        x = MBConvBlock(spec, name=f"block{i}")(x)
+        x = block(spec, impl, dtype, name=f"block{i}")(x)
       if i + 1 == stop_gradient_at and start == 0:  # everything before block stop_gradient_at is frozen
         x = jax.lax.stop_gradient(x)
     if stop <= NUM_BLOCKS + 1:  # the head conv is layer NUM_BLOCKS + 1
-      return x
-    x = jax.nn.relu6(FoldedConv(HEAD_WIDTH, name="head")(x))
+      return x.astype(jnp.float32)
+    x = jax.nn.relu6(FoldedConv(HEAD_WIDTH, conv_impl=impl, dtype=dtype, name="head")(x)).astype(jnp.float32)
     b, h, w, c = x.shape
     tokens = nn.with_logical_constraint(x.reshape(b, h * w, c), vit.TOKEN_AXES)
     pooled = nn.with_logical_constraint(tokens.mean(axis=1), vit.POOLED_AXES)

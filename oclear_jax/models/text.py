@@ -3,8 +3,11 @@
 Titles are short ([CLS] pieces [SEP] [PAD]...), so a few pre-LN blocks suffice; the same
 `TransformerBlock` as the image tower keeps one implementation (and one set of logical names) for
 both. A pretrained MiniLM can later register beside it with the same output contract.
+`dtype` (compute; parameters stay float32, outputs are float32) and `remat` as in `vit.ViTEncoder`.
 """
 from __future__ import annotations
+
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -30,6 +33,8 @@ class TextEncoder(nn.Module):
   mlp_dim: int
   dropout: float = 0.0
   pool: str = "mean"
+  dtype: Any = jnp.float32
+  remat: str = "none"
 
   @nn.compact
   def __call__(self, tokens: jax.Array, *, train: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -43,15 +48,16 @@ class TextEncoder(nn.Module):
     x = nn.Embed(
         self.vocab_size, self.width,
         embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
-        name="token_embed")(tokens)
+        dtype=self.dtype, param_dtype=jnp.float32, name="token_embed")(tokens)
     pos = self.param("pos_embed", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("length", "embed")),
                      (self.max_len, self.width), jnp.float32)
-    x = x + pos[None, :length]
+    x = x + pos[None, :length].astype(self.dtype)
     x = nn.Dropout(self.dropout)(x, deterministic=not train)
     attention_mask = nn.make_attention_mask(mask, mask)
+    block = vit.transformer_block(self.remat)
     for i in range(self.depth):
-      x = vit.TransformerBlock(self.num_heads, self.mlp_dim, self.dropout, name=f"block{i}")(
-          x, attention_mask, train=train)
-    x = nn.with_logical_constraint(vit.partitioned_layer_norm(name="ln_final")(x), vit.TOKEN_AXES)
+      x = block(self.num_heads, self.mlp_dim, self.dropout, self.dtype, name=f"block{i}")(x, attention_mask, train)
+    x = vit.partitioned_layer_norm(name="ln_final", dtype=self.dtype)(x).astype(jnp.float32)
+    x = nn.with_logical_constraint(x, vit.TOKEN_AXES)
     pooled = nn.with_logical_constraint(vit.pool_tokens(x, self.pool, mask), vit.POOLED_AXES)
     return x, pooled, mask

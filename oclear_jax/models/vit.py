@@ -6,6 +6,11 @@ are therefore cut with a reshape and embedded with a Dense layer, not a strided 
 
 Every parameter and block-boundary activation is named with *logical* axes only ('batch',
 'length', 'embed', 'mlp', 'heads', 'kv', 'patch'); `oclear_jax.sharding` maps them to the mesh.
+
+`dtype` is the compute dtype (bfloat16 on GPU/TPU through `model.dtype`, `models/accelerator.py`):
+parameters stay float32 and are cast where they are used, the softmax and LayerNorm statistics
+stay float32, and the tower's outputs are cast back to float32. `remat='blocks'` recomputes each
+block in the backward pass. The float32 defaults compute exactly what they did before these options.
 """
 from __future__ import annotations
 
@@ -15,6 +20,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from oclear_jax.models import accelerator
 
 # (width, depth, num_heads, mlp_dim). 'nano' is the seconds-long test size, 'mu' the CPU demo size;
 # 'ti', 's' and 'b' are the usual ViT-Ti/S/B.
@@ -31,20 +38,25 @@ POOLED_AXES = ("batch", "embed")
 
 
 def partitioned_dense(features: int, kernel_axes: tuple[str, str], *, name: str | None = None,
-                      kernel_init: nn.initializers.Initializer = nn.initializers.xavier_uniform()) -> nn.Dense:
-  """A Dense layer whose kernel and bias carry logical axis names (the bias takes the output's)."""
+                      kernel_init: nn.initializers.Initializer = nn.initializers.xavier_uniform(),
+                      dtype: Any = None) -> nn.Dense:
+  """A Dense layer whose kernel and bias carry logical axis names (the bias takes the output's).
+
+  `dtype`: the compute dtype (None: from the inputs, as before); parameters are float32 always.
+  """
   return nn.Dense(
       features,
       kernel_init=nn.with_logical_partitioning(kernel_init, kernel_axes),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), kernel_axes[-1:]),
-      name=name)
+      dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
-def partitioned_layer_norm(*, name: str | None = None) -> nn.LayerNorm:
+def partitioned_layer_norm(*, name: str | None = None, dtype: Any = None) -> nn.LayerNorm:
+  """LayerNorm over 'embed'; its mean and variance are float32 whatever `dtype` (flax's float32 reductions)."""
   return nn.LayerNorm(
       scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
-      name=name)
+      dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
 def pool_tokens(tokens: jax.Array, pool: str, mask: jax.Array | None = None) -> jax.Array:
@@ -67,14 +79,20 @@ class MlpBlock(nn.Module):
   """Dense(width -> mlp_dim) + GELU + Dense(-> width), as in ViT and BERT."""
   mlp_dim: int
   dropout: float = 0.0
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
     width = x.shape[-1]
-    y = partitioned_dense(self.mlp_dim, ("embed", "mlp"), name="fc1")(x)
+    y = partitioned_dense(self.mlp_dim, ("embed", "mlp"), name="fc1", dtype=self.dtype)(x)
     y = nn.with_logical_constraint(nn.gelu(y), ("batch", "length", "mlp"))
     y = nn.Dropout(self.dropout)(y, deterministic=not train)
-    return partitioned_dense(width, ("mlp", "embed"), name="fc2")(y)
+    return partitioned_dense(width, ("mlp", "embed"), name="fc2", dtype=self.dtype)(y)
+
+
+def _weights_times_values(equation: str, weights: jax.Array, values: jax.Array) -> jax.Array:
+  """The softmax is float32 (`force_fp32_for_softmax`); its product with the values runs in their dtype."""
+  return jnp.einsum(equation, weights.astype(values.dtype), values)
 
 
 class SelfAttention(nn.Module):
@@ -88,9 +106,11 @@ class SelfAttention(nn.Module):
   """
   num_heads: int
   dropout: float = 0.0
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, *, train: bool = False) -> jax.Array:
+    x = x.astype(self.dtype)
     width = x.shape[-1]
     if width % self.num_heads:
       raise ValueError(f"width {width} is not divisible by num_heads={self.num_heads}")
@@ -102,14 +122,15 @@ class SelfAttention(nn.Module):
     def project(name: str) -> jax.Array:
       kernel = self.param(f"{name}_kernel", qkv_init, (width, self.num_heads, head_dim), jnp.float32)
       bias = self.param(f"{name}_bias", qkv_bias_init, (self.num_heads, head_dim), jnp.float32)
-      return nn.with_logical_constraint(jnp.einsum("ble,ehk->blhk", x, kernel) + bias,
-                                        ("batch", "length", "heads", "kv"))
+      y = jnp.einsum("ble,ehk->blhk", x, kernel.astype(self.dtype)) + bias.astype(self.dtype)
+      return nn.with_logical_constraint(y, ("batch", "length", "heads", "kv"))
 
     q, k, v = project("query"), project("key"), project("value")
     use_dropout = train and self.dropout > 0.0
     y = nn.dot_product_attention(
         q, k, v, mask=mask, dropout_rate=self.dropout, deterministic=not use_dropout,
-        dropout_rng=self.make_rng("dropout") if use_dropout else None)
+        dropout_rng=self.make_rng("dropout") if use_dropout else None, force_fp32_for_softmax=True,
+        qk_attn_weights_einsum=jnp.einsum, attn_weights_value_einsum=_weights_times_values)
     out_kernel = self.param(
         "out_kernel",
         nn.with_logical_partitioning(nn.initializers.xavier_uniform(in_axis=(0, 1), out_axis=2),
@@ -117,29 +138,36 @@ class SelfAttention(nn.Module):
         (self.num_heads, head_dim, width), jnp.float32)
     out_bias = self.param("out_bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
                           (width,), jnp.float32)
-    return jnp.einsum("blhk,hke->ble", y, out_kernel) + out_bias
+    return jnp.einsum("blhk,hke->ble", y, out_kernel.astype(self.dtype)) + out_bias.astype(self.dtype)
 
 
 class TransformerBlock(nn.Module):
   """Pre-LN block: x + SelfAttention(LN(x)), then x + MLP(LN(x)). Shared by the image and text towers.
 
   `mask` is a [B, 1, L, L] boolean attention mask (True = may attend), or None for images.
+  `train` may be passed positionally: `transformer_block(remat)` needs it so (a static argument).
   """
   num_heads: int
   mlp_dim: int
   dropout: float = 0.0
+  dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, mask: jax.Array | None = None, *, train: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None, train: bool = False) -> jax.Array:
     x = nn.with_logical_constraint(x, TOKEN_AXES)
-    y = partitioned_layer_norm(name="ln_attn")(x)
-    y = SelfAttention(self.num_heads, self.dropout, name="attn")(y, mask, train=train)
+    y = partitioned_layer_norm(name="ln_attn", dtype=self.dtype)(x)
+    y = SelfAttention(self.num_heads, self.dropout, self.dtype, name="attn")(y, mask, train=train)
     y = nn.Dropout(self.dropout)(y, deterministic=not train)
     x = nn.with_logical_constraint(x + y, TOKEN_AXES)
-    y = partitioned_layer_norm(name="ln_mlp")(x)
-    y = MlpBlock(self.mlp_dim, self.dropout, name="mlp")(y, train=train)
+    y = partitioned_layer_norm(name="ln_mlp", dtype=self.dtype)(x)
+    y = MlpBlock(self.mlp_dim, self.dropout, self.dtype, name="mlp")(y, train=train)
     y = nn.Dropout(self.dropout)(y, deterministic=not train)
     return nn.with_logical_constraint(x + y, TOKEN_AXES)
+
+
+def transformer_block(remat: str = "none") -> type[nn.Module]:
+  """TransformerBlock, or its rematerialised twin; call it as `block(x, mask, train)`, all positional."""
+  return accelerator.maybe_remat(TransformerBlock, remat, static_argnums=(3,))  # (self, x, mask, train)
 
 
 def patchify(images: jax.Array, patch_size: int) -> jax.Array:
@@ -159,6 +187,7 @@ class ViTEncoder(nn.Module):
 
   N = (H/p)*(W/p), plus one when pool='cls' (the class token is then tokens[:, 0]). Position
   embeddings are learned for one image size; a different size at apply time fails on the shape.
+  `dtype` is the compute dtype (outputs are float32 whatever it is); `remat` 'none' | 'blocks'.
   """
   patch_size: int
   width: int
@@ -167,24 +196,28 @@ class ViTEncoder(nn.Module):
   mlp_dim: int
   dropout: float = 0.0
   pool: str = "mean"
+  dtype: Any = jnp.float32
+  remat: str = "none"
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool = False) -> tuple[jax.Array, jax.Array]:
     if self.pool not in ("mean", "cls"):
       raise ValueError(f"ViTEncoder.pool={self.pool!r} is not supported; use 'mean' or 'cls'")
     patches = nn.with_logical_constraint(patchify(images, self.patch_size), ("batch", "length", "patch"))
-    x = partitioned_dense(self.width, ("patch", "embed"), name="patch_embed")(patches)
+    x = partitioned_dense(self.width, ("patch", "embed"), name="patch_embed", dtype=self.dtype)(patches)
     pos = self.param("pos_embed", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("length", "embed")),
                      x.shape[1:], jnp.float32)
-    x = x + pos[None]
+    x = x + pos[None].astype(self.dtype)
     if self.pool == "cls":
       cls = self.param("cls_token", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
                        (self.width,), jnp.float32)
-      x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.width)), x], axis=1)
+      x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (x.shape[0], 1, self.width)), x], axis=1)
     x = nn.Dropout(self.dropout)(x, deterministic=not train)
+    block = transformer_block(self.remat)
     for i in range(self.depth):
-      x = TransformerBlock(self.num_heads, self.mlp_dim, self.dropout, name=f"block{i}")(x, train=train)
-    tokens = nn.with_logical_constraint(partitioned_layer_norm(name="ln_final")(x), TOKEN_AXES)
+      x = block(self.num_heads, self.mlp_dim, self.dropout, self.dtype, name=f"block{i}")(x, None, train)
+    x = partitioned_layer_norm(name="ln_final", dtype=self.dtype)(x).astype(jnp.float32)
+    tokens = nn.with_logical_constraint(x, TOKEN_AXES)
     pooled = nn.with_logical_constraint(pool_tokens(tokens, self.pool), POOLED_AXES)
     return tokens, pooled
 
