@@ -15,12 +15,12 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from jax.experimental import multihost_utils
 
 from input_pipeline import catalogue as catalogue_lib
 from input_pipeline import records as records_lib
 from input_pipeline import synthetic_catalogue
 from input_pipeline import tokenizer as tokenizer_lib
+from oclear_jax import multihost
 from oclear_jax import weights
 
 # Features that go to the device; ids and raw titles stay on the host.
@@ -102,36 +102,45 @@ def generate_builtin_catalogue(data: ml_collections.ConfigDict, workdir: str, *,
 
 
 def prepare_data(data: ml_collections.ConfigDict, workdir: str, *, seed: int = 0, progress: bool = True) -> PreparedData:
-  """Generates (synthetic) or reads the catalogue and writes records; reruns reuse them."""
+  """Generates (synthetic) or reads the catalogue and writes records; reruns reuse them.
+
+  Every process calls it; process 0 alone reads and writes (one writer per file), and its outcome
+  reaches every process before any reads the records: a bad catalogue is the same error on all
+  hosts, never a hang (multihost.run_on_process_zero).
+  """
   csv_path, records_dir = catalogue_paths(data, workdir)
   governed = data.get("governed", False)
   if governed:  # Train on governance's output; the raw catalogue above is governance's input.
     csv_path = governed_catalogue_path(workdir)
-  if jax.process_index() == 0:
-    if data.source == "synthetic" and not governed:
-      generate_builtin_catalogue(data, workdir, progress=progress)
-    columns = catalogue_lib.CatalogueColumns(**{k: (v or None) for k, v in data.columns.to_dict().items()})
-    if governed:
-      columns = GOVERNED_COLUMNS
-      if not os.path.exists(csv_path):
-        raise FileNotFoundError(f"config.data.governed=True but {csv_path} does not exist; run `python -m "
-                                f"oclear_jax.main --mode=govern` with the same --config and --workdir first")
-    read = catalogue_lib.read_catalogue(
-        csv_path, columns, eval_fraction=data.eval_fraction, split_seed=seed, max_rows=data.max_rows or None)
-    logging.info("Catalogue %s: %s", csv_path, read.counts)
-    train_titles = [row.title for row in read.rows if row.split == "train"]
-    tokenizer = title_tokenizer(data, train_titles)
-    records_lib.write_records(
-        read.rows, records_dir, tokenizer=tokenizer, max_title_len=data.max_title_len,
-        num_shards=data.num_shards, stored_image_size=data.stored_image_size or None, progress=progress)
-    with open(os.path.join(records_dir, "catalogue_counts.json"), "w", encoding="utf-8") as f:
-      json.dump(read.counts, f, indent=2)
-    _install_class_weights(records_dir, os.path.join(workdir, "governance", "class_weights.json") if governed else "")
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices("records_ready")
+  multihost.run_on_process_zero(_write_prepared_records, data, workdir, csv_path, records_dir,
+                                governed=governed, seed=seed, progress=progress)
   with open(os.path.join(records_dir, "records.json"), encoding="utf-8") as f:
     summary = json.load(f)
   return PreparedData(records_dir=records_dir, catalogue_csv=csv_path, summary=summary)
+
+
+def _write_prepared_records(data: ml_collections.ConfigDict, workdir: str, csv_path: str, records_dir: str, *,
+                            governed: bool, seed: int, progress: bool) -> None:
+  """Process 0's part of `prepare_data`: validate the catalogue, write records and their side files."""
+  if data.source == "synthetic" and not governed:
+    generate_builtin_catalogue(data, workdir, progress=progress)
+  columns = catalogue_lib.CatalogueColumns(**{k: (v or None) for k, v in data.columns.to_dict().items()})
+  if governed:
+    columns = GOVERNED_COLUMNS
+    if not os.path.exists(csv_path):
+      raise FileNotFoundError(f"config.data.governed=True but {csv_path} does not exist; run `python -m "
+                              f"oclear_jax.main --mode=govern` with the same --config and --workdir first")
+  read = catalogue_lib.read_catalogue(
+      csv_path, columns, eval_fraction=data.eval_fraction, split_seed=seed, max_rows=data.max_rows or None)
+  logging.info("Catalogue %s: %s", csv_path, read.counts)
+  train_titles = [row.title for row in read.rows if row.split == "train"]
+  tokenizer = title_tokenizer(data, train_titles)
+  records_lib.write_records(
+      read.rows, records_dir, tokenizer=tokenizer, max_title_len=data.max_title_len,
+      num_shards=data.num_shards, stored_image_size=data.stored_image_size or None, progress=progress)
+  with open(os.path.join(records_dir, "catalogue_counts.json"), "w", encoding="utf-8") as f:
+    json.dump(read.counts, f, indent=2)
+  _install_class_weights(records_dir, os.path.join(workdir, "governance", "class_weights.json") if governed else "")
 
 
 def to_device_batch(batch: dict[str, np.ndarray], place) -> dict[str, jax.Array]:

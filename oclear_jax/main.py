@@ -8,6 +8,8 @@ r"""Command-line entry point.
   python -m oclear_jax.main --mode=search --workdir=workdirs/demo --query=photo.jpg [--query=...]
   python -m oclear_jax.main --mode=embed --workdir=workdirs/demo --catalogue=DIR/meta.csv --output=OUT \
       [--config.data.columns.title=name ...]
+  python -m oclear_jax.main ... --coordinator_address=HOST:PORT --num_processes=N --process_id=I  # on each process
+  python -m oclear_jax.launch --num_processes=2 --devices_per_process=4 -- --config=... --workdir=...  # locally
 
 Modes, in the order data flows:
   govern   raw catalogue -> curated categories, decision log and report (oclear_jax.governance);
@@ -47,6 +49,15 @@ _OUTPUT_FORMAT = flags.DEFINE_enum("output_format", "table", ["table", "json"], 
 _CATALOGUE = flags.DEFINE_string("catalogue", None, "embed, index: a catalogue CSV (image paths relative to its "
                                  "folder); columns named by config.data.columns.")
 _OUTPUT = flags.DEFINE_string("output", None, "embed: output folder for queries.npz, documents.npz, manifest.json.")
+# Several processes (hosts) as one run: jax.distributed.initialize's arguments (oclear_jax/multihost.py).
+_DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
+                                 "auto: join other processes when --coordinator_address/--num_processes/--process_id "
+                                 "are given or JAX detects a cluster (TPU VM slice, SLURM, Open MPI), else run as "
+                                 "one process; on: always call jax.distributed.initialize; off: never.")
+_COORDINATOR_ADDRESS = flags.DEFINE_string("coordinator_address", None,
+                                           "HOST:PORT of process 0's coordinator, the same on every process.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "How many processes the run has.", lower_bound=1)
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0..num_processes-1.", lower_bound=0)
 
 # Modes that can run on the config a training run saved in --workdir.
 SAVED_CONFIG_MODES = ("index", "search", "embed")
@@ -142,11 +153,12 @@ def main(argv):
     raise app.UsageError(f"{_SAVED_CONFIG_OVERRIDES[0]} needs --config=FILE in --mode={_MODE.value}")
   # Imports after flag parsing: they load jax and TensorFlow.
   from oclear_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  from oclear_jax import sharding  # pylint: disable=g-import-not-at-top
+  from oclear_jax import multihost  # pylint: disable=g-import-not-at-top
 
-  sharding.maybe_initialize_distributed()
   config, workdir = _CONFIG.value, os.path.abspath(_WORKDIR.value)
   try:
+    multihost.initialize_distributed(_DISTRIBUTED.value, coordinator_address=_COORDINATOR_ADDRESS.value,
+                                     num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
     if config is None:  # a mode of SAVED_CONFIG_MODES on the run's own config
       from oclear_jax import inference  # pylint: disable=g-import-not-at-top
       config = apply_config_overrides(inference.load_run_config(workdir), _SAVED_CONFIG_OVERRIDES)
@@ -159,8 +171,12 @@ def main(argv):
 
 
 def _govern(config, workdir):
+  from oclear_jax import multihost  # pylint: disable=g-import-not-at-top
   from oclear_jax.governance import command  # pylint: disable=g-import-not-at-top
-  command.run(config, workdir)
+  # One process governs (it writes the shared governance/ files and uses no device); its outcome
+  # reaches every process, which then all join the records step (a collective of its own).
+  multihost.run_on_process_zero(command.run, config, workdir, write_records=False)
+  command.write_curated_records(config, workdir)
 
 
 def _prepare(config, workdir):

@@ -8,7 +8,6 @@ config change, not a code change.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -21,24 +20,21 @@ MESH_AXES = ("data", "model")
 Rules = tuple[tuple[str, Any], ...]
 
 
-def maybe_initialize_distributed() -> None:
-  """Calls `jax.distributed.initialize()` when the environment describes several processes.
-
-  On Cloud TPU pods and SLURM/Kubernetes GPU clusters JAX discovers the coordinator itself; we
-  only decide *whether* to call it, so single-host runs (and tests) never block on a coordinator.
-  """
-  multi_process_env = (
-      "JAX_COORDINATOR_ADDRESS" in os.environ
-      or int(os.environ.get("JAX_NUM_PROCESSES", "1")) > 1
-      or int(os.environ.get("SLURM_NTASKS", "1")) > 1
-      or "TPU_WORKER_HOSTNAMES" in os.environ and "," in os.environ["TPU_WORKER_HOSTNAMES"]
-  )
-  if multi_process_env and not jax.distributed.is_initialized():
-    jax.distributed.initialize()
+def device_layout(devices: Sequence[jax.Device]) -> str:
+  """'2 processes x 4 local devices': what a mesh error names beside the device count, on any host count."""
+  processes = sorted({d.process_index for d in devices})
+  per_process = sorted({sum(d.process_index == p for d in devices) for p in processes})
+  local = "/".join(map(str, per_process)) or "0"
+  return (f"{len(processes)} process{'' if len(processes) == 1 else 'es'} x {local} "
+          f"local device{'' if per_process == [1] else 's'}")
 
 
 def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
-  """A ('data', 'model') mesh; one entry of `shape` may be -1 to take the remaining devices."""
+  """A ('data', 'model') mesh over every process's devices; one entry of `shape` may be -1 to take the rest.
+
+  `jax.devices()` (not `local_devices()`): on N hosts the mesh spans all of them, and the same
+  config.mesh.shape means the same layout whatever the host count.
+  """
   devices = list(devices if devices is not None else jax.devices())
   shape = [int(s) for s in shape]
   if len(shape) != len(MESH_AXES):
@@ -49,13 +45,14 @@ def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None)
   if -1 in shape:
     if known <= 0 or len(devices) % known:
       raise ValueError(
-          f"config.mesh.shape={tuple(shape)} cannot be filled from {len(devices)} devices: "
-          f"{len(devices)} is not a multiple of {known}")
+          f"config.mesh.shape={tuple(shape)} cannot be filled from {len(devices)} devices "
+          f"({device_layout(devices)}): {len(devices)} is not a multiple of {known}")
     shape[shape.index(-1)] = len(devices) // known
   if math.prod(shape) != len(devices):
     raise ValueError(
-        f"config.mesh.shape={tuple(shape)} needs {math.prod(shape)} devices but {len(devices)} exist; "
-        f"use -1 for one axis (e.g. --config.mesh.shape='(-1, 1)') or match the device count")
+        f"config.mesh.shape={tuple(shape)} needs {math.prod(shape)} devices but {len(devices)} exist "
+        f"({device_layout(devices)}); use -1 for one axis (e.g. --config.mesh.shape='(-1, 1)') or match the "
+        f"device count")
   return jax.make_mesh(
       tuple(shape), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES), devices=devices)
 

@@ -81,7 +81,8 @@ def _remove_empty_staging(out_dir: str) -> None:
     os.rmdir(staging)
 
 
-def _write_records(config: ml_collections.ConfigDict, workdir: str, progress: bool) -> str:
+def write_curated_records(config: ml_collections.ConfigDict, workdir: str, progress: bool = True) -> str:
+  """Records from the curated catalogue (`prepare_data` with data.governed); every process calls it."""
   from oclear_jax import datasets  # pylint: disable=g-import-not-at-top  (imports jax and TensorFlow)
   data = config.data.copy_and_resolve_references()
   data.governed = True
@@ -107,7 +108,7 @@ def run_products(config: ml_collections.ConfigDict, workdir: str, *, progress: b
                            max_rows=data.max_rows or None)
   _remove_empty_staging(out_dir)
   if write_records:
-    out["paths"]["records"] = _write_records(config, workdir, progress)
+    out["paths"]["records"] = write_curated_records(config, workdir, progress)
   c = out["counts"]
   if progress:
     print(f"{c['rows']} rows from {len(out['sources'])} catalogue(s) -> {c['categories_categories']} product "
@@ -139,7 +140,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
                "settings": dataclasses.asdict(settings)}, f, indent=1, ensure_ascii=False, default=str)
   paths.update(report.write_report(out_dir, result, read.rows, settings, read.counts))
   if write_records:
-    paths["records"] = _write_records(config, workdir, progress)
+    paths["records"] = write_curated_records(config, workdir, progress)
   c = result.counts
   if progress:
     print(f"governed {c['rows_governed']} of {c['rows']} rows: {c['labels_before']} raw labels -> "
