@@ -70,6 +70,11 @@ ROWS = {
     "oclear_ft": ("OCLEAR, image tower fine-tuned from block 16",
                   {"data.input": "trunk_activations", "model.freeze_image_tower": False,
                    "model.image_trainable_from": 16, "optimizer.pretrained_lr_scale": 0.1}),
+    # The same 2 views per image with the tower's last layer held still (learning rate 0): what the
+    # augmented view alone adds to the heads-only row.
+    "oclear_views": ("OCLEAR heads on 2 views per image (tower frozen)",
+                     {"data.input": "trunk_activations", "model.freeze_image_tower": False,
+                      "model.image_trainable_from": 16, "optimizer.pretrained_lr_scale": 0.0}),
 }
 
 

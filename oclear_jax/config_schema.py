@@ -316,8 +316,8 @@ def _validate_fine_tuning(config: ml_collections.ConfigDict) -> None:
   """model.image_trainable_from, optimizer.pretrained_lr_scale and data.input='trunk_activations'."""
   data, model = config.data, config.model
   scale = config.optimizer.get("pretrained_lr_scale", 1.0)
-  if not scale > 0:
-    raise ValueError(f"config.optimizer.pretrained_lr_scale={scale} must be positive (1 = the full learning rate)")
+  if not scale >= 0:  # 0: the pretrained layers run but stay still (e.g. heads on cached augmented views)
+    raise ValueError(f"config.optimizer.pretrained_lr_scale={scale} must be >= 0 (1 = the full learning rate)")
   k = model.get("image_trainable_from", 0)
   if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= 16:
     raise ValueError(f"config.model.image_trainable_from={k!r}: use an int in 0..16 (0 = the whole image tower "

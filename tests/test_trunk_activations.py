@@ -122,18 +122,20 @@ def test_pretrained_lr_scale_scales_the_towers_first_adam_update(tmp_path):
   with jax.set_mesh(setup.task.mesh), nn.logical_axis_rules(setup.task.rules):
     grads = jax.jit(jax.grad(lambda p: setup.task.loss_fn(p, batch, jax.random.key(3))[0]))(params)
   updates = {}
-  for scale in (1.0, 0.5):
+  for scale in (1.0, 0.5, 0.0):  # 0: the pretrained layers held still
     config = _config(pretrained_lr_scale=scale)
     tx = pretrained_towers.tower_optimizer(trainer.make_optimizer(config.optimizer, 4), config)
     updates[scale] = _leaves(jax.jit(lambda g, p, tx=tx: tx.update(g, tx.init(p), p)[0])(grads, params))
   for path, full in updates[1.0].items():
     if "'image_encoder'" not in path:  # class centres: the full rate either way
       np.testing.assert_array_equal(updates[0.5][path], full, err_msg=path)
+      np.testing.assert_array_equal(updates[0.0][path], full, err_msg=path)
     elif "'stem'" in path or "'block0'" in path:  # frozen: no update at any scale
       assert not full.any() and not updates[0.5][path].any(), path
     elif "'head'" in path:
       assert np.abs(full).max() > 0, path
       np.testing.assert_allclose(updates[0.5][path], 0.5 * full, rtol=1e-6, atol=1e-12, err_msg=path)
+      assert not updates[0.0][path].any(), path
 
 
 def test_trunk_loss_equals_the_records_loss_of_the_same_state(tmp_path):
@@ -225,6 +227,6 @@ def test_validate_names_the_key(change, message):
   config.model.update(change)
   with pytest.raises(ValueError, match=message):
     config_schema.validate(config)
-  config = _config(pretrained_lr_scale=0.0)
-  with pytest.raises(ValueError, match="optimizer.pretrained_lr_scale=0.0"):
+  config = _config(pretrained_lr_scale=-0.1)
+  with pytest.raises(ValueError, match="optimizer.pretrained_lr_scale=-0.1"):
     config_schema.validate(config)
