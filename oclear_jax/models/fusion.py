@@ -11,11 +11,11 @@ Modes (`config.model.fusion`), the ablation axis of the method:
                      starts at 0: the title term's norm is |a| times the image term's, whatever the
                      projection learns. Trained by classification over same-product categories, a
                      per-dimension gate (above) lets the title become a class lookup: on training
-                     products the title alone names the category, so its term grows until it
-                     outweighs the photo, and on unseen products the document drifts away from
-                     where their query photos land (measured on fashion_small12k: scaling the
-                     trained gated term by 0.25 at serving beat both it and image-only documents).
-                     One scalar weight is all the title gets here, learned across all categories;
+                     products the title alone names the category, so its term grows into a lookup
+                     of the training categories, and on unseen products the document drifts from
+                     where their query photos land (benchmarks/real_retrieval.py, rows oclear_gated
+                     and oclear). One scalar weight is all the title gets here, learned across all
+                     categories;
   concat_mlp         doc = MLP([img, text_pooled]): the usual late-fusion baseline, no residual
                      image path (so nothing keeps it image-dominant but the loss);
   concept_attention  the method: K learned concept slots read the title tokens, attend over the
