@@ -15,6 +15,10 @@ run on records, re-encoded like the records (`input_pipeline.records.encode_imag
 to `data.stored_image_size`, JPEG), then `data.eval_preprocess` through the registered
 preprocessing ops; for a run on cached tower outputs, through the caches' loader.
 Titles go through the tokenizer saved beside the run's records, padded to `data.max_title_len`.
+
+With N processes (a pod, or `oclear_jax.launch`) every process restores the model on the mesh
+over all devices, and embedding is a collective: `embedder` takes the same batch on every
+process, `mesh_embedder` each process's own share (`evaluators.host_gather`).
 """
 from __future__ import annotations
 
@@ -109,7 +113,8 @@ def abstract_model_params(model: nn.Module, config: ml_collections.ConfigDict, m
 def _checkpoint_manager(directory: str) -> ocp.CheckpointManager:
   # A reader: a training run may be writing next to us, so create, clean up and delete nothing
   # (orbax's read_only=True does the same but logs two warnings per restore).
-  return ocp.CheckpointManager(directory, item_handlers=ocp.PyTreeCheckpointHandler(),
+  # Absolute: orbax refuses a relative path, and a library caller may pass `workdirs/run`.
+  return ocp.CheckpointManager(os.path.abspath(directory), item_handlers=ocp.PyTreeCheckpointHandler(),
                                options=ocp.CheckpointManagerOptions(create=False, cleanup_tmp_directories=False))
 
 
@@ -201,10 +206,19 @@ class TrainedModel:
 
   def embedder(self, head: str, batch_size: int | None = None) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
     """`embed(host_batch) -> np.ndarray` for up to `batch_size` rows (default config.eval.batch_size):
-    padded to the fixed batch (one compilation), placed on the mesh, padding cut off."""
-    from oclear_jax.evaluators import export  # pylint: disable=g-import-not-at-top  (numpy-only helper)
+    padded to the fixed batch (one compilation), placed on the mesh, padding cut off. On N
+    processes a collective: every process passes the same batch and embeds its share of it."""
+    from oclear_jax.evaluators import export  # pylint: disable=g-import-not-at-top  (evaluators import inference)
     return export.device_embedder(self.jit_predict(head), self.params, self.place,
                                   batch_size or self.config.eval.batch_size, head, inputs=HEADS[head])
+
+  def mesh_embedder(self, head: str, batch_size: int | None = None):
+    """A `host_gather.MeshEmbedder` of `head` for rows each process holds its own share of
+    (`step(local_batch)` per global batch; `batch_size` default config.eval.batch_size)."""
+    from oclear_jax.evaluators import host_gather  # pylint: disable=g-import-not-at-top
+    predict = self.jit_predict(head)
+    return host_gather.MeshEmbedder(lambda batch: predict(self.params, batch), self.place,
+                                    batch_size or self.config.eval.batch_size, HEADS[head], outputs=(head,))
 
 
 def restore_trained_model(config: ml_collections.ConfigDict, workdir: str, step: int | None = None, *,

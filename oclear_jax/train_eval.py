@@ -12,6 +12,10 @@ truth, ScaNN against it, Recall@K / MAP@R / Product1M metrics), on embeddings an
   the last, and keeps the best step by MAP@R in checkpoints_best/ (beside the orbax step
   directory, so keep-N never deletes it) with eval/best.json.
 
+On N processes each embeds its share of the split (`evaluators.host_gather`); process 0 alone
+searches, scores, builds the ScaNN index and writes the files, and every process gets its metrics,
+so all take the same decisions (checkpoint selection saves collectively).
+
 With `config.eval.title_feedback_docs` > 0, every score also re-ranks by the titles of each query's
 top results (`evaluators.title_feedback`) and reports those metrics under prf/ beside the plain ones.
 """
@@ -29,7 +33,9 @@ import numpy as np
 
 from oclear_jax import checkpoint as checkpoint_lib
 from oclear_jax import models
+from oclear_jax import multihost
 from oclear_jax import pretrained_towers
+from oclear_jax.evaluators import host_gather
 from oclear_jax.evaluators import retrieval
 from oclear_jax.evaluators import scann_search
 from oclear_jax.evaluators import title_feedback
@@ -108,13 +114,21 @@ def evaluate(task, inputs, params, *, workdir: str, step: int, artifacts: bool =
     eval_set = inputs.eval_set(lambda b: {**predict(params, b), "title": titles(b)}, split)
   else:
     eval_set = inputs.eval_set(lambda b: predict(params, b), split)
+  # Every process holds the whole eval set; metrics, the ScaNN index and the files come from process 0 alone.
+  return host_gather.computed_once(_score_and_write, task, inputs, eval_set, workdir=workdir, step=step,
+                                   artifacts=artifacts, split=split)
+
+
+def _score_and_write(task, inputs, eval_set: retrieval.EvalSet, *, workdir: str, step: int, artifacts: bool,
+                     split: str) -> dict[str, float]:
+  """Process 0's part of `evaluate`: search, score, save eval/step_N.json (+ ScaNN index, contact sheet)."""
+  config = task.config
   result = _search_and_score(config, eval_set, use_scann=config.eval.scann and split == "eval",
                              scann_dir=os.path.join(workdir, "scann_index") if artifacts else None,
                              title_vectors=_title_vectors(config, inputs, eval_set, split))
   subdir = "eval" if split == "eval" else os.path.join("eval", split)
-  if jax.process_index() == 0:
-    retrieval.save_metrics(os.path.join(workdir, subdir, f"step_{step}.json"), step, result.metrics)
-  if artifacts and config.eval.contact_sheet_queries > 0 and jax.process_index() == 0:
+  retrieval.save_metrics(os.path.join(workdir, subdir, f"step_{step}.json"), step, result.metrics)
+  if artifacts and config.eval.contact_sheet_queries > 0:
     wanted = retrieval.contact_sheet_ids(eval_set, result, config.eval.contact_sheet_queries)
     retrieval.write_contact_sheet(eval_set, result, inputs.images(wanted, split),
                                   os.path.join(workdir, "contact_sheet.png"), config.eval.contact_sheet_queries)
@@ -143,13 +157,17 @@ def frozen_row(task, inputs, state, shardings, workdir: str, *, fresh: bool) -> 
       params = pretrained_towers.load_pretrained_into_state(state, shardings, config.model)["params"]
     pooled = task.jit_pooled(params)
   eval_set = inputs.frozen_eval_set(pooled)
+  return host_gather.computed_once(_score_frozen, config, inputs, eval_set, path)
+
+
+def _score_frozen(config, inputs, eval_set: retrieval.EvalSet, path: str) -> dict[str, float]:
+  """Process 0's part of `frozen_row`: score and write eval/frozen.json."""
   result = _search_and_score(config, eval_set, use_scann=config.eval.scann,
                              title_vectors=_title_vectors(config, inputs, eval_set, "eval"))
-  if jax.process_index() == 0:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-      json.dump({"model": f"frozen pretrained {config.model.image_tower}, pooled features, cosine",
-                 "metrics": result.metrics}, f, indent=2, sort_keys=True)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump({"model": f"frozen pretrained {config.model.image_tower}, pooled features, cosine",
+               "metrics": result.metrics}, f, indent=2, sort_keys=True)
   return result.metrics
 
 
@@ -192,16 +210,18 @@ class CheckpointSelection:
               "checkpoint": os.path.join(best_checkpoint_dir(self.workdir), str(step))}
       logging.info("step %d is the best so far on %s (%s %.4f)", step, self.split, SELECT_METRIC, value)
     self.best = {**best, "history": history}
-    if jax.process_index() == 0:
-      path = os.path.join(self.workdir, "eval", BEST_FILE)
-      os.makedirs(os.path.dirname(path), exist_ok=True)
-      with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(self.best, f, indent=2)
-      os.replace(path + ".tmp", path)
+    multihost.run_on_process_zero(_write_json_atomic, os.path.join(self.workdir, "eval", BEST_FILE), self.best)
 
   def close(self) -> None:
     if self._store is not None:
       self._store.close()
+
+
+def _write_json_atomic(path: str, value: dict) -> None:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    json.dump(value, f, indent=2)
+  os.replace(path + ".tmp", path)
 
 
 def load_eval_history(workdir: str) -> dict[int, dict[str, float]]:

@@ -14,6 +14,7 @@ head, checkpoints, exact resume, evaluators, logging -- is the one trainer's:
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import logging
@@ -26,6 +27,7 @@ import numpy as np
 
 from oclear_jax import datasets
 from oclear_jax import tower_features
+from oclear_jax.evaluators import host_gather
 from oclear_jax.evaluators import retrieval
 
 HostBatch = dict[str, np.ndarray]
@@ -52,22 +54,29 @@ class RecordsInput:
   def to_device(self, batch: HostBatch) -> dict[str, jax.Array]:
     return datasets.to_device_batch(batch, self.place)
 
-  def _batches(self, split: str):
+  def _batches(self, split: str, *, share: bool = False):
+    """The split's batches; `share`: this process's share only (round robin over processes)."""
     from input_pipeline import pipeline  # pylint: disable=g-import-not-at-top  (imports TF)
+    size = self.config.eval.batch_size
     return pipeline.make_dataset(
-        self.prepared.records_dir, split, batch_size=self.config.eval.batch_size,
-        preprocess=self.config.data.eval_preprocess, shuffle=False, repeat=False,
-        drop_remainder=False).as_numpy_iterator()
+        self.prepared.records_dir, split, batch_size=host_gather.local_batch_size(size) if share else size,
+        preprocess=self.config.data.eval_preprocess, shuffle=False, repeat=False, drop_remainder=False,
+        process_index=jax.process_index() if share else 0,
+        process_count=jax.process_count() if share else 1).as_numpy_iterator()
 
   def eval_set(self, predict: Callable, split: str = "eval") -> retrieval.EvalSet:
-    return retrieval.embed_eval_set(self._batches(split), predict, self.place, self.config.eval.batch_size)
+    # Each host reads and embeds its share; every host gets the whole set (retrieval.embed_eval_set).
+    return retrieval.embed_eval_set(self._batches(split, share=True), predict, self.place,
+                                    self.config.eval.batch_size)
 
   def frozen_eval_set(self, pooled: Callable | None, split: str = "eval") -> retrieval.EvalSet:
     """`pooled(device_batch) -> f32[B, W]`: the pretrained image tower's pooled features."""
     def predict(batch):
-      emb = _normalized(pooled(batch))
+      emb = pooled(batch)
       return {"query": emb, "doc": emb}
-    return self.eval_set(predict, split)
+    es = self.eval_set(predict, split)
+    emb = _normalized(es.query_emb)  # on the host, once the rows are gathered
+    return dataclasses.replace(es, query_emb=emb, doc_emb=emb)
 
   def images(self, ids: set, split: str = "eval") -> dict[str, np.ndarray]:
     out = {}
@@ -141,16 +150,13 @@ class TowerFeaturesInput:
     return self.splits[split]
 
   def eval_set(self, predict: Callable, split: str = "eval") -> retrieval.EvalSet:
-    s, size = self._split(split), self.config.eval.batch_size
-    query, doc = [], []
-    for start in range(0, len(s), size):
-      rows = np.minimum(np.arange(start, start + size), len(s) - 1)  # static shapes: pad with the last row
-      out = predict(self.place(self._split_batch(split, rows)))
-      count = min(size, len(s) - start)
-      query.append(np.asarray(out["query"])[:count])
-      doc.append(np.asarray(out["doc"])[:count])
+    s = self._split(split)
+    inputs = tuple(self._split_batch(split, np.zeros(0, np.int64)))
+    # Each process embeds its share of the rows; every process gets all of them (retrieval.embed_table).
+    out = retrieval.embed_table(lambda rows: self._split_batch(split, rows), len(s), predict, self.place,
+                                self.config.eval.batch_size, inputs)
     return retrieval.EvalSet(ids=s.ids, labels=s.labels, kinds=s.kinds, titles=s.titles,
-                             query_emb=np.concatenate(query), doc_emb=np.concatenate(doc))
+                             query_emb=out["query"], doc_emb=out["doc"])
 
   def frozen_eval_set(self, pooled: Callable | None = None, split: str = "eval") -> retrieval.EvalSet:
     del pooled  # the cache holds the frozen tower's pooled features already

@@ -29,6 +29,7 @@ from oclear_jax import checkpoint as checkpoint_lib
 from oclear_jax import config_schema
 from oclear_jax import datasets
 from oclear_jax import metric_writers
+from oclear_jax import multihost
 from oclear_jax import pretrained_towers
 from oclear_jax import sharding
 from oclear_jax import train_eval
@@ -321,10 +322,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
   store.close()
   select.close()
   writer.close()
-  if jax.process_index() == 0:
-    curves = {("untrained" if s == 0 else f"step {s}"): {k: m[f"recall@{k}"] for k in config.eval.ks}
-              for s, m in sorted(eval_history.items()) if s in (0, final_step)}
-    plots.plot_recall_at_k(curves, os.path.join(workdir, "recall_at_k.png"))
+  curves = {("untrained" if s == 0 else f"step {s}"): {k: m[f"recall@{k}"] for k in config.eval.ks}
+            for s, m in sorted(eval_history.items()) if s in (0, final_step)}
+  multihost.run_on_process_zero(plots.plot_recall_at_k, curves, os.path.join(workdir, "recall_at_k.png"))
   return {"final_step": final_step, "eval": eval_history, "frozen": frozen, "best": select.best}
 
 

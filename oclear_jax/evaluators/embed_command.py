@@ -20,6 +20,10 @@ title gives the image-only document (the fusion reads [CLS] [SEP] as "no title")
 column is one ValueError naming the column and the CSV. The model comes from
 `inference.restore_trained_model` (parameters only), inputs from `inference.preprocess_image_files`
 and the run's tokenizer, exactly as the eval path makes them.
+
+With N processes each reads the CSV, decodes and embeds its round-robin share of every batch of
+rows (`host_gather`), and the rows are gathered back into CSV order: the files are the same as
+one process writes, and process 0 alone writes them.
 """
 from __future__ import annotations
 
@@ -30,12 +34,15 @@ import os
 import sys
 from typing import TextIO
 
+import jax
 import ml_collections
 import numpy as np
 import tqdm
 
 from input_pipeline import catalogue as catalogue_lib
 from oclear_jax import inference
+from oclear_jax import multihost
+from oclear_jax.evaluators import host_gather
 
 QUERIES_FILE = "queries.npz"
 DOCUMENTS_FILE = "documents.npz"
@@ -83,24 +90,26 @@ def embed_catalogue(trained: inference.TrainedModel, csv_path: str, *, heads: tu
   read = catalogue_lib.read_catalogue(csv_path, catalogue_columns(config, with_label=with_label),
                                       split_seed=config.seed)
   head = "query_and_doc" if set(heads) == {"query", "doc"} else heads[0]
-  embed = trained.embedder(head)
+  embedder = trained.mesh_embedder(head)
   batch_size = config.eval.batch_size
-  kept_rows, vectors, skipped = [], [], list(read.skipped)
+  local = {"row": [], "vectors": [], "failed": []}  # this process's share: CSV positions, vectors, failures
   for start in tqdm.tqdm(range(0, len(read.rows), batch_size), desc="embed catalogue", unit="batch",
-                         disable=not progress):
-    rows = read.rows[start:start + batch_size]
+                         disable=not progress or jax.process_index() != 0):
+    positions = start + host_gather.share_rows(len(read.rows[start:start + batch_size]))
+    rows = [read.rows[i] for i in positions]
     images, kept, failed = inference.preprocess_image_files([r.image_path for r in rows], config, first_index=start)
     for position, reason in failed:
       row = rows[position]
-      skipped.append({"id": row.id, "image": row.image_path, "reason": reason.split(":")[0], "detail": reason})
-    if not kept:
-      continue
-    rows = [rows[i] for i in kept]
-    vectors.append(embed({"image": images, "title_tokens": trained.tokenize([r.title for r in rows])}))
-    kept_rows.extend(rows)
-  dim = config.model.embed_dim
-  stacked = np.concatenate(vectors) if vectors else np.zeros((0, 2, dim) if head == "query_and_doc" else (0, dim),
-                                                                np.float32)
+      local["failed"].append((int(positions[position]), {"id": row.id, "image": row.image_path,
+                                                         "reason": reason.split(":")[0], "detail": reason}))
+    batch = {"image": images, "title_tokens": trained.tokenize([rows[i].title for i in kept])} if kept else None
+    out = embedder.step(batch)  # every process, every chunk: a collective
+    if kept:
+      local["row"].append(positions[kept])
+      local["vectors"].append(np.asarray(out[head], np.float32))
+  kept_rows, stacked, failed = _gathered(local, read.rows, (2, config.model.embed_dim) if head == "query_and_doc"
+                                         else (config.model.embed_dim,))
+  skipped = list(read.skipped) + failed
   if head == "query_and_doc":
     queries, documents = stacked[:, 0], stacked[:, 1]
   else:
@@ -113,11 +122,29 @@ def embed_catalogue(trained: inference.TrainedModel, csv_path: str, *, heads: tu
       skipped=skipped, counts=counts)
 
 
+def _gathered(local: dict, rows: list, shape: tuple[int, ...]) -> tuple[list, np.ndarray, list[dict]]:
+  """(embedded rows, f32[n, *shape] vectors, failures) of every process, in CSV order."""
+  mine = {"row": np.concatenate(local["row"]) if local["row"] else np.zeros(0, np.int64),
+          "vectors": np.concatenate(local["vectors"]) if local["vectors"] else np.zeros((0, *shape), np.float32)}
+  every = host_gather.gather_rows(mine)
+  order = np.argsort(every["row"], kind="stable")
+  failed = sorted((f for part in host_gather.gather_objects(local["failed"]) for f in part), key=lambda f: f[0])
+  return [rows[i] for i in every["row"][order]], every["vectors"][order], [f for _, f in failed]
+
+
 def _save_npz(path: str, ids: list[str], emb: np.ndarray) -> None:
   tmp = f"{path}.tmp-{os.getpid()}"
   with open(tmp, "wb") as f:  # a file object: np.savez would append '.npz' to a name
     np.savez(f, ids=np.asarray(ids, dtype=str), emb=np.ascontiguousarray(emb, np.float32))
   os.replace(tmp, path)
+
+
+def _write_output(output: str, embedded: EmbeddedCatalogue, manifest: dict) -> None:
+  os.makedirs(output, exist_ok=True)
+  _save_npz(os.path.join(output, QUERIES_FILE), embedded.ids, embedded.queries)
+  _save_npz(os.path.join(output, DOCUMENTS_FILE), embedded.ids, embedded.documents)
+  with open(os.path.join(output, MANIFEST), "w", encoding="utf-8") as f:
+    json.dump(manifest, f, indent=2, ensure_ascii=False)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, catalogue: str, output: str, *, progress: bool = True,
@@ -129,17 +156,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, catalogue: str, output:
   # Columns first: a misnamed column fails before the (slow) restore.
   catalogue_lib.read_catalogue(csv_path, catalogue_columns(config), max_rows=0)
   trained = inference.restore_trained_model(config, workdir)
-  embedded = embed_catalogue(trained, csv_path, progress=progress)
-  os.makedirs(output, exist_ok=True)
-  _save_npz(os.path.join(output, QUERIES_FILE), embedded.ids, embedded.queries)
-  _save_npz(os.path.join(output, DOCUMENTS_FILE), embedded.ids, embedded.documents)
+  embedded = embed_catalogue(trained, csv_path, progress=progress)  # every process: a collective
   manifest = {"workdir": workdir, "checkpoint_step": trained.step, "catalogue": csv_path,
               "dim": int(embedded.documents.shape[1]), "counts": embedded.counts,
               "num_empty_titles": embedded.counts["empty_titles"], "skipped": embedded.skipped,
               "files": {"queries": QUERIES_FILE, "documents": DOCUMENTS_FILE},
               "config": json.loads(config.to_json_best_effort())}
-  with open(os.path.join(output, MANIFEST), "w", encoding="utf-8") as f:
-    json.dump(manifest, f, indent=2, ensure_ascii=False)
+  multihost.run_on_process_zero(_write_output, output, embedded, manifest)  # one writer per file
+  if jax.process_index():
+    return manifest
   c = embedded.counts
   print(f"embedded {c['embedded']} of {c['rows_read']} rows of {csv_path} with checkpoint step {trained.step} "
         f"({c['skipped']} skipped, {c['empty_titles']} empty titles) -> {output}/{{{QUERIES_FILE}, "

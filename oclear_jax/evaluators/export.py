@@ -19,6 +19,10 @@ export afresh instead of mixing embeddings of two models.
 `device_embedder` turns the task's jitted predict function into "host batch in, numpy
 vectors out": the batch is padded to the fixed batch size (one compilation; the last batch
 is short), placed on the mesh with `sharding.global_batch`, and the padding cut off again.
+
+On N processes every process reads the same batches and embeds its share of each
+(`host_gather`), and process 0 alone writes the files: it also decides, before anyone reads
+them, which shards a previous run finished, so every process resumes from the same row.
 """
 from __future__ import annotations
 
@@ -27,8 +31,12 @@ import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 import tqdm
+
+from oclear_jax import multihost
+from oclear_jax.evaluators import host_gather
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -41,6 +49,9 @@ def device_embedder(predict: Callable, params: Any, place: Callable[[Batch], Any
                     inputs: Sequence[str] = ("image", "title_tokens")) -> Callable[[Batch], np.ndarray]:
   """`embed(host_batch) -> f32[n, d]` from `task.jit_predict()` and the state's params.
 
+  On N processes `embed` is a collective: every process passes the same host batch, embeds its
+  share of it and gets every row back (`host_gather.MeshEmbedder.batch`).
+
   Args:
     predict: `predict(params, device_batch) -> {'query': ..., 'doc': ...}`.
     params: the state's params.
@@ -49,17 +60,11 @@ def device_embedder(predict: Callable, params: Any, place: Callable[[Batch], Any
     head: 'query' (shopper photos) or 'doc' (catalogue image + title).
     inputs: the batch keys the predict function reads.
   """
+  embedder = host_gather.MeshEmbedder(lambda batch: predict(params, batch), place, batch_size, tuple(inputs),
+                                      outputs=(head,))
+
   def embed(batch: Batch) -> np.ndarray:
-    n = len(batch[inputs[0]])
-    if n > batch_size:
-      raise ValueError(f"batch of {n} rows exceeds the device batch size {batch_size}")
-    padded = {}
-    for key in inputs:
-      value = np.asarray(batch[key])
-      if n < batch_size:  # repeat the last row: real inputs, cut off below
-        value = np.concatenate([value, np.repeat(value[-1:], batch_size - n, axis=0)])
-      padded[key] = value
-    return np.asarray(predict(params, place(padded))[head], np.float32)[:n]
+    return np.asarray(embedder.batch(batch)[head], np.float32)
   return embed
 
 
@@ -172,24 +177,18 @@ def export_embeddings(
   Raises:
     ValueError: duplicate ids (naming the id and rows), or a source that ends early.
   """
-  os.makedirs(directory, exist_ok=True)
   columns = list(columns)
   settings = {"format": FORMAT_VERSION, "fingerprint": fingerprint, "total": int(total),
               "shard_size": int(shard_size), "columns": columns}
-  manifest = _read_manifest(directory)
-  if manifest is None or any(manifest.get(k) != v for k, v in settings.items()):
-    _remove_shards(directory)
-    manifest = {**settings, "dim": None, "shards": {}}
-  num_shards = -(-total // shard_size)
-  done = [i for i in range(num_shards) if manifest["dim"] is not None and _shard_ok(directory, manifest, i)]
-  manifest["shards"] = {str(i): manifest["shards"][str(i)] for i in done}
+  # Process 0 decides what is done (and clears a stale export) before anyone reads: one view for all.
+  manifest, done = host_gather.computed_once(_resume_state, directory, settings)
   duplicates = _DuplicateCheck(what, directory) if unique_column else None
   if duplicates:
     for i in done:
       duplicates.add(np.load(os.path.join(directory, _shard_file(i, unique_column))), i * shard_size)
   bar = tqdm.tqdm(total=total, initial=sum(manifest["shards"][str(i)]["rows"] for i in done),
-                  desc=f"{what} embeddings", unit="row", disable=not progress)
-  missing = [i for i in range(num_shards) if i not in set(done)]
+                  desc=f"{what} embeddings", unit="row", disable=not progress or jax.process_index() != 0)
+  missing = [i for i in range(-(-total // shard_size)) if i not in set(done)]
   for first, last in _runs(missing):
     start, stop = first * shard_size, min((last + 1) * shard_size, total)
     buffered: list[tuple[np.ndarray, dict[str, np.ndarray]]] = []
@@ -212,8 +211,21 @@ def export_embeddings(
         buffered = _flush(directory, manifest, buffered, shard_size, start_row=row - sum(len(v) for v, _ in buffered))
   bar.close()
   manifest["complete"] = True
-  _write_json_atomic(os.path.join(directory, MANIFEST), manifest)
+  multihost.run_on_process_zero(_write_json_atomic, os.path.join(directory, MANIFEST), manifest)
   return ExportedEmbeddings(directory)
+
+
+def _resume_state(directory: str, settings: dict) -> tuple[dict, list[int]]:
+  """(manifest, finished shard indices) of `directory`; a stale or torn export is cleared first."""
+  os.makedirs(directory, exist_ok=True)
+  manifest = _read_manifest(directory)
+  if manifest is None or any(manifest.get(k) != v for k, v in settings.items()):
+    _remove_shards(directory)
+    manifest = {**settings, "dim": None, "shards": {}}
+  num_shards = -(-settings["total"] // settings["shard_size"])
+  done = [i for i in range(num_shards) if manifest["dim"] is not None and _shard_ok(directory, manifest, i)]
+  manifest["shards"] = {str(i): manifest["shards"][str(i)] for i in done}
+  return manifest, done
 
 
 def _runs(indices: list[int]) -> Iterator[tuple[int, int]]:
@@ -236,19 +248,28 @@ def _flush(directory: str, manifest: dict, buffered, shard_size: int, start_row:
   n = min(shard_size, len(vectors))
   if manifest["dim"] is None:
     manifest["dim"] = int(vectors.shape[1])
+  arrays = [(VECTORS, vectors[:n]), *((c, v[:n]) for c, v in cols.items())]
+  manifest["complete"] = False
+  manifest["shards"][str(index)] = host_gather.computed_once(_write_shard, directory, manifest, index, arrays)
+  rest = vectors[n:]
+  return [(rest, {c: v[n:] for c, v in cols.items()})] if len(rest) else []
+
+
+def _write_shard(directory: str, manifest: dict, index: int, arrays: list[tuple[str, np.ndarray]]) -> dict:
+  """Writes shard `index` (each file under a temporary name, then renamed), then the manifest
+  listing it; the shard's manifest entry (rows and byte size of each file)."""
   sizes = {}
-  for name, array in [(VECTORS, vectors[:n]), *((c, v[:n]) for c, v in cols.items())]:
+  for name, array in arrays:
     path = os.path.join(directory, _shard_file(index, name))
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "wb") as f:
       np.save(f, np.ascontiguousarray(array))
     os.replace(tmp, path)
     sizes[name] = os.path.getsize(path)
-  manifest["shards"][str(index)] = {"rows": int(n), "files": sizes}
-  manifest["complete"] = False
-  _write_json_atomic(os.path.join(directory, MANIFEST), manifest)
-  rest = vectors[n:]
-  return [(rest, {c: v[n:] for c, v in cols.items()})] if len(rest) else []
+  entry = {"rows": int(len(arrays[0][1])), "files": sizes}
+  listed = {**manifest, "shards": {**manifest["shards"], str(index): entry}}
+  _write_json_atomic(os.path.join(directory, MANIFEST), listed)
+  return entry
 
 
 def _remove_shards(directory: str) -> None:

@@ -18,8 +18,11 @@ readable row of that CSV (any catalogue, read like `--mode=embed` does; split 'c
 
 Both exports of the run's records resume shard by shard (`export`), so an interrupted index
 build restarts where it stopped; their fingerprint covers the records, the checkpoint and the
-preprocessing, so a newer checkpoint re-embeds. Queries and documents must come from the same checkpoint, so
-`GalleryIndex.step` tells `search` which checkpoint to embed queries with.
+preprocessing, so a newer checkpoint re-embeds. With N processes every process reads the
+gallery and embeds its share of each batch (`export`, `host_gather`); process 0 alone writes the
+files and builds the ScaNN index, once, which `search` loads. Queries and documents must come
+from the same checkpoint, so `GalleryIndex.step` tells `search` which checkpoint to embed
+queries with.
 """
 from __future__ import annotations
 
@@ -35,8 +38,10 @@ import numpy as np
 
 from oclear_jax import datasets
 from oclear_jax import inference
+from oclear_jax import multihost
 from oclear_jax.evaluators import exact_search
 from oclear_jax.evaluators import export
+from oclear_jax.evaluators import host_gather
 from oclear_jax.evaluators import metrics as metrics_lib
 from oclear_jax.evaluators import product1m_metrics
 from oclear_jax.evaluators import scann_search
@@ -121,15 +126,23 @@ def build(config: ml_collections.ConfigDict, workdir: str, *, catalogue: str | N
           os.path.join(root, folder), source, total, trained.embedder(head),
           columns=DOC_COLUMNS, shard_size=config.index.shard_size,
           fingerprint=_fingerprint(prepared, config, workdir, step, head), what=what, progress=progress)
-    image_paths = _image_paths(config, prepared, exports["document"].column("id"))
+    image_paths = None  # read from the catalogue by process 0 (_finish)
     gallery_entries = {"gallery": "every document of the records (train and eval splits)"}
-  docs = exports["document"]
-  np.save(os.path.join(root, "image_paths.npy"), image_paths)
+  # The ScaNN index is built, measured and written once, by process 0; every process gets index.json.
+  return host_gather.computed_once(_finish, config, prepared, root, step, exports, image_paths, gallery_entries,
+                                   labelled=not catalogue or gallery_entries["labelled"])
 
+
+def _finish(config: ml_collections.ConfigDict, prepared: datasets.PreparedData, root: str, step: int,
+            exports: dict, image_paths: np.ndarray | None, gallery_entries: dict, *, labelled: bool) -> dict:
+  """Process 0's part of `build`: image_paths.npy, the ScaNN searcher, its measurement, index.json."""
+  docs = exports["document"]
+  if image_paths is None:
+    image_paths = _image_paths(config, prepared, docs.column("id"))
+  np.save(os.path.join(root, "image_paths.npy"), image_paths)
   gallery = docs.vectors()
   index = scann_search.ScannIndex.build(gallery, k=10, **scann_search.params_from_config(config.index))
   index.save(os.path.join(root, "scann"))
-  labelled = not catalogue or gallery_entries["labelled"]
   manifest = {"step": int(step), "num_documents": int(docs.num_rows), "dim": docs.dim, **gallery_entries,
               "searcher": index.description, "scann_params": index.params,
               **_measure(config, docs, exports.get("query"), gallery, index, labelled=labelled)}
@@ -165,7 +178,7 @@ def _export_catalogue(trained: inference.TrainedModel, csv_path: str, root: str,
                                   fingerprint=fingerprint, what="document", progress=False)
   stale_queries = os.path.join(root, "queries")  # the run's eval photos do not belong to this gallery
   if os.path.isdir(stale_queries):
-    shutil.rmtree(stale_queries)
+    multihost.run_on_process_zero(shutil.rmtree, stale_queries)
   described = {"gallery": f"every readable row of {csv_path}", "catalogue": csv_path, "labelled": labelled,
                "catalogue_counts": embedded.counts, "skipped": embedded.skipped}
   return {"document": docs}, np.asarray([p.encode("utf-8") for p in embedded.image_paths], dtype=bytes), described

@@ -9,6 +9,9 @@ leave-one-out: every document's image queries all *other* documents.
 With title vectors (`title_feedback.title_vectors`, one per EvalSet row) and feedback on,
 `search_and_score` also re-ranks the exact top-k by the titles of each query's top results
 (`title_feedback.rerank`) and reports those metrics under ``prf/`` beside the plain ones.
+
+On N processes each embeds its share of the split and every process gets the whole `EvalSet`
+(`host_gather`); `search_and_score` is a plain host function the caller runs once (process 0).
 """
 from __future__ import annotations
 
@@ -16,11 +19,12 @@ import dataclasses
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
 from oclear_jax.evaluators import exact_search
+from oclear_jax.evaluators import host_gather
 from oclear_jax.evaluators import metrics as metrics_lib
 from oclear_jax.evaluators import plots
 from oclear_jax.evaluators import product1m_metrics
@@ -42,35 +46,41 @@ class EvalSet:
   title_pooled: np.ndarray | None = None
 
 
-def _pad_batch(batch: dict[str, np.ndarray], size: int) -> tuple[dict[str, np.ndarray], int]:
-  n = len(batch["label"])
-  if n == size:
-    return batch, n
-  return {k: np.concatenate([v, np.repeat(v[-1:], size - n, axis=0)]) for k, v in batch.items()}, n
+EVAL_INPUTS = ("image", "title_tokens", "label", "kind")
+EVAL_COLUMNS = ("id", "label", "kind", "title")
+_OUT = "out/"  # gathered outputs, apart from the batch's columns ('title' is both a column and an output)
+
+
+def _prefixed(predict_fn: Callable) -> Callable:
+  return lambda batch: {_OUT + k: v for k, v in predict_fn(batch).items()}
 
 
 def embed_eval_set(batches: Iterable[dict[str, np.ndarray]], predict_fn: Callable, place_fn: Callable,
                    batch_size: int) -> EvalSet:
-  """Embeds every eval example; the last short batch is padded to keep shapes static.
+  """Embeds every eval example, on every process; each process feeds its share of each global batch.
 
+  `batches`: this process's round-robin share of the split (all of it with one process; the
+  pipeline's process sharding on N), in batches of `batch_size / process_count` rows at most.
+  The short last batches are padded (static shapes) and the padding dropped; rows come back in
+  the split's order whatever the process count (`host_gather.MeshEmbedder.stream`).
   A `predict_fn` that also returns 'title' (f32[B, T], zero where a row has no title) fills
   `EvalSet.title_pooled`.
   """
-  cols = {k: [] for k in ("ids", "labels", "kinds", "titles", "query_emb", "doc_emb", "title_pooled")}
-  for batch in batches:
-    padded, n = _pad_batch({k: batch[k] for k in ("image", "title_tokens", "label", "kind")}, batch_size)
-    out = predict_fn(place_fn(padded))
-    cols["query_emb"].append(np.asarray(out["query"])[:n])
-    cols["doc_emb"].append(np.asarray(out["doc"])[:n])
-    if "title" in out:
-      cols["title_pooled"].append(np.asarray(out["title"])[:n])
-    cols["ids"].append(batch["id"][:n])
-    cols["labels"].append(batch["label"][:n])
-    cols["kinds"].append(batch["kind"][:n])
-    cols["titles"].append(batch["title"][:n])
-  if not cols["ids"]:
+  embedder = host_gather.MeshEmbedder(_prefixed(predict_fn), place_fn, batch_size, EVAL_INPUTS)
+  rows = embedder.stream(batches, columns=EVAL_COLUMNS)
+  if not rows:
     raise ValueError("the eval split is empty: no evaluation possible (check data.eval_fraction / the split column)")
-  return EvalSet(**{k: np.concatenate(v) if v else None for k, v in cols.items()})
+  return EvalSet(ids=rows["id"], labels=rows["label"], kinds=rows["kind"], titles=rows["title"],
+                 query_emb=rows[_OUT + "query"], doc_emb=rows[_OUT + "doc"], title_pooled=rows.get(_OUT + "title"))
+
+
+def embed_table(batch_of: Callable[[np.ndarray], dict[str, np.ndarray]], num_rows: int, predict_fn: Callable,
+                place_fn: Callable, batch_size: int, inputs: Sequence[str]) -> dict[str, np.ndarray]:
+  """`predict_fn`'s outputs for rows 0 .. num_rows - 1 of an in-memory table (`batch_of(rows)`),
+  in row order, on every process; each process embeds its round-robin share."""
+  embedder = host_gather.MeshEmbedder(predict_fn, place_fn, batch_size, inputs)
+  mine, size = host_gather.share_rows(num_rows), embedder.local_size
+  return embedder.stream(batch_of(mine[s:s + size]) for s in range(0, len(mine), size))
 
 
 @dataclasses.dataclass

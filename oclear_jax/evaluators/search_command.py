@@ -21,12 +21,13 @@ It prints the top-K documents per query (rank, id, title, score) as a table or a
 stdout, and writes a contact sheet to `{workdir}/search/contact_sheet.png` (queries framed
 blue, results grey: a user's search has no ground truth).
 
-Both run in one process (the mesh of `config.mesh` on this host's devices), with the model's
-parameters only (`oclear_jax.inference`: no class centres, no optimizer state). Both read the
-config the training run saved (`{workdir}/config.json`) unless one is passed. Problems a
-user can fix (missing files, a file that is not an image, no checkpoint, no index) raise
-ValueError / FileNotFoundError naming the file; `main` prints them as one `error: ...` line
-with exit code 2.
+Both run on the mesh of `config.mesh` over every process's devices (one process, or N launched
+as for training: each embeds its share, process 0 alone builds the ScaNN index, writes the files,
+searches the loaded index and prints), with the model's parameters only (`oclear_jax.inference`:
+no class centres, no optimizer state). Both read the config the training run saved
+(`{workdir}/config.json`) unless one is passed. Problems a user can fix (missing files, a file
+that is not an image, no checkpoint, no index) raise ValueError / FileNotFoundError naming the
+file; `main` prints them as one `error: ...` line with exit code 2.
 """
 from __future__ import annotations
 
@@ -35,12 +36,14 @@ import os
 import sys
 from typing import Any, TextIO
 
+import jax
 import ml_collections
 import numpy as np
 from PIL import Image
 
 from oclear_jax import inference
 from oclear_jax.evaluators import gallery_index
+from oclear_jax.evaluators import host_gather
 from oclear_jax.evaluators import plots
 
 CONTACT_SHEET = os.path.join("search", "contact_sheet.png")
@@ -55,7 +58,13 @@ def build_index(workdir: str, config: ml_collections.ConfigDict | None = None, *
   out = out or sys.stdout
   workdir = os.path.abspath(workdir)
   config = config if config is not None else inference.load_run_config(workdir)
-  manifest = gallery_index.build(config, workdir, catalogue=catalogue, progress=progress)
+  manifest = gallery_index.build(config, workdir, catalogue=catalogue, progress=progress)  # every process
+  if jax.process_index() == 0:
+    _print_built(manifest, workdir, out)
+  return manifest
+
+
+def _print_built(manifest: dict, workdir: str, out: TextIO) -> None:
   print(f"index: {manifest['num_documents']} documents ({manifest['gallery']}) embedded with checkpoint step "
         f"{manifest['step']} -> {os.path.join(workdir, gallery_index.INDEX_DIR)}", file=out)
   if manifest.get("skipped"):
@@ -69,7 +78,6 @@ def build_index(workdir: str, config: ml_collections.ConfigDict | None = None, *
     print("exact search over the whole catalogue: " + ", ".join(f"{k} {m[k]:.3f}" for k in shown), file=out)
   else:
     print("no retrieval metrics: the catalogue has no label column (config.data.columns.label)", file=out)
-  return manifest
 
 
 def load_query_images(paths: list[str], config: ml_collections.ConfigDict) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -140,10 +148,18 @@ def search(workdir: str, queries: list[str], *, top_k: int = 10, output_format: 
   images, shown = load_query_images(list(queries), config)  # bad files fail before anything slow
   index = gallery_index.GalleryIndex(workdir)
   latest = _latest_step(workdir)
-  if latest is not None and latest > index.step:
+  if latest is not None and latest > index.step and jax.process_index() == 0:
     print(f"note: the index was built with checkpoint step {index.step} but step {latest} exists; rerun "
           f"--mode=index to search with it", file=sys.stderr)
-  vectors = _embed_queries(config, workdir, index, images)
+  vectors = _embed_queries(config, workdir, index, images)  # every process embeds a share of the queries
+  # One searcher answers, prints and draws the contact sheet (process 0); every process gets the results.
+  return host_gather.computed_once(_answer, workdir, index, list(queries), shown, vectors, top_k=top_k,
+                                   output_format=output_format, out=out)
+
+
+def _answer(workdir: str, index: gallery_index.GalleryIndex, queries: list[str], shown: list[np.ndarray],
+            vectors: np.ndarray, *, top_k: int, output_format: str, out: TextIO) -> dict[str, Any]:
+  """Searches the loaded ScaNN index, writes the contact sheet, prints the results; returns them."""
   scores, rows = index.searcher.search(vectors, top_k)
   payload = {"workdir": workdir, "checkpoint_step": index.step, "num_documents": len(index.ids),
              "searcher": index.searcher.description, "queries": []}
