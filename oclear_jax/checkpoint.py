@@ -4,20 +4,32 @@ Checkpoints are written as global sharded arrays (OCDBT), not per-device files, 
 saved on one mesh restores onto another: the restore target is an abstract tree of
 `jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(new_mesh, spec))`.
 
-Atomicity: orbax writes each step into a temporary directory and renames it when complete, so
-a save cut off by preemption never looks like a checkpoint (its leftovers are cleaned up on the
-next start). A finalized step that still cannot be read (a truncated file, a lost shard) is
-moved aside to `<dir>.broken/` and reported, and the previous step is restored instead.
+When: `CheckpointStore.should_save(step)` is orbax's `CheckpointManager.should_save` with
+`save_interval_steps` (train.checkpoint_every) and `save_on_steps` (the last step), plus the
+step at which a preemption notice is agreed (oclear_jax/preemption.py), after which
+`stop_if_preempted` waits for the write and ends the run.
+
+Several processes: every process calls every method (saves and restores are collective; each
+process writes and reads the shards it holds). Atomicity: orbax writes each step into a
+temporary directory and renames it when complete, so a save cut off by preemption never looks
+like a checkpoint (its leftovers are cleaned up on the next start). A finalized step that still
+cannot be read (a truncated file, a lost shard) by any one process is unreadable for all: process
+0 alone moves it aside to `<dir>.broken/`, every process learns that before any of them tries the
+previous step, and the previous step is restored instead.
 """
 from __future__ import annotations
 
 import logging
 import os
-import shutil
+import sys
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
+
+from oclear_jax import multihost
+from oclear_jax import preemption as preemption_lib
 
 
 class IncompatibleCheckpointError(ValueError):
@@ -51,10 +63,16 @@ def shape_mismatch(saved_tree: Any, wanted_tree: Any) -> str:
 
 
 class CheckpointStore:
-  """A thin, opinionated wrapper over `ocp.CheckpointManager` for one train state."""
+  """A thin, opinionated wrapper over `ocp.CheckpointManager` for one train state.
 
-  def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 3, async_save: bool = True):
-    self.directory = os.path.abspath(os.fspath(directory))
+  `save_interval_steps`/`save_on_steps` decide `should_save` (None: save whatever step is given);
+  `preemption` (a PreemptionNotice) adds the preempted step to them and enables `stop_if_preempted`.
+  """
+
+  def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 3, async_save: bool = True,
+               save_interval_steps: int | None = None, save_on_steps: tuple[int, ...] = (),
+               preemption: preemption_lib.PreemptionNotice | None = None):
+    self.directory = _resolve(directory)
     # The handler is named up front: a fresh manager on an existing directory must be able to
     # read item metadata (for the compatibility check) before any save or restore.
     self._manager = ocp.CheckpointManager(
@@ -62,14 +80,34 @@ class CheckpointStore:
         item_handlers=ocp.StandardCheckpointHandler(),
         options=ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True))
+            cleanup_tmp_directories=True, save_decision_policy=_save_policy(save_interval_steps, save_on_steps)))
+    self._preemption = preemption
+    self._closed = False
     self.broken: list[tuple[int, str]] = []  # (step, reason) of unreadable checkpoints set aside
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def should_save(self, step: int) -> bool:
+    """Every process asks at every step (the preemption notice is agreed collectively)."""
+    if self._preemption is not None and self._preemption.reached(step):
+      latest = self.latest_step()
+      return latest is None or latest < step
+    return self._manager.should_save(step)
+
   def save(self, step: int, state: Any, *, force: bool = False) -> bool:
     return self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
+
+  def stop_if_preempted(self, step: int) -> None:
+    """After a preemption notice: wait until the save of `step` is on disk, then raise `Preempted`."""
+    if self._preemption is None or not self._preemption.reached(step):
+      return
+    self.close()
+    logging.warning("Preempted at step %d; its checkpoint is written", step)
+    raise preemption_lib.Preempted(step, self.directory)
 
   def check_compatible(self, step: int, abstract_state: Any) -> None:
     problem = shape_mismatch(self._manager.item_metadata(step).tree, abstract_state)
@@ -82,39 +120,110 @@ class CheckpointStore:
     """Restores `step` (default: the latest readable one) onto the shardings of `abstract_state`.
 
     An incompatible checkpoint (another model) stops with `IncompatibleCheckpointError`; an
-    unreadable one is set aside (see `self.broken`) and the next older step is tried.
+    unreadable one is set aside (see `self.broken`) and the next older step is tried. Every process
+    gets the same answer, whichever of them failed to read its share.
     """
     steps = sorted(self._manager.all_steps(), reverse=True) if step is None else [step]
     for candidate in steps:
-      try:
-        self.check_compatible(candidate, abstract_state)
-        logging.info("Restoring checkpoint %s/%d", self.directory, candidate)
-        state = self._manager.restore(candidate, args=ocp.args.StandardRestore(abstract_state))
+      state, error = self._try_read(candidate, abstract_state)
+      # Another model is an error on every process; an explicit step that cannot be read too.
+      multihost.raise_if_any_process_failed(error if isinstance(error, IncompatibleCheckpointError) else None)
+      if step is not None:
+        multihost.raise_if_any_process_failed(error)
+      failures = multihost.process_failures(error)
+      if not failures:
         return state, candidate
-      except IncompatibleCheckpointError:
-        raise
-      except Exception as e:  # pylint: disable=broad-except  (any read failure means "torn")
-        if step is not None:
-          raise
-        self._set_aside(candidate, f"{type(e).__name__}: {e}")
+      index, kind, message = failures[0]
+      self._set_aside(candidate, f"process {index}: {kind.rpartition('.')[2]}: {message}")
     return None, None
 
+  def _try_read(self, step: int, abstract_state: Any) -> tuple[Any, Exception | None]:
+    """(state, None), or (None, why this process could not read `step`): never raises, never waits.
+
+    The handler is called directly, not `CheckpointManager.restore`: that one ends in a barrier,
+    where the processes that read their shards would wait forever for one that failed to.
+    """
+    try:
+      self.check_compatible(step, abstract_state)
+      logging.info("Restoring checkpoint %s/%d", self.directory, step)
+      path = ocp.step.find_step_path(self.directory, ocp.step.standard_name_format(), step=step)
+      handler = ocp.StandardCheckpointHandler()
+      try:
+        return handler.restore(path / _ITEM, args=ocp.args.StandardRestore(abstract_state)), None
+      finally:
+        handler.close()
+    except Exception as e:  # pylint: disable=broad-except  (any read failure means "torn"; shared by restore)
+      return None, e
+
   def _set_aside(self, step: int, reason: str) -> None:
-    broken_dir = f"{self.directory}.broken"
-    os.makedirs(broken_dir, exist_ok=True)
-    target = os.path.join(broken_dir, str(step))
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(os.path.join(self.directory, str(step)), target)
+    """Process 0 moves `step` to `<dir>.broken/` (once); every process then sees it gone."""
+    target = multihost.run_on_process_zero(_move_aside, self.directory, step)
     self._manager.reload()
     self.broken.append((step, reason.splitlines()[0][:300]))
-    logging.warning("Checkpoint step %d is unreadable (%s); moved to %s, trying an older one", step, reason, target)
+    logging.warning("Checkpoint step %d is unreadable (%s); process 0 moved it to %s; trying an older one", step,
+                    reason, target or f"{self.directory}.broken/")
+
+  def report_broken(self, resumed_step: int | None) -> None:
+    """One warning line per step set aside, on stderr (where a user looks when a run resumes early)."""
+    for broken_step, reason in self.broken:
+      print(f"warning: checkpoint step {broken_step} was unreadable ({reason}); set aside in "
+            f"{self.directory}.broken/; resumed from step {resumed_step or 0}", file=sys.stderr)
 
   def wait(self) -> None:
     self._manager.wait_until_finished()
 
   def close(self) -> None:
+    """Waits for a save in flight; safe to call twice."""
+    if self._closed:
+      return
+    self._closed = True
     self._manager.wait_until_finished()
     self._manager.close()
+    if self._preemption is not None:
+      self._preemption.close()
+
+
+def train_store(workdir: str, train: Any) -> CheckpointStore:
+  """The training run's store: saves every train.checkpoint_every steps, at the last, and when preempted."""
+  return CheckpointStore(os.path.join(workdir, "checkpoints"), max_to_keep=train.keep_checkpoints,
+                         async_save=train.async_checkpoints, save_interval_steps=train.checkpoint_every,
+                         save_on_steps=(train.num_steps,),
+                         preemption=preemption_lib.PreemptionNotice(agree_every=train.log_every))
+
+
+_ITEM = "default"  # the CheckpointManager's folder of its single item inside each step
+
+
+def _resolve(directory: str | os.PathLike) -> str:
+  """An absolute local path (orbax wants one), or a URL such as gs://bucket/run as given."""
+  text = os.fspath(directory)
+  return text if "://" in text else os.path.abspath(text)
+
+
+def _save_policy(every: int | None, steps: tuple[int, ...]):
+  """Orbax's default policy minus its save at the first step of a fresh run; None: orbax's default.
+
+  The default (`save_interval_steps`) would also write a full checkpoint at step 1 of every new run,
+  a pod-sized write of a state worth nothing. Preemption saves stay in (orbax's policy for JAX's
+  preemption sync); the single-process SIGTERM flag is added by `CheckpointStore.should_save`.
+  """
+  if every is None:
+    return None
+  policies = ocp.checkpoint_managers
+  return policies.AnySavePolicy([policies.FixedIntervalPolicy(every)] * (every > 0) + [
+      policies.SpecificStepsPolicy(tuple(steps)), policies.PreemptionCheckpointingPolicy()])
+
+
+def _move_aside(directory: str, step: int) -> str:
+  """Moves `<directory>/<step>` to `<directory>.broken/<step>` (`<step>.1`, ... if set aside before)."""
+  broken_dir = epath.Path(f"{directory}.broken")
+  broken_dir.mkdir(parents=True, exist_ok=True)
+  target, n = broken_dir / str(step), 0
+  while target.exists():
+    n += 1
+    target = broken_dir / f"{step}.{n}"
+  (epath.Path(directory) / str(step)).rename(target)
+  return os.fspath(target)
 
 
 def best_checkpoint_dir(workdir: str) -> str:

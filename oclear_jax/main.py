@@ -19,7 +19,9 @@ Modes, in the order data flows:
            checkpoint (the one selected on val, else the latest) and build the ScaNN index;
   search   embed query images and print their top-K documents, with a contact sheet;
   embed    embed every row of any catalogue CSV as a query and as a document into --output.
-Rerunning `train` resumes from the latest checkpoint in --workdir. `index`, `search` and `embed`
+Rerunning `train` resumes from the latest checkpoint in --workdir. On SIGTERM (a preemption), `train`
+saves the step in flight, prints one `preempted: ...` line and exits with code 75 (EX_TEMPFAIL):
+rerun the same command to resume from that step (oclear_jax/preemption.py). `index`, `search` and `embed`
 read the config the run saved in --workdir (config.json) unless --config is given; `--config.x=v`
 overrides apply either way (without --config they are parsed here, see `split_config_overrides`:
 absl's config_flags only accepts them after --config=FILE), and an unknown key fails naming it.
@@ -154,6 +156,7 @@ def main(argv):
   # Imports after flag parsing: they load jax and TensorFlow.
   from oclear_jax import checkpoint  # pylint: disable=g-import-not-at-top
   from oclear_jax import multihost  # pylint: disable=g-import-not-at-top
+  from oclear_jax import preemption  # pylint: disable=g-import-not-at-top
 
   config, workdir = _CONFIG.value, os.path.abspath(_WORKDIR.value)
   try:
@@ -163,6 +166,9 @@ def main(argv):
       from oclear_jax import inference  # pylint: disable=g-import-not-at-top
       config = apply_config_overrides(inference.load_run_config(workdir), _SAVED_CONFIG_OVERRIDES)
     _MODES[_MODE.value](config, workdir)
+  except preemption.Preempted as e:  # saved and stopped on SIGTERM: not an error, a run to resume
+    print(str(e), file=sys.stderr, flush=True)
+    sys.exit(preemption.PREEMPTED_EXIT_CODE)
   except (ValueError, FileNotFoundError, FloatingPointError, checkpoint.IncompatibleCheckpointError) as e:
     # User-facing problems (config, catalogue, workdir, query files) end with one clear line, not a traceback.
     logging.error("%s: %s", type(e).__name__, e)

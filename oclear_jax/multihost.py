@@ -148,6 +148,20 @@ def _rebuild(kind: str, message: str) -> Exception:
   return HostError(f"{kind.rpartition('.')[2]}: {message}")
 
 
+def process_failures(error: BaseException | None) -> list[tuple[int, str, str]]:
+  """(process index, exception type path, message) of every process that failed, lowest index first.
+
+  Every process calls it with its own exception (or None) and gets the same list: for decisions
+  all processes must take alike, such as setting an unreadable checkpoint aside when only one of
+  them could not read its share. A collective, and so a barrier, like `raise_if_any_process_failed`.
+  """
+  if jax.process_count() == 1:
+    return [] if error is None else [(0, *_decode(_encode(error)))]
+  statuses = multihost_utils.process_allgather(_encode(error))
+  rows = np.asarray(statuses).reshape(jax.process_count(), _OUTCOME_BYTES)
+  return [(index, *failed) for index, failed in enumerate(map(_decode, rows)) if failed is not None]
+
+
 def raise_if_any_process_failed(error: BaseException | None) -> None:
   """Every process calls this with its own exception (or None); if any failed, every process raises.
 
@@ -160,16 +174,15 @@ def raise_if_any_process_failed(error: BaseException | None) -> None:
     if error is not None:
       raise error
     return
-  statuses = multihost_utils.process_allgather(_encode(error))
-  for index, status in enumerate(np.asarray(statuses).reshape(jax.process_count(), _OUTCOME_BYTES)):
-    failed = _decode(status)
-    if failed is None:
-      continue
-    if index == jax.process_index() and error is not None:
-      raise error
-    logging.error("process %d failed, so process %d stops too: %s: %s", index, jax.process_index(),
-                  failed[0].rpartition(".")[2], failed[1])
-    raise _rebuild(*failed)
+  failures = process_failures(error)
+  if not failures:
+    return
+  index, kind, message = failures[0]
+  if index == jax.process_index():
+    raise error
+  logging.error("process %d failed, so process %d stops too: %s: %s", index, jax.process_index(),
+                kind.rpartition(".")[2], message)
+  raise _rebuild(kind, message)
 
 
 def run_on_process_zero(fn: Callable[..., _T], *args, **kwargs) -> _T | None:

@@ -15,7 +15,6 @@ import functools
 import json
 import logging
 import os
-import sys
 from typing import Any
 
 import flax.linen as nn
@@ -243,9 +242,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
   inputs = train_inputs.make_input(config, prepared, place, workdir, progress=progress)
   abstract, shardings = task.abstract_state()
   sharding.check_sufficiently_sharded(abstract, shardings, int(config.sharding.max_replicated_mib * 2**20))
-  store = checkpoint_lib.CheckpointStore(os.path.join(workdir, "checkpoints"),
-                                         max_to_keep=config.train.keep_checkpoints,
-                                         async_save=config.train.async_checkpoints)
+  store = checkpoint_lib.train_store(workdir, config.train)  # from here on, SIGTERM saves the step in flight
 
   # == Restore ===================================================================================
   state, start_step = store.restore(checkpoint_lib.abstract_with_shardings(abstract, shardings))
@@ -255,9 +252,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
     state = pretrained_towers.load_pretrained_into_state(state, shardings, config.model)
   else:
     logging.info("Resumed from step %d", start_step)
-  for broken_step, reason in store.broken:
-    print(f"warning: checkpoint step {broken_step} was unreadable ({reason}); set aside in "
-          f"{store.directory}.broken/; resumed from step {start_step or 0}", file=sys.stderr)
+  store.report_broken(start_step)
 
   # == Evaluators ================================================================================
   writer = metric_writers.MetricWriter(workdir)
@@ -293,9 +288,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
         else:
           logging.info(line)
         writer.write(step, {**{f"train/{k}": v for k, v in scalars.items()}, "train/examples_per_s": examples_per_s})
-      if step % config.train.checkpoint_every == 0 or step == config.train.num_steps:
+      if store.should_save(step):  # every train.checkpoint_every steps, the last one, and when preempted
         _check_finite(*unchecked, workdir=workdir, store=store)  # never save a state that saw a NaN
-        store.save(step, state)
+        store.save(step, state, force=True)
+      store.stop_if_preempted(step)  # raises Preempted once that save is on disk (main.py: exit code 75)
       if config.eval.every and step % config.eval.every == 0 and step != config.train.num_steps:
         eval_history[step] = evaluate(state["params"], step=step, artifacts=False)
         writer.write(step, {f"eval/{k}": v for k, v in eval_history[step].items()})
