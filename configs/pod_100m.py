@@ -33,8 +33,6 @@ def get_config(arg: str | None = None):
   c.data.max_title_len = 32
   c.data.train_preprocess = "decode|random_resized_crop(224)|flip_lr|color_jitter|value_range(-1, 1)"
   c.data.eval_preprocess = "decode|resize(224)|value_range(-1, 1)"
-  c.data.shuffle_buffer = 50_000
-  c.data.cache_decoded = False  # 10^8+ images: stream, never cache decoded pixels
 
   c.model.image_tower = "vit"
   c.model.vit = "b"

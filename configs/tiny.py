@@ -18,7 +18,6 @@ def get_config(arg: str | None = None):
   c.data.max_title_len = 16
   c.data.train_preprocess = "decode|random_resized_crop(32)|flip_lr|value_range(-1, 1)"
   c.data.eval_preprocess = "decode|resize(32)|value_range(-1, 1)"
-  c.data.shuffle_buffer = 256
   c.model.vit = "nano"
   c.model.patch_size = 8
   c.model.text.update(dict(width=32, depth=1, num_heads=2, mlp_dim=64))

@@ -1,6 +1,13 @@
-"""tf.data input pipeline over the records written by `input_pipeline.records`.
+"""tf.data input pipelines over the records written by `input_pipeline.records`.
 
-Order of stages (each one for a reason):
+Training (`make_train_dataset`) and each host's share of an eval split (`make_share_dataset`) read
+records by index (`random_access`): a host reads only its examples, and the examples of global
+batch s are a function of (seed, s) (`global_order`), so the global batch sequence is the same for
+any process count and a resumed run starts at its step without replaying the stream:
+  global order -> this process's slice -> read by index -> parse -> preprocess(seed, global
+  position) -> batch -> prefetch
+
+`make_dataset` streams whole splits (exports, galleries, tests):
   files -> interleave (deterministic) -> shard per process -> parse -> filter kinds
   -> [decode + cache] -> shuffle(seed) -> repeat -> enumerate (per-example seed)
   -> preprocess -> batch -> prefetch
@@ -9,14 +16,18 @@ per-example seed comes after repeat so each epoch gets fresh (but reproducible)
 augmentations.
 """
 
+import itertools
 import json
 import os
 import pathlib
 from typing import Iterator, Optional, Sequence
 
+import numpy as np
 import tensorflow as tf
 
+from input_pipeline import global_order
 from input_pipeline import preprocess_ops
+from input_pipeline import random_access
 from input_pipeline import records
 
 # TensorFlow must never take an accelerator that JAX needs; it only feeds data.
@@ -184,6 +195,77 @@ def make_dataset(record_dir: str | os.PathLike, split: str, *, batch_size: int,
   options.deterministic = True
   ds = ds.with_options(options)
   return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _preprocessed(serialized: tf.Tensor, position: tf.Tensor, *, preprocess_fn, seed: int) -> dict:
+  """One example parsed and preprocessed; random ops draw from (seed, its global stream position)."""
+  ex = _parse(serialized)
+  ex["seed"] = tf.stack([tf.constant(seed, tf.int64), position])
+  ex = preprocess_fn(ex)
+  del ex["seed"]
+  ex["image"] = tf.cast(ex["image"], tf.float32)
+  return ex
+
+
+def _batched_examples(chunks, *, preprocess: str, seed: int, batch_size: int,
+                      drop_remainder: bool) -> tf.data.Dataset:
+  """`chunks()` yields (serialized str[n], position i64[n]): the examples parsed, preprocessed and batched."""
+  spec = (tf.TensorSpec([None], tf.string), tf.TensorSpec([None], tf.int64))
+  ds = tf.data.Dataset.from_generator(chunks, output_signature=spec).prefetch(2)  # reads overlap decoding
+  preprocess_fn = preprocess_ops.get_preprocess_fn(preprocess)
+  ds = ds.unbatch().map(lambda s, p: _preprocessed(s, p, preprocess_fn=preprocess_fn, seed=seed),
+                        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+  options = tf.data.Options()
+  options.deterministic = True
+  return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
+
+
+def make_train_dataset(record_dir: str | os.PathLike, split: str = "train", *, global_batch_size: int,
+                       preprocess: str, seed: int, start_step: int = 0, process_index: int = 0,
+                       process_count: int = 1, class_weights: Optional[Sequence[float]] = None,
+                       reader: Optional[random_access.RecordReader] = None) -> tf.data.Dataset:
+  """Endless batches of this process's slice of global batches start_step, start_step + 1, ... (0-based).
+
+  Global batch s holds the examples at positions s*B .. (s+1)*B - 1 of `global_order.GlobalOrder`;
+  process p reads rows p*B/P .. (p+1)*B/P - 1 of it by index (the rows `jax.make_array_from_process_
+  local_data` expects from it), so the processes' batches concatenated in process order are the
+  global batch, equal for every process count, augmentation included (seeded by position). A run
+  resumed from step k passes start_step=k: nothing before it is read. `reader`: for tests that count reads.
+  """
+  if global_batch_size % process_count:
+    raise ValueError(f"config.train.batch_size={global_batch_size} must divide over {process_count} processes")
+  reader = reader or random_access.RecordReader(record_dir, split)
+  order = global_order.GlobalOrder(len(reader), seed, labels=reader.labels, class_weights=class_weights)
+  local = global_batch_size // process_count
+
+  def chunks():
+    for step in itertools.count(start_step):
+      first = step * global_batch_size + process_index * local
+      positions = np.arange(first, first + local, dtype=np.int64)
+      yield np.asarray(reader.read(order.examples(first, first + local)), object), positions
+
+  return _batched_examples(chunks, preprocess=preprocess, seed=seed, batch_size=local, drop_remainder=True)
+
+
+def make_share_dataset(record_dir: str | os.PathLike, split: str, *, batch_size: int, preprocess: str,
+                       process_index: int = 0, process_count: int = 1, seed: int = 0,
+                       reader: Optional[random_access.RecordReader] = None) -> tf.data.Dataset:
+  """This process's examples p, p + P, ... of a split, once, in order (the last batch may be short).
+
+  The round-robin share `evaluators.host_gather.share_row_numbers` numbers rows by; example j is
+  the j-th written (`random_access`), which is also `make_dataset`'s order. Only these examples are read.
+  """
+  reader = reader or random_access.RecordReader(record_dir, split)
+  rows = np.arange(process_index, len(reader), process_count, dtype=np.int64)
+
+  def chunks():
+    for start in range(0, len(rows), batch_size):
+      mine = rows[start:start + batch_size]
+      yield np.asarray(reader.read(mine), object), mine
+
+  return _batched_examples(chunks, preprocess=preprocess, seed=seed, batch_size=batch_size,
+                           drop_remainder=False)
 
 
 def numpy_batches(ds: tf.data.Dataset) -> Iterator[dict]:

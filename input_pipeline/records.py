@@ -2,7 +2,12 @@
 
 Layout of a record directory:
   {split}-{i:05d}-of-{n:05d}.tfrecord  examples: id, image (JPEG), title, title_tokens,
-                                       label, kind (0 doc, 1 query)
+                                       label, category (the label's name), kind (0 doc, 1 query)
+  {split}.index.npy  per example of the split, in write order (example j is in shard j % n): its
+                  shard, byte offset, length and label, so a host reads any example by index
+                  (`input_pipeline.random_access`) instead of streaming every file
+  dataset_info.json, features.json  TFDS metadata: `tfds.builder_from_directory(dir)` loads the
+                  records as a TFDS dataset (`input_pipeline.tfds_metadata`)
   labels.json     {"train": {label: int}, "eval": {label: int}[, "val": ...]}, each sorted by label
   skipped.jsonl   one line per row whose image could not be used, with the reason
   tokenizer.json  the tokenizer that made title_tokens
@@ -23,14 +28,16 @@ import random
 import shutil
 from typing import Optional, Sequence
 
+import numpy as np
 from PIL import Image, ImageOps
 import tensorflow as tf
 import tqdm
 
+from input_pipeline import tfds_metadata
 from input_pipeline.catalogue import CatalogueRow
 from input_pipeline.tokenizer import TitleTokenizer
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a category feature, the per-split index, TFDS metadata
 KIND_IDS = {"doc": 0, "query": 1}
 SUMMARY_FILE = "records.json"
 LABELS_FILE = "labels.json"
@@ -39,10 +46,18 @@ TOKENIZER_FILE = "tokenizer.json"
 # Records are written in a fixed shuffled order so that shuffle buffers downstream see
 # mixed classes, not the catalogue's (often class-sorted) CSV order.
 _WRITE_ORDER_SEED = 0
+# TFRecord framing around each serialized example: u64 length, u32 crc of it, data, u32 crc of data.
+RECORD_HEADER_BYTES = 12
+RECORD_FOOTER_BYTES = 4
+INDEX_DTYPE = np.dtype([("shard", np.uint32), ("offset", np.uint64), ("length", np.uint32), ("label", np.int32)])
 
 
 def shard_name(split: str, index: int, num_shards: int) -> str:
   return f"{split}-{index:05d}-of-{num_shards:05d}.tfrecord"
+
+
+def index_name(split: str) -> str:
+  return f"{split}.index.npy"
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -110,6 +125,7 @@ def _example(row: CatalogueRow, jpeg: bytes, tokens, label: int) -> bytes:
       "title": _bytes(row.title.encode("utf-8")),
       "title_tokens": _ints(int(t) for t in tokens),
       "label": _ints([label]),
+      "category": _bytes(row.label.encode("utf-8")),
       "kind": _ints([KIND_IDS[row.kind]]),
   })).SerializeToString()
 
@@ -171,22 +187,28 @@ def write_records(rows: Sequence[CatalogueRow], out_dir: str | os.PathLike, *,
   random.Random(_WRITE_ORDER_SEED).shuffle(staged)
   tokens = tokenizer.encode_batch([row.title for row, _, _ in staged], max_title_len)
   counts = {s: {"doc": 0, "query": 0, "total": 0} for s in splits}
-  files = {}
+  files, shard_lengths = {}, {}
   with open(tmp_dir / "staging.bin", "rb") as staging:
     for split in splits:
       indices = [i for i, (row, _, _) in enumerate(staged) if row.split == split]
       n = max(1, min(num_shards, len(indices)))
       files[split] = [shard_name(split, i, n) for i in range(n)]
       writers = [tf.io.TFRecordWriter(str(tmp_dir / f)) for f in files[split]]
+      index = np.zeros(len(indices), INDEX_DTYPE)
+      ends = [0] * n  # bytes written so far per shard: where its next record starts
       for j, i in enumerate(tqdm.tqdm(indices, desc=f"write {split}", disable=not progress)):
         row, offset, length = staged[i]
         staging.seek(offset)
-        writers[j % n].write(_example(row, staging.read(length), tokens[i],
-                                      label_maps[split][row.label]))
+        example = _example(row, staging.read(length), tokens[i], label_maps[split][row.label])
+        writers[j % n].write(example)
+        index[j] = (j % n, ends[j % n], len(example), label_maps[split][row.label])
+        ends[j % n] += RECORD_HEADER_BYTES + len(example) + RECORD_FOOTER_BYTES
         counts[split][row.kind] += 1
         counts[split]["total"] += 1
       for w in writers:
         w.close()
+      np.save(tmp_dir / index_name(split), index)
+      shard_lengths[split] = [len(range(k, len(indices), n)) for k in range(n)]
   (tmp_dir / "staging.bin").unlink()
   tokenizer.save(tmp_dir / TOKENIZER_FILE)
 
@@ -198,6 +220,7 @@ def write_records(rows: Sequence[CatalogueRow], out_dir: str | os.PathLike, *,
       # [CLS], [SEP]: what the model must read as "no title" (101, 102 for a BERT vocabulary).
       "title_special_ids": list(tokenizer.special_ids), **settings,
   }
+  tfds_metadata.write_metadata(tmp_dir, shard_lengths)
   (tmp_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
   if out_dir.exists():
     shutil.rmtree(out_dir)

@@ -40,8 +40,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.max_title_len = 24
   c.data.train_preprocess = "decode|random_resized_crop(64)|flip_lr|color_jitter|value_range(-1, 1)"
   c.data.eval_preprocess = "decode|resize(64)|value_range(-1, 1)"
-  c.data.shuffle_buffer = 2048
-  c.data.cache_decoded = True
   # True: train on {workdir}/governance/curated_catalogue.csv written by --mode=govern (the raw
   # catalogue above stays governance's input). balanced_sampling: apply the records' class_weights.json
   # (written from governance's sampling weights) by rejection sampling in the input pipeline.

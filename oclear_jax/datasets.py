@@ -151,18 +151,14 @@ def train_batches(prepared: PreparedData, data: ml_collections.ConfigDict, *, gl
                   seed: int, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
   """An endless iterator of this process's share of each global training batch (numpy).
 
-  The stream is a function of `seed` alone; `start_step` batches are skipped, so a run resumed
-  from the checkpoint of step k continues with exactly batch k+1 of the uninterrupted run.
+  Global batch k (0-based) is a function of (seed, k) whatever the process count, and each process
+  reads only its rows of it (`pipeline.make_train_dataset`): a run resumed from the checkpoint of
+  step k starts at batch k of the uninterrupted run without reading the batches before it.
   """
   from input_pipeline import pipeline  # pylint: disable=g-import-not-at-top  (imports TF)
-  if global_batch_size % jax.process_count():
-    raise ValueError(f"config.train.batch_size={global_batch_size} must divide over {jax.process_count()} processes")
-  ds = pipeline.make_dataset(
-      prepared.records_dir, "train", batch_size=global_batch_size // jax.process_count(),
-      preprocess=data.train_preprocess, shuffle=True, repeat=True, seed=seed,
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      cache_decoded=data.cache_decoded, shuffle_buffer=data.shuffle_buffer,
-      skip_examples=start_step * (global_batch_size // jax.process_count()),
+  ds = pipeline.make_train_dataset(
+      prepared.records_dir, "train", global_batch_size=global_batch_size, preprocess=data.train_preprocess,
+      seed=seed, start_step=start_step, process_index=jax.process_index(), process_count=jax.process_count(),
       class_weights=(pipeline.read_class_weights(prepared.records_dir, "train")
                      if data.get("balanced_sampling", True) else None))
   return ds.as_numpy_iterator()

@@ -55,13 +55,13 @@ class RecordsInput:
     return datasets.to_device_batch(batch, self.place)
 
   def _batches(self, split: str, *, share: bool = False):
-    """The split's batches; `share`: this process's share only (round robin over processes)."""
+    """The split's batches; `share`: this process's share only (round robin over processes, the rows
+    host_gather.share_row_numbers numbers), read by index: a host reads only its rows."""
     from input_pipeline import pipeline  # pylint: disable=g-import-not-at-top  (imports TF)
     size = self.config.eval.batch_size
-    return pipeline.make_dataset(
+    return pipeline.make_share_dataset(
         self.prepared.records_dir, split, batch_size=host_gather.local_batch_size(size) if share else size,
-        preprocess=self.config.data.eval_preprocess, shuffle=False, repeat=False, drop_remainder=False,
-        process_index=jax.process_index() if share else 0,
+        preprocess=self.config.data.eval_preprocess, process_index=jax.process_index() if share else 0,
         process_count=jax.process_count() if share else 1).as_numpy_iterator()
 
   def eval_set(self, predict: Callable, split: str = "eval") -> retrieval.EvalSet:
