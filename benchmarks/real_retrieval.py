@@ -224,14 +224,14 @@ def print_table(rows: list[dict], levels=LEVELS) -> None:
   for level in levels:
     n = int(rows[0]["runs"][0]["image+title"][level]["num_queries"])
     print(f"\n{level}: {n} queries with a positive (R@1 / MAP@R; trained rows: mean +- spread over seeds)")
-    print(f"{'':<52}" + "".join(f"{doc:<28}" for doc in DOCS) + "time")
+    print(f"{'':<58}" + "".join(f"{doc:<28}" for doc in DOCS) + "time")
     for row in rows:
       cells = []
       for doc in DOCS:
         (r1, s1), (ap, s2) = cell(row, doc, level, "recall@1"), cell(row, doc, level, "map@r")
         spread = f"+-{max(s1, s2):.3f}" if len(row["runs"]) > 1 else ""
         cells.append(f"{r1:.3f} / {ap:.3f} {spread:<9}")
-      print(f"{row['name']:<52}" + "".join(f"{c:<28}" for c in cells) + f"{row.get('seconds', 0):>5.0f}s")
+      print(f"{row['name']:<58}" + "".join(f"{c:<28}" for c in cells) + f"{row.get('seconds', 0):>5.0f}s")
 
 
 def print_targets(rows: list[dict]) -> None:
