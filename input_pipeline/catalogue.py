@@ -16,9 +16,13 @@ import collections
 import csv
 import dataclasses
 import hashlib
+import io
 import math
+import os
 import pathlib
 from typing import Optional, Sequence
+
+from oclear_jax import paths
 
 KINDS = ("doc", "query")
 SPLITS = ("train", "val", "eval")  # val: held-out training products (governance product mode)
@@ -109,6 +113,15 @@ def _checked_value(csv_path: pathlib.Path, line: int, field: str, value: str,
   return value
 
 
+def _open_text(csv_path: str):
+  """The CSV as text; surrogateescape keeps undecodable bytes countable per row (see read_catalogue).
+  A URL (gs://) is read through gfile's bytes, decoded the same way."""
+  if not paths.is_remote(csv_path):
+    return open(csv_path, newline="", encoding="utf-8-sig", errors="surrogateescape")
+  with paths.open(csv_path, "rb") as f:
+    return io.StringIO(f.read().decode("utf-8-sig", "surrogateescape"), newline="")
+
+
 def read_catalogue(csv_path: str | pathlib.Path,
                    columns: CatalogueColumns = CatalogueColumns(),
                    *,
@@ -134,8 +147,8 @@ def read_catalogue(csv_path: str | pathlib.Path,
   Raises:
     ValueError: on a missing column, duplicate ids or unknown kind/split values.
   """
-  csv_path = pathlib.Path(csv_path).resolve()
-  root = csv_path.parent
+  csv_path = paths.resolve(csv_path)  # gs://bucket/cat.csv stays a URL
+  root = os.path.dirname(csv_path)
   counts = collections.Counter({
       "rows_read": 0, "rows_kept": 0, "skipped_empty_id": 0, "skipped_empty_image": 0,
       "skipped_empty_label": 0, "non_utf8_rows": 0, "empty_titles": 0, "invalid_exposure": 0,
@@ -145,7 +158,7 @@ def read_catalogue(csv_path: str | pathlib.Path,
   first_line_of_id: dict[str, int] = {}
   # surrogateescape keeps undecodable bytes recoverable so they can be counted per
   # row and replaced, rather than failing the whole file or silently mangling it.
-  with open(csv_path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
+  with _open_text(csv_path) as f:
     reader = csv.DictReader(f)
     header = reader.fieldnames or []
     _check_columns(csv_path, header, columns)
@@ -193,8 +206,8 @@ def read_catalogue(csv_path: str | pathlib.Path,
         exposure = _exposure(fields["exposure"])
         counts["invalid_exposure"] += exposure is None
         exposure = exposure or 0.0
-      image = pathlib.Path(fields["image"])
-      image_path = image if image.is_absolute() else root / image
+      image = fields["image"]
+      image_path = image if os.path.isabs(image) or paths.is_remote(image) else paths.join(root, image)
       rows.append(CatalogueRow(id=row_id, image_path=str(image_path), title=title,
                                label=label, kind=kind, split=split, exposure=exposure,
                                colour=fields.get("colour", "")))

@@ -29,6 +29,7 @@ from input_pipeline import global_order
 from input_pipeline import preprocess_ops
 from input_pipeline import random_access
 from input_pipeline import records
+from oclear_jax import paths
 
 # TensorFlow must never take an accelerator that JAX needs; it only feeds data.
 try:
@@ -47,11 +48,12 @@ _FEATURES = {
 
 
 def read_summary(record_dir: str | os.PathLike) -> dict:
-  path = pathlib.Path(record_dir) / records.SUMMARY_FILE
-  if not path.exists():
+  path = paths.join(record_dir, records.SUMMARY_FILE)
+  if not paths.exists(path):
     raise FileNotFoundError(f"{path} not found: {record_dir} holds no complete records; "
                             "write them with input_pipeline.records.write_records")
-  return json.loads(path.read_text())
+  with paths.open(path) as f:
+    return json.load(f)
 
 
 def count_examples(record_dir: str | os.PathLike, split: str,
@@ -70,11 +72,13 @@ def read_class_weights(record_dir: str | os.PathLike, split: str) -> Optional[li
   """Per label id of `split`, the sampling weight from record_dir/class_weights.json; None without
   the file. Written by governance (oclear_jax/governance/long_tail.py); a label it does not name
   gets weight 1 (never starved)."""
-  path = pathlib.Path(record_dir) / CLASS_WEIGHTS_FILE
-  if not path.exists():
+  path = paths.join(record_dir, CLASS_WEIGHTS_FILE)
+  if not paths.exists(path):
     return None
-  weights = json.loads(path.read_text())["weights"]
-  label_ids = json.loads((pathlib.Path(record_dir) / records.LABELS_FILE).read_text())[split]
+  with paths.open(path) as f:
+    weights = json.load(f)["weights"]
+  with paths.open(paths.join(record_dir, records.LABELS_FILE)) as f:
+    label_ids = json.load(f)[split]
   vector = [1.0] * len(label_ids)
   for label, index in label_ids.items():
     w = float(weights.get(label, 1.0))
@@ -141,7 +145,7 @@ def make_dataset(record_dir: str | os.PathLike, split: str, *, batch_size: int,
   summary = read_summary(record_dir)
   if split not in summary["files"]:
     raise ValueError(f"split {split!r} not in {record_dir}; have {list(summary['files'])}")
-  files = [str(pathlib.Path(record_dir) / f) for f in summary["files"][split]]
+  files = [paths.join(record_dir, f) for f in summary["files"][split]]
 
   ds = tf.data.Dataset.from_tensor_slices(files)
   ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=min(len(files), 16),

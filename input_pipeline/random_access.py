@@ -17,25 +17,15 @@ from collections.abc import Sequence
 import numpy as np
 
 from input_pipeline import records
-
-
-def _is_local(path: str) -> bool:
-  return "://" not in path
+from oclear_jax import paths
 
 
 def _open(path: str):
   """Plain files locally (seek + read is ~2 us, 10x gfile's); gfile for gs:// and other schemes."""
-  if _is_local(path):
-    return open(path, "rb")  # pylint: disable=consider-using-with  (kept open by the reader)
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  return tf.io.gfile.GFile(path, "rb")
+  return paths.open(path, "rb")  # pylint: disable=consider-using-with  (kept open by the reader)
 
 
-def _exists(path: str) -> bool:
-  if _is_local(path):
-    return os.path.exists(path)
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  return tf.io.gfile.exists(path)
+_exists = paths.exists
 
 
 def load_index(record_dir: str | os.PathLike, split: str) -> np.ndarray:

@@ -26,6 +26,7 @@ import os
 import pathlib
 import random
 import shutil
+import tempfile
 from typing import Optional, Sequence
 
 import numpy as np
@@ -34,6 +35,7 @@ import tensorflow as tf
 import tqdm
 
 from input_pipeline import tfds_metadata
+from oclear_jax import paths  # a leaf module (no jax): URLs and local paths alike
 from input_pipeline.catalogue import CatalogueRow
 from input_pipeline.tokenizer import TitleTokenizer
 
@@ -140,19 +142,17 @@ def write_records(rows: Sequence[CatalogueRow], out_dir: str | os.PathLike, *,
   rewritten. Work happens in a sibling temp dir renamed into place at the end, so a
   killed run never leaves a directory that looks complete.
   """
-  out_dir = pathlib.Path(out_dir)
+  out_dir = os.fspath(out_dir)
   settings = dict(max_title_len=max_title_len, num_shards=num_shards,
                   stored_image_size=stored_image_size)
   digest = fingerprint(rows, tokenizer, **settings)
-  summary_path = out_dir / SUMMARY_FILE
-  if summary_path.exists():
-    existing = json.loads(summary_path.read_text())
+  summary_path = paths.join(out_dir, SUMMARY_FILE)
+  if paths.exists(summary_path):
+    with paths.open(summary_path) as f:
+      existing = json.load(f)
     if existing.get("fingerprint") == digest:
       return existing
-
-  tmp_dir = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-  shutil.rmtree(tmp_dir, ignore_errors=True)
-  tmp_dir.mkdir(parents=True)
+  tmp_dir = _staging_dir(out_dir)
 
   # Pass 1: decode and re-encode every image once (threads: PIL releases the GIL),
   # staging JPEG bytes on disk so memory stays flat for large catalogues.
@@ -222,7 +222,27 @@ def write_records(rows: Sequence[CatalogueRow], out_dir: str | os.PathLike, *,
   }
   tfds_metadata.write_metadata(tmp_dir, shard_lengths)
   (tmp_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
-  if out_dir.exists():
-    shutil.rmtree(out_dir)
-  tmp_dir.rename(out_dir)
+  _publish(tmp_dir, out_dir)
   return summary
+
+
+def _staging_dir(out_dir: str) -> pathlib.Path:
+  """A fresh local folder to write into: beside out_dir (one rename publishes it), or a temp folder
+  when out_dir is a URL (gs://...), whose shards are then copied up (`_publish`)."""
+  if paths.is_remote(out_dir):
+    return pathlib.Path(tempfile.mkdtemp(prefix="oclear_records-"))
+  tmp_dir = pathlib.Path(out_dir).parent / f".{pathlib.Path(out_dir).name}.tmp-{os.getpid()}"
+  shutil.rmtree(tmp_dir, ignore_errors=True)
+  tmp_dir.mkdir(parents=True)
+  return tmp_dir
+
+
+def _publish(tmp_dir: pathlib.Path, out_dir: str) -> None:
+  """Puts the finished records at out_dir; records.json arrives last, so a partial copy never looks complete."""
+  if paths.exists(out_dir):
+    paths.rmtree(out_dir)
+  if paths.is_remote(out_dir):
+    paths.copy_tree(str(tmp_dir), out_dir, last=SUMMARY_FILE)
+    shutil.rmtree(tmp_dir)
+  else:
+    tmp_dir.rename(out_dir)

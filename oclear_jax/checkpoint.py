@@ -29,6 +29,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from oclear_jax import multihost
+from oclear_jax import paths
 from oclear_jax import preemption as preemption_lib
 
 
@@ -196,8 +197,7 @@ _ITEM = "default"  # the CheckpointManager's folder of its single item inside ea
 
 def _resolve(directory: str | os.PathLike) -> str:
   """An absolute local path (orbax wants one), or a URL such as gs://bucket/run as given."""
-  text = os.fspath(directory)
-  return text if "://" in text else os.path.abspath(text)
+  return paths.resolve(directory)
 
 
 def _save_policy(every: int | None, steps: tuple[int, ...]):

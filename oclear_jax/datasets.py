@@ -21,6 +21,7 @@ from input_pipeline import records as records_lib
 from input_pipeline import synthetic_catalogue
 from input_pipeline import tokenizer as tokenizer_lib
 from oclear_jax import multihost
+from oclear_jax import paths
 from oclear_jax import weights
 
 # Features that go to the device; ids and raw titles stay on the host.
@@ -67,7 +68,7 @@ def title_tokenizer(data: ml_collections.ConfigDict, train_titles: list[str]) ->
 
 def catalogue_paths(data: ml_collections.ConfigDict, workdir: str) -> tuple[str, str]:
   root = data.root or os.path.join(workdir, "catalogue")
-  csv_path = data.csv if os.path.isabs(data.csv) else os.path.join(root, data.csv)
+  csv_path = data.csv if os.path.isabs(data.csv) or paths.is_remote(data.csv) else paths.join(root, data.csv)
   records_dir = data.records_dir or os.path.join(workdir, "records")
   return csv_path, records_dir
 
@@ -84,13 +85,13 @@ def _install_class_weights(records_dir: str, weights_json: str) -> None:
   """Copies governance's sampling weights beside the records (input_pipeline.pipeline reads them
   there); records without them (raw data) must not keep a stale file."""
   target = os.path.join(records_dir, "class_weights.json")
-  if weights_json and os.path.exists(weights_json):
-    with open(weights_json, encoding="utf-8") as f:
+  if weights_json and paths.exists(weights_json):
+    with paths.open(weights_json) as f:
       content = f.read()
-    with open(target, "w", encoding="utf-8") as f:
+    with paths.open(target, "w") as f:
       f.write(content)
-  elif os.path.exists(target):
-    os.remove(target)
+  elif paths.exists(target):
+    paths.remove(target)
 
 
 def generate_builtin_catalogue(data: ml_collections.ConfigDict, workdir: str, *,
@@ -114,7 +115,7 @@ def prepare_data(data: ml_collections.ConfigDict, workdir: str, *, seed: int = 0
     csv_path = governed_catalogue_path(workdir)
   multihost.run_on_process_zero(_write_prepared_records, data, workdir, csv_path, records_dir,
                                 governed=governed, seed=seed, progress=progress)
-  with open(os.path.join(records_dir, "records.json"), encoding="utf-8") as f:
+  with paths.open(paths.join(records_dir, "records.json")) as f:
     summary = json.load(f)
   return PreparedData(records_dir=records_dir, catalogue_csv=csv_path, summary=summary)
 
@@ -127,7 +128,7 @@ def _write_prepared_records(data: ml_collections.ConfigDict, workdir: str, csv_p
   columns = catalogue_lib.CatalogueColumns(**{k: (v or None) for k, v in data.columns.to_dict().items()})
   if governed:
     columns = GOVERNED_COLUMNS
-    if not os.path.exists(csv_path):
+    if not paths.exists(csv_path):
       raise FileNotFoundError(f"config.data.governed=True but {csv_path} does not exist; run `python -m "
                               f"oclear_jax.main --mode=govern` with the same --config and --workdir first")
   read = catalogue_lib.read_catalogue(
@@ -138,7 +139,7 @@ def _write_prepared_records(data: ml_collections.ConfigDict, workdir: str, csv_p
   records_lib.write_records(
       read.rows, records_dir, tokenizer=tokenizer, max_title_len=data.max_title_len,
       num_shards=data.num_shards, stored_image_size=data.stored_image_size or None, progress=progress)
-  with open(os.path.join(records_dir, "catalogue_counts.json"), "w", encoding="utf-8") as f:
+  with paths.open(paths.join(records_dir, "catalogue_counts.json"), "w") as f:
     json.dump(read.counts, f, indent=2)
   _install_class_weights(records_dir, os.path.join(workdir, "governance", "class_weights.json") if governed else "")
 

@@ -156,9 +156,10 @@ def main(argv):
   # Imports after flag parsing: they load jax and TensorFlow.
   from oclear_jax import checkpoint  # pylint: disable=g-import-not-at-top
   from oclear_jax import multihost  # pylint: disable=g-import-not-at-top
+  from oclear_jax import paths  # pylint: disable=g-import-not-at-top
   from oclear_jax import preemption  # pylint: disable=g-import-not-at-top
 
-  config, workdir = _CONFIG.value, os.path.abspath(_WORKDIR.value)
+  config, workdir = _CONFIG.value, paths.resolve(_WORKDIR.value)  # gs://bucket/run stays a URL
   try:
     multihost.initialize_distributed(_DISTRIBUTED.value, coordinator_address=_COORDINATOR_ADDRESS.value,
                                      num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
@@ -194,7 +195,8 @@ def _prepare(config, workdir):
 def _train(config, workdir):
   from oclear_jax import datasets  # pylint: disable=g-import-not-at-top
   from oclear_jax import trainer  # pylint: disable=g-import-not-at-top
-  if config.data.governed and not os.path.exists(datasets.governed_catalogue_path(workdir)):
+  from oclear_jax import paths  # pylint: disable=g-import-not-at-top
+  if config.data.governed and not paths.exists(datasets.governed_catalogue_path(workdir)):
     # One command from a raw catalogue to a trained model: govern first (what --mode=govern does).
     print(f"{datasets.governed_catalogue_path(workdir)} does not exist: governing the catalogue first")
     _govern(config, workdir)

@@ -9,6 +9,8 @@ from collections.abc import Mapping
 
 import jax
 
+from oclear_jax import paths
+
 
 class MetricWriter:
   """Writes scalars to `{workdir}/metrics.jsonl` and TensorBoard; only process 0 writes."""
@@ -18,8 +20,8 @@ class MetricWriter:
     self._jsonl = None
     self._tb = None
     if self._active:
-      os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+      paths.makedirs(workdir)
+      self._jsonl = paths.open(paths.join(workdir, "metrics.jsonl"), "a")  # gfile appends on gs:// too
       import tensorflow as tf  # pylint: disable=g-import-not-at-top  (TF is heavy; only writers need it)
       self._tf = tf
       self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))

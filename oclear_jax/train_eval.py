@@ -34,6 +34,7 @@ import numpy as np
 from oclear_jax import checkpoint as checkpoint_lib
 from oclear_jax import models
 from oclear_jax import multihost
+from oclear_jax import paths
 from oclear_jax import pretrained_towers
 from oclear_jax.evaluators import host_gather
 from oclear_jax.evaluators import retrieval
@@ -144,8 +145,8 @@ def frozen_row(task, inputs, state, shardings, workdir: str, *, fresh: bool) -> 
   """
   config = task.config
   path = os.path.join(workdir, "eval", FROZEN_FILE)
-  if os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
+  if paths.exists(path):
+    with paths.open(path) as f:
       return json.load(f)["metrics"]
   features = _cached_tower_outputs(inputs)  # the cached frozen pooled features are the frozen row
   if not (features or config.model.image_pretrained):
@@ -164,8 +165,8 @@ def _score_frozen(config, inputs, eval_set: retrieval.EvalSet, path: str) -> dic
   """Process 0's part of `frozen_row`: score and write eval/frozen.json."""
   result = _search_and_score(config, eval_set, use_scann=config.eval.scann,
                              title_vectors=_title_vectors(config, inputs, eval_set, "eval"))
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path, "w", encoding="utf-8") as f:
+  paths.makedirs(os.path.dirname(path))
+  with paths.open(path, "w") as f:
     json.dump({"model": f"frozen pretrained {config.model.image_tower}, pooled features, cosine",
                "metrics": result.metrics}, f, indent=2, sort_keys=True)
   return result.metrics
@@ -192,8 +193,8 @@ class CheckpointSelection:
                        f"{self.split!r} for data.input={task.config.data.get('input', 'records')!r}; add "
                        f"validation rows (training products, never eval ones) or set config.eval.select_on=''")
     path = os.path.join(workdir, "eval", BEST_FILE)
-    if os.path.exists(path):
-      with open(path, encoding="utf-8") as f:
+    if paths.exists(path):
+      with paths.open(path) as f:
         self.best = json.load(f)
     self._store = checkpoint_lib.CheckpointStore(best_checkpoint_dir(workdir), max_to_keep=1, async_save=False)
 
@@ -218,19 +219,19 @@ class CheckpointSelection:
 
 
 def _write_json_atomic(path: str, value: dict) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
+  paths.makedirs(os.path.dirname(path))
+  with paths.open(path + ".tmp", "w") as f:
     json.dump(value, f, indent=2)
-  os.replace(path + ".tmp", path)
+  paths.replace(path + ".tmp", path)
 
 
 def load_eval_history(workdir: str) -> dict[int, dict[str, float]]:
   history = {}
   eval_dir = os.path.join(workdir, "eval")
-  if os.path.isdir(eval_dir):
-    for name in os.listdir(eval_dir):
+  if paths.isdir(eval_dir):
+    for name in paths.listdir(eval_dir):
       if name.startswith("step_") and name.endswith(".json"):
-        with open(os.path.join(eval_dir, name), encoding="utf-8") as f:
+        with paths.open(paths.join(eval_dir, name)) as f:
           record = json.load(f)
         history[int(record.pop("step"))] = record
   return history

@@ -29,6 +29,7 @@ from oclear_jax import config_schema
 from oclear_jax import datasets
 from oclear_jax import metric_writers
 from oclear_jax import multihost
+from oclear_jax import paths
 from oclear_jax import pretrained_towers
 from oclear_jax import sharding
 from oclear_jax import train_eval
@@ -220,9 +221,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
   would (for preemption drills and tests).
   """
   config_schema.validate(config)
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+    with paths.open(paths.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
 
   # == Mesh ======================================================================================
@@ -311,7 +312,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
     return {"final_step": last_step, "eval": eval_history, "frozen": frozen, "best": select.best}
 
   final_step = int(jax.device_get(state["step"]))
-  if final_step not in eval_history or not os.path.exists(os.path.join(workdir, "contact_sheet.png")):
+  if final_step not in eval_history or not paths.exists(paths.join(workdir, "contact_sheet.png")):
     eval_history[final_step] = evaluate(state["params"], step=final_step, artifacts=True)
     writer.write(final_step, {f"eval/{k}": v for k, v in eval_history[final_step].items()})
   select(state, final_step)
@@ -354,9 +355,9 @@ def _check_finite(step: int, metrics: dict[str, jax.Array], batch_ids: np.ndarra
   loss, grad_norm = (float(jax.device_get(metrics[k])) for k in ("loss", "grad_norm"))
   path = os.path.join(workdir, "nonfinite", f"step_{step}.json")
   if jax.process_index() == 0:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    paths.makedirs(os.path.dirname(path))
     ids = [i.decode("utf-8", "replace") if isinstance(i, bytes) else str(i) for i in np.asarray(batch_ids).tolist()]
-    with open(path, "w", encoding="utf-8") as f:
+    with paths.open(path, "w") as f:
       json.dump({"step": step, "loss": loss, "grad_norm": grad_norm, "ids": ids}, f, indent=1)
   store.wait()
   raise FloatingPointError(

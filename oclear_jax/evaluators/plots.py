@@ -15,6 +15,8 @@ from PIL import Image, ImageDraw, ImageFont
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from oclear_jax import paths
+
 # Tile border colours: relevant, irrelevant, query.
 _GREEN = (30, 160, 60)
 _RED = (210, 40, 40)
@@ -55,7 +57,9 @@ def plot_recall_at_k(
   if curves:
     ax.legend(loc="lower right")
   fig.tight_layout()
-  fig.savefig(os.fspath(path))
+  path = os.fspath(path)
+  with paths.open(path, "wb") as f:  # a file object: savefig cannot reach gs:// by name
+    fig.savefig(f, format=os.path.splitext(path)[1].lstrip(".") or "png")
 
 
 def _font(size: int) -> ImageFont.ImageFont:
@@ -154,7 +158,8 @@ def contact_sheet(
       sheet.paste(_tile(image, f"{col}. {text}", colour, tile, border, font, caption_lines,
                         line_height), (x, y))
   path = os.fspath(path)
-  if path.lower().endswith(".png"):
-    sheet.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
-  else:
-    sheet.save(path, quality=85)
+  with paths.open(path, "wb") as f:  # a file object: PIL cannot reach gs:// by name
+    if path.lower().endswith(".png"):
+      sheet.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(f, format="PNG", optimize=True)
+    else:
+      sheet.save(f, format=Image.registered_extensions().get(os.path.splitext(path)[1].lower(), "JPEG"), quality=85)

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
+from oclear_jax import paths
 from oclear_jax.evaluators import exact_search
 from oclear_jax.evaluators import host_gather
 from oclear_jax.evaluators import metrics as metrics_lib
@@ -189,7 +190,7 @@ def _text(value) -> str:
 
 
 def save_metrics(path: str, step: int, metrics: dict[str, float]) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path, "w", encoding="utf-8") as f:
+  paths.makedirs(os.path.dirname(path))
+  with paths.open(path, "w") as f:
     json.dump({"step": int(step), **metrics}, f, indent=2, sort_keys=True)
   logging.info("Eval at step %d: %s", step, {k: round(v, 4) for k, v in metrics.items()})
