@@ -40,6 +40,7 @@ import orbax.checkpoint as ocp
 from oclear_jax import checkpoint as checkpoint_lib
 from oclear_jax import config_schema
 from oclear_jax import datasets
+from oclear_jax import paths
 from oclear_jax import sharding
 from oclear_jax.models import build_model
 
@@ -51,14 +52,14 @@ HEADS = {"query": ("image",), "doc": ("image", "title_tokens"), "query_and_doc":
 # == The run's config and records ==================================================================
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a training run saved in `workdir` (config.json), on top of today's defaults; locked."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.isdir(workdir):
+  path = paths.join(workdir, "config.json")
+  if not paths.isdir(workdir):
     raise FileNotFoundError(f"workdir {workdir} does not exist; pass the --workdir of a training run")
-  if not os.path.exists(path):
+  if not paths.exists(path):
     raise FileNotFoundError(f"{path} not found: {workdir} holds no training run; train first "
                             f"(--mode=train) or pass --config=configs/...py")
   try:
-    with open(path, encoding="utf-8") as f:
+    with paths.open(path) as f:
       saved = json.load(f)
   except ValueError as e:
     raise ValueError(f"{path} is not valid JSON ({e}); pass --config=configs/...py instead") from e

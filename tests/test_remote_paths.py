@@ -6,6 +6,7 @@ through tensorstore, whose drivers are file and gcs only, so a ram:// checkpoint
 local folder named `ram:`. The run below sends orbax's folders to a local directory (what a gs://
 workdir does not need) and ScaNN's index off (it serializes to local files); all else is under ram://.
 """
+import json
 import os
 
 import pytest
@@ -70,3 +71,13 @@ def test_nothing_lands_on_local_disk_under_the_scheme(ram_run):
   _, _, before = ram_run
   assert sorted(os.listdir(os.getcwd())) == before
   assert not os.path.exists("ram:") and not os.path.exists("gs:")
+
+
+def test_saved_config_is_read_back_from_the_url(ram_run):
+  """index/search/embed run on the config a training run saved: here, under ram://."""
+  from oclear_jax import inference  # pylint: disable=g-import-not-at-top
+  with tf.io.gfile.GFile(f"{WORKDIR}/config.json") as f:
+    saved = json.load(f)
+  config = inference.load_run_config(WORKDIR)
+  assert config.train.num_steps == saved["train"]["num_steps"] == 4
+  assert list(config.mesh.shape) == list(saved["mesh"]["shape"]) == [4, 2]
