@@ -30,20 +30,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
+import text_table  # noqa: E402  (benchmarks/)
 from oclear_jax.heads import memory_analysis  # noqa: E402
 from oclear_jax.heads.memory_analysis import AXES, GIB, head_train_step  # noqa: E402
 
-
-
-def print_table(rows, columns):
-  fmt = {float: "{:.3f}", int: "{:,}"}
-  cells = [[fmt.get(type(r[c]), "{}").format(r[c]) for c in columns] for r in rows]
-  widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-  print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
-  print("  ".join("-" * w for w in widths))
-  for row in cells:
-    print("  ".join(v.rjust(w) for v, w in zip(row, widths)))
-  sys.stdout.flush()
 
 
 def _compiled_head(mesh, class_axes, *, num_classes, batch, dim, chunk):
@@ -113,7 +103,7 @@ def main():
           rows.append(memory_analysis.head_memory(n, c, d, args.batch, chunk))
           print(f"compiled N={n} C={c:,} d={d} chunk={chunk}: peak {rows[-1]['peak_gib']:.2f} GiB", flush=True)
   print("\nAll rows:")
-  print_table(rows, columns)
+  text_table.print_table(rows, columns)
   worst = max(r["ratio"] for r in rows)
   print(f"max params+optimizer ratio to ideal: {worst:.4f} (target <= 1.05); argument bytes equal "
         f"padded centres + 2 Adam slots + this device's batch in {sum(r['state_check'] for r in rows)}/{len(rows)} rows")
@@ -130,7 +120,7 @@ def main():
     pod = [memory_analysis.head_memory(n, pod_100m.NUM_CLASSES, cfg.model.embed_dim, cfg.train.batch_size, cfg.head.chunk_size,
                       cfg.head.dtype, cfg.head.param_dtype,
                       cfg.head.partial_fc_rate if cfg.head.partial_fc_rate < 1 else None)]
-    print_table(pod, columns)
+    text_table.print_table(pod, columns)
 
   if not args.skip_timing:
     mesh = memory_analysis.mesh_of(8)

@@ -56,6 +56,7 @@ import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+import text_table  # noqa: E402  (benchmarks/)
 from configs import demo  # noqa: E402
 from configs import pod_100m  # noqa: E402
 from oclear_jax import sharding  # noqa: E402
@@ -177,17 +178,6 @@ def measure(name: str, args) -> dict:
           "mfu": f"{flops / step_s / peak:.1%}" if peak and times else "n/a", "loss": loss}
 
 
-def print_table(rows, columns):
-  fmt = {float: "{:,.1f}", int: "{:,}"}
-  cells = [[fmt.get(type(r[c]), "{}").format(r[c]) for c in columns] for r in rows]
-  widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-  print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
-  print("  ".join("-" * w for w in widths))
-  for row in cells:
-    print("  ".join(v.rjust(w) for v, w in zip(row, widths)))
-  sys.stdout.flush()
-
-
 def main(args) -> None:
   device = jax.devices()[0]
   print(f"backend {jax.default_backend()}, {jax.device_count()} x {device.device_kind}, jax {jax.__version__}; "
@@ -197,9 +187,9 @@ def main(args) -> None:
   for name in args.rows.split(","):
     rows.append(measure(name.strip(), args))
     print(f"  {name}: {rows[-1]['step_ms']:.0f} ms/step, compiled in {rows[-1]['compile_s']:.0f} s", flush=True)
-  print_table(rows, ["model", "image", "classes", "model_params", "dtype", "remat", "devices", "batch", "compile_s",
+  text_table.print_table(rows, ["model", "image", "classes", "model_params", "dtype", "remat", "devices", "batch", "compile_s",
                      "step_ms", "examples_per_s", "gflop_per_device", "tflops_per_device", "gib_per_device", "mfu",
-                     "loss"])
+                     "loss"], float_format="{:,.1f}")
 
 
 if __name__ == "__main__":
