@@ -1,8 +1,11 @@
-"""Several processes as one run: joining them, and making a failure on one host a failure on all.
+"""Several processes as one run: joining them, exchanging Python values, one host's failure a failure on all.
 
 `initialize_distributed` joins this process to the others (`jax.distributed.initialize`) from
 main.py's flags or from JAX's own cluster detection (TPU VM slices, SLURM, Open MPI), and leaves a
 plain machine single-process.
+
+`gather_objects` is the one way Python values cross processes (pickled bytes through
+`multihost_utils.process_allgather`): outcomes here, rows and shapes in `evaluators/host_gather.py`.
 
 `raise_if_any_process_failed` and `run_on_process_zero` are for steps that can fail on one host
 (process 0 validating a catalogue and writing records, any host reading its share): every process
@@ -15,18 +18,16 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import sys
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
 DISTRIBUTED_MODES = ("auto", "on", "off")
-# An outcome travels as a fixed-size byte array (one collective, equal shapes on every process):
-# 4 bytes of length, then "module.Type\nmessage" in UTF-8, cut to fit.
-_OUTCOME_BYTES = 4096
 _T = TypeVar("_T")
 
 
@@ -104,25 +105,37 @@ def initialize_distributed(mode: str = "auto", *, coordinator_address: str | Non
   return True
 
 
+# ------------------------------------------------------------------ values across processes
+
+def gather_objects(value: Any) -> list[Any]:
+  """`value` of every process, in process order; a collective (every process calls it, in the same order).
+
+  Any picklable value, of any size and a different size on each process. Pickled bytes travel, not
+  arrays: JAX would turn int64/float64 into 32 bits (x64 off), and strings, ragged counts and
+  messages have no array form; pickle is exact for all of them. With one process: `[value]`.
+  """
+  if jax.process_count() == 1:
+    return [value]
+  payload = np.frombuffer(pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL), np.uint8)
+  sizes = np.asarray(multihost_utils.process_allgather(np.asarray([len(payload)], np.int32))).reshape(-1)
+  # Padded to a power of two: the gather compiles once per size, not once per payload.
+  padded = np.zeros(max(256, 1 << (int(sizes.max()) - 1).bit_length()), np.uint8)
+  padded[:len(payload)] = payload
+  stacked = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
+  return [pickle.loads(stacked[i, :sizes[i]].tobytes()) for i in range(len(sizes))]
+
+
 # ------------------------------------------------------------------ one outcome for all processes
 
-def _encode(error: BaseException | None) -> np.ndarray:
-  out = np.zeros(_OUTCOME_BYTES, np.uint8)
-  if error is not None:
-    kind = type(error)
-    text = f"{kind.__module__}.{kind.__qualname__}\n{error}".encode("utf-8")[:_OUTCOME_BYTES - 4]
-    out[:4] = np.frombuffer(len(text).to_bytes(4, "little"), np.uint8)
-    out[4:4 + len(text)] = np.frombuffer(text, np.uint8)
-  return out
+def _outcome(error: BaseException | None) -> tuple[str, str] | None:
+  """(type path "module.Qualname", message) of a failure, None for success: what `process_failures` gathers.
 
-
-def _decode(status: np.ndarray) -> tuple[str, str] | None:
-  """(type path, message) of a failed process's status; None for success."""
-  length = int.from_bytes(np.asarray(status[:4], np.uint8).tobytes(), "little")
-  if not length:
+  Not the exception itself: not every exception pickles, and the other processes only rebuild it.
+  """
+  if error is None:
     return None
-  kind, _, message = np.asarray(status[4:4 + length], np.uint8).tobytes().decode("utf-8", "ignore").partition("\n")
-  return kind, message
+  kind = type(error)
+  return f"{kind.__module__}.{kind.__qualname__}", str(error)
 
 
 def _rebuild(kind: str, message: str) -> Exception:
@@ -154,12 +167,10 @@ def process_failures(error: BaseException | None) -> list[tuple[int, str, str]]:
   Every process calls it with its own exception (or None) and gets the same list: for decisions
   all processes must take alike, such as setting an unreadable checkpoint aside when only one of
   them could not read its share. A collective, and so a barrier, like `raise_if_any_process_failed`.
+  Messages arrive whole, whatever their length (`gather_objects`).
   """
-  if jax.process_count() == 1:
-    return [] if error is None else [(0, *_decode(_encode(error)))]
-  statuses = multihost_utils.process_allgather(_encode(error))
-  rows = np.asarray(statuses).reshape(jax.process_count(), _OUTCOME_BYTES)
-  return [(index, *failed) for index, failed in enumerate(map(_decode, rows)) if failed is not None]
+  outcomes = gather_objects(_outcome(error))
+  return [(index, *failed) for index, failed in enumerate(outcomes) if failed is not None]
 
 
 def raise_if_any_process_failed(error: BaseException | None) -> None:

@@ -3,7 +3,8 @@
 What must hold: the CPU convolution tricks and XLA's convolutions compute the same tower from the
 same parameters (pretrained weights load into either); remat changes no gradient; bfloat16
 compute keeps float32 parameters and float32 outputs close to the float32 ones; 'auto' resolves
-by backend; config keys reach the towers through `models.build_model`.
+by backend; the config keys are `ModelConfig` fields that every tower builder passes to its tower
+(`models.build_model`).
 """
 from __future__ import annotations
 
@@ -162,3 +163,20 @@ def test_config_keys_reach_the_towers():
   embeddings = jax.jit(fast.apply)({"params": params}, *inputs)
   assert embeddings.dtype == jnp.float32
   np.testing.assert_allclose(jnp.linalg.norm(embeddings, axis=-1), 1.0, rtol=1e-5)
+
+
+def test_options_are_model_config_fields_that_every_builder_must_pass(monkeypatch):
+  config = models.ModelConfig.from_config(dict(dtype="bfloat16", remat="blocks", conv_impl="xla"))
+  assert (config.dtype, config.remat, config.conv_impl) == ("bfloat16", "blocks", "xla")
+  assert config.compute_dtype == jnp.bfloat16 and models.ModelConfig().compute_dtype == jnp.float32  # CPU: 'auto'
+  with pytest.raises(ValueError, match="config.model.dtype"):
+    models.ModelConfig(dtype="fp16")
+  # A registered builder that drops the options, and a tower that has none of them.
+  monkeypatch.setitem(models.IMAGE_TOWERS, "forgetful", lambda c: vit.ViTEncoder(patch_size=8, **vit.vit_sizes("nano")))
+  monkeypatch.setitem(models.IMAGE_TOWERS, "optionless", lambda c: models.ProjectionHead(8, 8))
+  with pytest.raises(ValueError, match="config.model.remat asks for 'blocks' but the ViTEncoder tower's builder"):
+    _model(image_tower="forgetful", remat="blocks")
+  assert _model(image_tower="forgetful").image_encoder.remat == "none"  # what the config asks anyway
+  with pytest.raises(ValueError, match="config.model.dtype='bfloat16' but the ProjectionHead tower computes in"):
+    _model(image_tower="optionless", dtype="bfloat16")
+  assert isinstance(_model(image_tower="optionless", dtype="float32").image_encoder, models.ProjectionHead)

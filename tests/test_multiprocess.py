@@ -56,8 +56,17 @@ def test_two_processes_of_four_devices_form_one_mesh_and_reduce_across_processes
     assert r["mesh_shape"] == {"data": 4, "model": 2} and r["mesh_processes"] == [0, 1]
     assert r["x_shape"] == [16, 3] and r["jit_sum_ok"] and r["psum_ok"]  # equal to numpy's sum of both shares
     assert "needs 6 devices but 8 exist (2 processes x 4 local devices)" in r["mesh_error"]
-    assert r["agreed"] == "ValueError: row 7 of part-1.csv has no image"  # raised on process 1 only
+    # Raised on process 1 only: process 0 rebuilds each with its type and whole message, where it can.
+    assert r["agreed"] == ["ValueError: row 7 of part-1.csv has no image; " + "é" * 3000,
+                           "FileNotFoundError: [Errno 2] No such file: 'a.csv'",
+                           "IncompatibleCheckpointError: step 4 has another shape",
+                           "KeyError: 'k'" if i == 1 else "HostError: KeyError: 'k'"]
   assert results[0]["from_zero"] == "written once" and results[1]["from_zero"] is None
+  # Values of different sizes per process, int64 beyond 32 bits: every process gets both, exactly.
+  big = 2**40
+  for r in results.values():
+    assert r["gathered"] == [{"p": 0, "ids": [big], "dtype": "int64", "title": ""},
+                             {"p": 1, "ids": [big, big + 1], "dtype": "int64", "title": "é" * 5000}]
 
 
 def test_bad_catalogue_is_the_same_one_line_error_on_both_processes(tmp_path):
@@ -90,15 +99,21 @@ def test_initialize_distributed_stays_single_process_without_a_cluster(monkeypat
     multihost.initialize_distributed("sometimes")
 
 
-def test_errors_are_rebuilt_with_their_type_and_message_on_other_processes():
+def test_one_process_failure_is_reported_whole_and_raised_as_itself():
   from oclear_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  for error in (ValueError("bad row 3"), FileNotFoundError(2, "No such file", "a.csv"),
-                checkpoint.IncompatibleCheckpointError("step 4 has another shape")):
-    rebuilt = multihost._rebuild(*multihost._decode(multihost._encode(error)))  # pylint: disable=protected-access
-    assert type(rebuilt) is type(error) and str(rebuilt) == str(error)
-  odd = multihost._rebuild(*multihost._decode(multihost._encode(KeyError("k"))))  # pylint: disable=protected-access
-  assert isinstance(odd, multihost.HostError) and str(odd) == "KeyError: 'k'"
-  assert multihost._decode(multihost._encode(None)) is None  # pylint: disable=protected-access
+  long = "row 7 of part-1.csv has no image; " + "é" * 3000  # over 4,096 bytes of UTF-8: nothing is cut
+  assert len(long.encode("utf-8")) > 6000
+  for error, kind, message in (
+      (ValueError(long), "builtins.ValueError", long),
+      (FileNotFoundError(2, "No such file", "a.csv"), "builtins.FileNotFoundError", "[Errno 2] No such file: 'a.csv'"),
+      (checkpoint.IncompatibleCheckpointError("step 4"), "oclear_jax.checkpoint.IncompatibleCheckpointError",
+       "step 4")):
+    assert multihost.process_failures(error) == [(0, kind, message)]
+    with pytest.raises(type(error)) as raised:
+      multihost.raise_if_any_process_failed(error)
+    assert raised.value is error  # its own exception, traceback intact
+  assert multihost.process_failures(None) == []
+  assert multihost.raise_if_any_process_failed(None) is None
 
 
 def test_launcher_gives_each_process_its_devices_and_flags():

@@ -128,7 +128,7 @@ def _gathered(local: dict, rows: list, shape: tuple[int, ...]) -> tuple[list, np
           "vectors": np.concatenate(local["vectors"]) if local["vectors"] else np.zeros((0, *shape), np.float32)}
   every = host_gather.gather_rows(mine)
   order = np.argsort(every["row"], kind="stable")
-  failed = sorted((f for part in host_gather.gather_objects(local["failed"]) for f in part), key=lambda f: f[0])
+  failed = sorted((f for part in multihost.gather_objects(local["failed"]) for f in part), key=lambda f: f[0])
   return [rows[i] for i in every["row"][order]], every["vectors"][order], [f for _, f in failed]
 
 

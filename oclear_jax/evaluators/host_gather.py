@@ -13,8 +13,8 @@ one way evaluators, export, embed, index and search run a jitted function over h
   stepped until every process is out of rows, then gathered once, in source order;
 * `batch(host_batch)`: a batch every host holds; each embeds its round-robin share of it.
 
-`gather_rows` pickles each process's rows through one `multihost_utils.process_allgather`
-(bytes: exact for any dtype, strings included, uneven counts); rows then go back into source
+`gather_rows` sends each process's rows through `multihost.gather_objects` (pickled bytes: exact
+for any dtype, strings included, uneven counts); rows then go back into source
 order by their row numbers, so results do not depend on the process count. `computed_once` runs
 a step on process 0 only (metrics, files) and hands its result to every process. With one
 process nothing here is a collective and every result equals the plain `np.asarray` path.
@@ -22,7 +22,6 @@ process nothing here is a collective and every result equals the plain `np.asarr
 from __future__ import annotations
 
 import dataclasses
-import pickle
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -38,35 +37,18 @@ _T = TypeVar("_T")
 
 
 # == Collectives on host values ====================================================================
-def gather_objects(value: Any) -> list[Any]:
-  """`value` of every process, in process order; a collective (every process calls it).
-
-  Pickled bytes travel, not arrays: JAX would turn int64/float64 into 32 bits (x64 off), and
-  strings and ragged counts have no array form; pickle is exact for all of them.
-  """
-  if jax.process_count() == 1:
-    return [value]
-  payload = np.frombuffer(pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL), np.uint8)
-  sizes = np.asarray(multihost_utils.process_allgather(np.asarray([len(payload)], np.int32))).reshape(-1)
-  # Padded to a power of two: the gather compiles once per size, not once per payload.
-  padded = np.zeros(max(256, 1 << (int(sizes.max()) - 1).bit_length()), np.uint8)
-  padded[:len(payload)] = payload
-  stacked = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
-  return [pickle.loads(stacked[i, :sizes[i]].tobytes()) for i in range(len(sizes))]
-
-
 def computed_once(fn: Callable[..., _T], *args, **kwargs) -> _T:
   """`fn(*args, **kwargs)` on process 0 only (one writer per file, one ScaNN build), its result on all.
 
   A failure on process 0 is raised on every process (`multihost.run_on_process_zero`).
   """
   result = multihost.run_on_process_zero(fn, *args, **kwargs)
-  return result if jax.process_count() == 1 else gather_objects(result)[0]
+  return result if jax.process_count() == 1 else multihost.gather_objects(result)[0]
 
 
 def gather_rows(columns: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
   """Every process's rows of `columns` (equal keys everywhere), concatenated in process order."""
-  parts = [p for p in gather_objects(dict(columns)) if p]
+  parts = [p for p in multihost.gather_objects(dict(columns)) if p]
   if len(parts) <= 1:
     return parts[0] if parts else {}
   return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
@@ -120,7 +102,7 @@ def _agree(batch: Mapping[str, np.ndarray] | None, keys: Sequence[str]) -> tuple
   """
   spec = None if batch is None else (len(batch[keys[0]]), {
       k: (np.shape(batch[k])[1:], np.asarray(batch[k]).dtype) for k in keys})
-  specs = [s for s in gather_objects(spec) if s is not None]
+  specs = [s for s in multihost.gather_objects(spec) if s is not None]
   if not specs:
     return 0, None
   return sum(n for n, _ in specs), {k: np.zeros((0, *shape), dtype) for k, (shape, dtype) in specs[0][1].items()}

@@ -1,6 +1,4 @@
 """OCLEAR models: image and text towers, document fusion, query/doc heads (logical axis names only)."""
-from typing import Any as _Any
-
 from oclear_jax.models import accelerator  # model.dtype, model.remat, model.conv_impl per backend
 from oclear_jax.models import bert  # registers the 'minilm' and 'bert' text towers
 from oclear_jax.models.bert import BertEncoder
@@ -13,7 +11,7 @@ from oclear_jax.models.fusion import DocumentFusion
 from oclear_jax.models.fusion import FUSIONS
 from oclear_jax.models.fusion import TitleFeatures
 from oclear_jax.models.fusion import title_present
-from oclear_jax.models import oclear as _oclear
+from oclear_jax.models.oclear import build_model
 from oclear_jax.models.oclear import IMAGE_TOWERS
 from oclear_jax.models.oclear import l2_normalize
 from oclear_jax.models.oclear import ModelConfig
@@ -29,18 +27,6 @@ from oclear_jax.models.vit import TransformerBlock
 from oclear_jax.models.vit import VIT_PRESETS
 from oclear_jax.models.vit import ViTEncoder
 
-
-def build_model(model_config: _Any, *, vocab_size: int, max_title_len: int,
-                title_special_ids: _Any = None) -> OclearModel:
-  """`oclear.build_model`, with the towers set up for the backend (`model.dtype`, `remat`, `conv_impl`).
-
-  Why a wrapper: those three keys are per-backend choices resolved here (`models/accelerator.py`:
-  'auto' = bfloat16 and XLA convolutions on GPU/TPU, float32 and the CPU tricks on CPU), while
-  `oclear.ModelConfig` describes the architecture; every caller (trainer, inference) comes here.
-  """
-  model = _oclear.build_model(model_config, vocab_size=vocab_size, max_title_len=max_title_len,
-                              title_special_ids=title_special_ids)
-  return accelerator.with_options(model, model_config)
 
 __all__ = [
     "BertEncoder",

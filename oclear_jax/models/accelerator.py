@@ -2,8 +2,10 @@
 
 Why one place: a config says `model.dtype='auto'` (and `conv_impl='auto'`), and the same run
 then computes in bfloat16 with XLA's own convolutions on a GPU/TPU, and in float32 with the
-CPU-fast convolutions on a CPU, without a config fork per backend. 'auto' is resolved once, when
-the model is built (`with_options`, called by `models.build_model`), from `jax.default_backend()`.
+CPU-fast convolutions on a CPU, without a config fork per backend. The three are fields of
+`oclear.ModelConfig` (validated here); the tower builders pass them to the towers as module
+attributes when `models.build_model` builds the model. The dtype's 'auto' is resolved then
+(`ModelConfig.compute_dtype`), from `jax.default_backend()`; the conv's when the tower is traced.
 
 Parameters always stay float32 (`param_dtype`): bf16 is a *compute* dtype only, so optimizer
 updates, checkpoints and pretrained weights are the same for every choice, and each tower casts
@@ -12,7 +14,6 @@ Towers built directly (tests, weight loaders) default to float32, no remat: bitw
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -34,9 +35,21 @@ def on_cpu(backend: str | None = None) -> bool:
   return (backend or jax.default_backend()) == "cpu"
 
 
+def check_dtype(name: str) -> str:
+  return _check("dtype", name, DTYPES)
+
+
+def check_conv_impl(name: str) -> str:
+  return _check("conv_impl", name, CONV_IMPLS)
+
+
+def check_remat(name: str) -> str:
+  return _check("remat", name, REMATS)
+
+
 def compute_dtype(name: str, backend: str | None = None) -> jnp.dtype:
   """'auto' -> bfloat16 on GPU/TPU (their matmul units' native type), float32 on CPU (no bf16 gain there)."""
-  name = _check("dtype", name, DTYPES)
+  name = check_dtype(name)
   if name == "auto":
     name = "float32" if on_cpu(backend) else "bfloat16"
   return jnp.dtype(name)
@@ -44,14 +57,10 @@ def compute_dtype(name: str, backend: str | None = None) -> jnp.dtype:
 
 def conv_impl(name: str, backend: str | None = None) -> str:
   """'auto' -> 'cpu_tricks' on CPU (shifted slices, im2col: ~8x faster there), else 'xla' (cuDNN/TPU convs)."""
-  name = _check("conv_impl", name, CONV_IMPLS)
+  name = check_conv_impl(name)
   if name == "auto":
     return "cpu_tricks" if on_cpu(backend) else "xla"
   return name
-
-
-def check_remat(name: str) -> str:
-  return _check("remat", name, REMATS)
 
 
 def maybe_remat(block: type[nn.Module], remat: str, static_argnums: tuple[int, ...] = ()) -> type[nn.Module]:
@@ -67,44 +76,3 @@ def maybe_remat(block: type[nn.Module], remat: str, static_argnums: tuple[int, .
   if check_remat(remat) == "none":
     return block
   return nn.remat(block, static_argnums=static_argnums)
-
-
-def _get(config: Any, name: str, default: str) -> Any:
-  value = config.get(name) if hasattr(config, "get") else getattr(config, name, None)  # ConfigDict, dict, dataclass
-  return default if value is None else value
-
-
-def _tower_with(tower: nn.Module | None, *, dtype: jnp.dtype, dtype_asked: bool, remat: str,
-                impl: str) -> nn.Module | None:
-  """`tower` with the options it has fields for; asking a tower for bf16 or remat it lacks is an error."""
-  if tower is None:
-    return None
-  names = {f.name for f in dataclasses.fields(tower)}
-  values: dict[str, Any] = {}
-  if "dtype" in names:
-    values["dtype"] = dtype
-  elif dtype_asked and dtype != jnp.float32:
-    raise ValueError(f"config.model.dtype={dtype.name!r} but the {type(tower).__name__} tower computes in "
-                     f"float32 only; set config.model.dtype='float32' or 'auto'")
-  if "remat" in names:
-    values["remat"] = remat
-  elif remat != "none":
-    raise ValueError(f"config.model.remat={remat!r} but the {type(tower).__name__} tower has no remat "
-                     f"option; set config.model.remat='none'")
-  if "conv_impl" in names:  # only convolutional towers have a choice to make
-    values["conv_impl"] = impl
-  return tower.clone(**values) if values else tower
-
-
-def with_options(model: nn.Module, model_config: Any) -> nn.Module:
-  """`model` (an OclearModel) whose towers carry `model.dtype`, `model.remat` and `model.conv_impl`.
-
-  A tower without a `dtype` field stays float32 under 'auto' (a config asking it for bfloat16
-  fails); one without `conv_impl` (the transformers) ignores it.
-  """
-  dtype_name = _get(model_config, "dtype", "auto")
-  options = dict(dtype=compute_dtype(dtype_name), dtype_asked=dtype_name != "auto",
-                 remat=check_remat(_get(model_config, "remat", "none")),
-                 impl=_check("conv_impl", _get(model_config, "conv_impl", "auto"), CONV_IMPLS))
-  return model.clone(image_encoder=_tower_with(model.image_encoder, **options),
-                     text_encoder=_tower_with(model.text_encoder, **options))

@@ -157,7 +157,8 @@ def _build_minilm(config: oclear.ModelConfig, vocab_size: int, max_len: int) -> 
                      f"ids: build_model(..., title_special_ids=PreparedData.title_special_ids)")
   if max_len > MINILM_L6.max_positions:
     raise ValueError(f"config.data.max_title_len={max_len} exceeds MiniLM's {MINILM_L6.max_positions} positions")
-  return BertEncoder(MINILM_L6, dropout=config.dropout, pool=config.text.pool)
+  return BertEncoder(MINILM_L6, dropout=config.dropout, pool=config.text.pool, dtype=config.compute_dtype,
+                     remat=config.remat)
 
 
 @oclear.register_text_tower("bert")
@@ -166,4 +167,4 @@ def _build_bert(config: oclear.ModelConfig, vocab_size: int, max_len: int) -> nn
   t = config.text
   sizes = BertSizes(vocab_size=vocab_size, width=t.width, depth=t.depth, num_heads=t.num_heads,
                     mlp_dim=t.mlp_dim, max_positions=max_len)
-  return BertEncoder(sizes, dropout=config.dropout, pool=t.pool)
+  return BertEncoder(sizes, dropout=config.dropout, pool=t.pool, dtype=config.compute_dtype, remat=config.remat)

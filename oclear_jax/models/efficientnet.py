@@ -296,5 +296,5 @@ class EfficientNetLite0(nn.Module):
 
 @oclear.register_image_tower("efficientnet_lite0")
 def _build_efficientnet_lite0(config: oclear.ModelConfig) -> nn.Module:
-  del config  # Lite0 has fixed sizes; pretrained weights come from oclear_jax.weights.
-  return EfficientNetLite0()
+  # Lite0 has fixed sizes (pretrained weights come from oclear_jax.weights): only the per-backend options.
+  return EfficientNetLite0(conv_impl=config.conv_impl, dtype=config.compute_dtype, remat=config.remat)

@@ -10,9 +10,10 @@ untitled document and a query of the same image get the same embedding. Class ce
 here: the trainer keeps them beside this module, sharded by class.
 
 Towers are looked up by name in `IMAGE_TOWERS` / `TEXT_TOWERS`; a new backbone (EfficientNet-Lite0,
-a pretrained MiniLM) registers a builder and needs no change here. An image tower maps
-f32[B, H, W, 3] in [-1, 1] to (tokens, pooled f32[B, width]); a text tower maps int32[B, L] ids
-(pad 0) to (tokens, pooled f32[B, width], mask).
+a pretrained MiniLM) registers a builder and needs no change here; a builder passes the config's
+per-backend options (`compute_dtype`, `remat`, `conv_impl`) to the towers that have them. An
+image tower maps f32[B, H, W, 3] in [-1, 1] to (tokens, pooled f32[B, width]); a text tower maps
+int32[B, L] ids (pad 0) to (tokens, pooled f32[B, width], mask).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from oclear_jax.models import accelerator
 from oclear_jax.models import fusion as fusion_lib
 from oclear_jax.models.fusion import l2_normalize
 from oclear_jax.models import text as text_lib
@@ -60,6 +62,22 @@ class ModelConfig:
   concept_heads: int = 4
   freeze_image_tower: bool = False
   freeze_text_tower: bool = False
+  # Per-backend choices (models/accelerator.py), which the tower builders pass to the towers; none of
+  # them changes the parameters. 'auto': bfloat16 and XLA's convolutions on GPU/TPU, float32 and the
+  # CPU convolution tricks on CPU.
+  dtype: str = "auto"  # the towers' compute dtype: auto | float32 | bfloat16 (parameters stay float32)
+  remat: str = "none"  # none | blocks: recompute each tower block in the backward pass
+  conv_impl: str = "auto"  # convolutional towers: auto | xla | cpu_tricks
+
+  def __post_init__(self):
+    accelerator.check_dtype(self.dtype)
+    accelerator.check_remat(self.remat)
+    accelerator.check_conv_impl(self.conv_impl)
+
+  @property
+  def compute_dtype(self) -> jnp.dtype:
+    """`dtype` for this backend, resolved when read: 'auto' is bfloat16 on GPU/TPU, float32 on CPU."""
+    return accelerator.compute_dtype(self.dtype)
 
   @classmethod
   def from_config(cls, config: Any) -> ModelConfig:
@@ -249,14 +267,41 @@ register_text_tower = _registrar(TEXT_TOWERS, "text")
 @register_image_tower("vit")
 def _build_vit(config: ModelConfig) -> nn.Module:
   return vit.ViTEncoder(patch_size=config.patch_size, dropout=config.dropout, pool=config.vit_pool,
-                        **vit.vit_sizes(config.vit))
+                        dtype=config.compute_dtype, remat=config.remat, **vit.vit_sizes(config.vit))
 
 
 @register_text_tower("transformer")
 def _build_text_transformer(config: ModelConfig, vocab_size: int, max_len: int) -> nn.Module:
   t = config.text
   return text_lib.TextEncoder(vocab_size=vocab_size, max_len=max_len, width=t.width, depth=t.depth,
-                              num_heads=t.num_heads, mlp_dim=t.mlp_dim, dropout=config.dropout, pool=t.pool)
+                              num_heads=t.num_heads, mlp_dim=t.mlp_dim, dropout=config.dropout, pool=t.pool,
+                              dtype=config.compute_dtype, remat=config.remat)
+
+
+def _check_tower_options(tower: nn.Module | None, config: ModelConfig) -> None:
+  """A built tower carries the config's dtype, remat and conv_impl, or lacks the option and is not asked for it.
+
+  Builders pass the options (they are the tower's own attributes); a registered tower without a
+  `dtype` field computes in float32, so asking it for bfloat16 is an error, as is remat for a tower
+  without `remat`. A tower without `conv_impl` (the transformers) has no choice to make.
+  """
+  if tower is None:
+    return
+  fields, name = {f.name for f in dataclasses.fields(tower)}, type(tower).__name__
+  if "dtype" not in fields and config.dtype == "bfloat16":
+    raise ValueError(f"config.model.dtype='bfloat16' but the {name} tower computes in float32 only; set "
+                     f"config.model.dtype='float32' or 'auto'")
+  if "remat" not in fields and config.remat != "none":
+    raise ValueError(f"config.model.remat={config.remat!r} but the {name} tower has no remat option; set "
+                     f"config.model.remat='none'")
+  given = {k: getattr(tower, k) for k in ("dtype", "remat", "conv_impl") if k in fields}
+  wanted = dict(dtype=config.compute_dtype, remat=config.remat, conv_impl=config.conv_impl)
+  if "dtype" in given:
+    given["dtype"] = jnp.dtype(given["dtype"])
+  for key, value in given.items():
+    if value != wanted[key]:
+      raise ValueError(f"config.model.{key} asks for {wanted[key]!r} but the {name} tower's builder set {value!r}: "
+                       f"a tower builder passes config.compute_dtype, config.remat and config.conv_impl")
 
 
 def _with_tokenizer_special_ids(model_config: Any, config: ModelConfig, special_ids: Any) -> ModelConfig:
@@ -278,6 +323,8 @@ def build_model(model_config: Any, *, vocab_size: int, max_title_len: int,
 
   Tokenizer facts: `vocab_size`, `max_title_len` and `title_special_ids` (the tokenizer's [CLS],
   [SEP] ids, e.g. `PreparedData.title_special_ids`; None keeps `model.title_special_ids`).
+  The towers get the per-backend options (`model.dtype`, `remat`, `conv_impl`) from their builders;
+  the dtype's 'auto' is resolved here, from `jax.default_backend()` (`models/accelerator.py`).
   """
   config = ModelConfig.from_config(model_config)
   if title_special_ids is not None:
@@ -298,8 +345,11 @@ def build_model(model_config: Any, *, vocab_size: int, max_title_len: int,
     if config.text_tower not in TEXT_TOWERS:
       raise ValueError(f"model.text_tower={config.text_tower!r} is unknown; registered: {sorted(TEXT_TOWERS)}")
     text_encoder = TEXT_TOWERS[config.text_tower](config, vocab_size, max_title_len)
+  image_encoder = IMAGE_TOWERS[config.image_tower](config)
+  for tower in (image_encoder, text_encoder):
+    _check_tower_options(tower, config)
   return OclearModel(
-      image_encoder=IMAGE_TOWERS[config.image_tower](config),
+      image_encoder=image_encoder,
       text_encoder=text_encoder,
       embed_dim=config.embed_dim,
       head_hidden=config.head_hidden,
