@@ -113,7 +113,7 @@ def _checked_value(csv_path: pathlib.Path, line: int, field: str, value: str,
   return value
 
 
-def _open_text(csv_path: str):
+def open_text(csv_path: str):
   """The CSV as text; surrogateescape keeps undecodable bytes countable per row (see read_catalogue).
   A URL (gs://) is read through gfile's bytes, decoded the same way."""
   if not paths.is_remote(csv_path):
@@ -158,7 +158,7 @@ def read_catalogue(csv_path: str | pathlib.Path,
   first_line_of_id: dict[str, int] = {}
   # surrogateescape keeps undecodable bytes recoverable so they can be counted per
   # row and replaced, rather than failing the whole file or silently mangling it.
-  with _open_text(csv_path) as f:
+  with open_text(csv_path) as f:
     reader = csv.DictReader(f)
     header = reader.fieldnames or []
     _check_columns(csv_path, header, columns)

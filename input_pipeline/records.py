@@ -77,11 +77,12 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 def encode_image(path: str, stored_image_size: Optional[int]) -> tuple[Optional[bytes], str]:
   """Returns (JPEG bytes, "") or (None, reason); never raises on a bad file."""
   try:
-    if not os.path.exists(path):
+    if not paths.exists(path):
       return None, "missing"
-    if os.path.getsize(path) == 0:
+    data = paths.read_bytes(path)  # a local file or a URL (gs://bucket/images/...)
+    if not data:
       return None, "empty_file"
-    with Image.open(path) as image:
+    with Image.open(io.BytesIO(data)) as image:
       image.load()  # Forces a full decode so truncation shows up here, not in training.
       image = _to_rgb(image)
       if stored_image_size:
@@ -104,11 +105,7 @@ def fingerprint(rows: Sequence[CatalogueRow], tokenizer: TitleTokenizer,
   h.update(json.dumps({"format_version": FORMAT_VERSION, **settings}, sort_keys=True).encode())
   h.update(hashlib.sha256(tokenizer.to_json().encode()).digest())
   for row in rows:
-    try:
-      st = os.stat(row.image_path)
-      stat = (st.st_size, st.st_mtime_ns)
-    except OSError:
-      stat = None
+    stat = paths.size_and_mtime(row.image_path)
     h.update(json.dumps([row.id, row.image_path, row.title, row.label, row.kind,
                          row.split, stat]).encode("utf-8", errors="surrogatepass"))
   return h.hexdigest()

@@ -18,6 +18,8 @@ import numpy as np
 import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers
 
+from oclear_jax import paths  # a leaf module (no jax): URLs and local paths alike
+
 PAD, UNK, CLS, SEP = "[PAD]", "[UNK]", "[CLS]", "[SEP]"
 SPECIAL_TOKENS = (PAD, UNK, CLS, SEP)
 
@@ -143,6 +145,8 @@ class TitleTokenizer:
     loads as is: its WordPiece vocabulary keeps its own ids ([CLS]=101, [SEP]=102), which
     `special_ids` reports.
     """
+    if paths.is_remote(path):  # a run's records in a bucket: their tokenizer.json
+      return cls(tokenizers.Tokenizer.from_str(paths.read_bytes(path).decode("utf-8")))
     path = pathlib.Path(path)
     if path.is_dir():
       if (path / "tokenizer.json").exists():

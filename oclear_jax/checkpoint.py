@@ -73,7 +73,7 @@ class CheckpointStore:
   def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 3, async_save: bool = True,
                save_interval_steps: int | None = None, save_on_steps: tuple[int, ...] = (),
                preemption: preemption_lib.PreemptionNotice | None = None):
-    self.directory = _resolve(directory)
+    self.directory = orbax_directory(directory)
     # The handler is named up front: a fresh manager on an existing directory must be able to
     # read item metadata (for the compatibility check) before any save or restore.
     self._manager = ocp.CheckpointManager(
@@ -195,8 +195,9 @@ def train_store(workdir: str, train: Any) -> CheckpointStore:
 _ITEM = "default"  # the CheckpointManager's folder of its single item inside each step
 
 
-def _resolve(directory: str | os.PathLike) -> str:
-  """An absolute local path (orbax wants one), or a URL such as gs://bucket/run as given."""
+def orbax_directory(directory: str | os.PathLike) -> str:
+  """The folder orbax reads and writes: an absolute local path (orbax wants one), or a URL such as
+  gs://bucket/run/checkpoints as given. Every checkpoint reader and writer goes through here."""
   return paths.resolve(directory)
 
 

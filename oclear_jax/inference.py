@@ -88,11 +88,11 @@ def _merge(node: ml_collections.ConfigDict, saved: dict, path: str, prefix: str)
 def run_records(config: ml_collections.ConfigDict, workdir: str) -> datasets.PreparedData:
   """The records the run trained on, as they are (never re-prepared: the model was trained on them)."""
   csv_path, records_dir = datasets.catalogue_paths(config.data, workdir)
-  summary_path = os.path.join(records_dir, "records.json")
-  if not os.path.exists(summary_path):
+  summary_path = paths.join(records_dir, "records.json")
+  if not paths.exists(summary_path):
     raise FileNotFoundError(f"{summary_path} not found: {workdir} holds no records of a trained run; train first "
                             f"(python -m oclear_jax.main --config=... --workdir={workdir})")
-  with open(summary_path, encoding="utf-8") as f:
+  with paths.open(summary_path) as f:
     return datasets.PreparedData(records_dir=records_dir, catalogue_csv=csv_path, summary=json.load(f))
 
 
@@ -115,7 +115,7 @@ def _checkpoint_manager(directory: str) -> ocp.CheckpointManager:
   # A reader: a training run may be writing next to us, so create, clean up and delete nothing
   # (orbax's read_only=True does the same but logs two warnings per restore).
   # Absolute: orbax refuses a relative path, and a library caller may pass `workdirs/run`.
-  return ocp.CheckpointManager(os.path.abspath(directory), item_handlers=ocp.PyTreeCheckpointHandler(),
+  return ocp.CheckpointManager(checkpoint_lib.orbax_directory(directory), item_handlers=ocp.PyTreeCheckpointHandler(),
                                options=ocp.CheckpointManagerOptions(create=False, cleanup_tmp_directories=False))
 
 
@@ -125,7 +125,7 @@ def restore_encoder_params(checkpoints_dir: str, target: Any, step: int | None =
   A partial restore: the checkpoint's other arrays (class centres, optimizer moments, step) are
   neither read nor allocated. `target` is a tree of `jax.ShapeDtypeStruct` with shardings.
   """
-  if not os.path.isdir(checkpoints_dir):
+  if not paths.isdir(checkpoint_lib.orbax_directory(checkpoints_dir)):
     raise FileNotFoundError(f"no checkpoint in {checkpoints_dir}; train first (--mode=train)")
   manager = _checkpoint_manager(checkpoints_dir)
   try:
@@ -167,8 +167,8 @@ class TrainedModel:
     """The tokenizer that made the run's title_tokens (saved beside its records)."""
     from input_pipeline import records as records_lib  # pylint: disable=g-import-not-at-top
     from input_pipeline import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
-    path = os.path.join(self.records.records_dir, records_lib.TOKENIZER_FILE)
-    if not os.path.exists(path):
+    path = paths.join(self.records.records_dir, records_lib.TOKENIZER_FILE)
+    if not paths.exists(path):
       raise FileNotFoundError(f"{path} not found: the run's records lack their tokenizer; rerun --mode=prepare "
                               f"with the run's config")
     return tokenizer_lib.TitleTokenizer.load(path)
@@ -239,8 +239,9 @@ def restore_trained_model(config: ml_collections.ConfigDict, workdir: str, step:
                       title_special_ids=records.title_special_ids)
   abstract, shardings = abstract_model_params(model, config, mesh, rules)
   best_dir = checkpoint_lib.best_checkpoint_dir(workdir)
-  use_best = step is None and os.path.isdir(best_dir) and os.listdir(best_dir)
-  params, step = restore_encoder_params(best_dir if use_best else os.path.join(workdir, "checkpoints"),
+  best_orbax = checkpoint_lib.orbax_directory(best_dir)
+  use_best = step is None and paths.isdir(best_orbax) and paths.listdir(best_orbax)
+  params, step = restore_encoder_params(best_dir if use_best else paths.join(workdir, "checkpoints"),
                                         checkpoint_lib.abstract_with_shardings(abstract, shardings), step)
   return TrainedModel(config=config, mesh=mesh, rules=rules, model=model, params=params, step=step,
                       records=records)

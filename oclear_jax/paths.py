@@ -50,6 +50,33 @@ def exists(path: str | os.PathLike) -> bool:
   return os.path.exists(path) if not is_remote(path) else _gfile().exists(path)
 
 
+def size_and_mtime(path: str | os.PathLike) -> tuple[int, int] | None:
+  """(bytes, modification time in ns) of a file, None if it cannot be read: what cache keys hash."""
+  path = os.fspath(path)
+  try:
+    if not is_remote(path):
+      st = os.stat(path)
+      return st.st_size, st.st_mtime_ns
+    st = _gfile().stat(path)
+    return int(st.length), int(st.mtime_nsec)
+  except Exception:  # pylint: disable=broad-except  # OSError locally; tf.errors.NotFoundError for URLs
+    return None
+
+
+def read_bytes(path: str | os.PathLike) -> bytes:
+  with open(path, "rb") as f:
+    return f.read()
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+  """Writes data to a temporary sibling, then moves it over path: readers never see half a file."""
+  path = os.fspath(path)
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "wb") as f:
+    f.write(data)
+  replace(tmp, path)
+
+
 def isdir(path: str | os.PathLike) -> bool:
   path = os.fspath(path)
   return os.path.isdir(path) if not is_remote(path) else _gfile().isdir(path)

@@ -137,3 +137,25 @@ def test_curated_catalogue_feeds_the_records(governed):
   raw.records_dir = str(workdir / "raw_records")
   prepared = datasets.prepare_data(raw, str(workdir), progress=False)
   assert pipeline.read_class_weights(prepared.records_dir, "train") is None
+
+
+def test_a_url_workdir_gets_the_same_governance_files(governed, tmp_path):
+  """A gs:// workdir (ram:// here): the same files under {workdir}/governance, nothing local under
+  the scheme's name, and the curated records written there from them."""
+  import os  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  workdir, out, _, config = governed
+  before = sorted(os.listdir(os.getcwd()))
+  remote = "ram://governed_run"
+  remote_out = command.run(config, remote, progress=False)
+  assert sorted(os.listdir(os.getcwd())) == before
+  local_names = sorted(p.name for p in (workdir / "governance").iterdir() if p.is_file())
+  assert sorted(n.rstrip("/") for n in tf.io.gfile.listdir(f"{remote}/governance")
+                if not tf.io.gfile.isdir(f"{remote}/governance/{n}")) == local_names
+  for name in ("curated_catalogue.csv", "decisions.csv", "category_map.csv"):
+    with tf.io.gfile.GFile(f"{remote}/governance/{name}") as f:
+      assert f.read() == (workdir / "governance" / name).read_text(encoding="utf-8"), name
+  assert remote_out["paths"]["curated_catalogue.csv"] == f"{remote}/governance/curated_catalogue.csv"
+  assert remote_out["paths"]["records"] == f"{remote}/records"
+  assert tf.io.gfile.exists(f"{remote}/records/records.json")
+  assert out["counts"] == remote_out["counts"]

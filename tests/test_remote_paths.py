@@ -6,6 +6,8 @@ through tensorstore, whose drivers are file and gcs only, so a ram:// checkpoint
 local folder named `ram:`. The run below sends orbax's folders to a local directory (what a gs://
 workdir does not need) and ScaNN's index off (it serializes to local files); all else is under ram://.
 """
+import csv
+import io
 import json
 import os
 
@@ -47,16 +49,16 @@ def ram_run(tmp_path_factory):
   config.data.root = str(catalogue)
   config.eval.scann = False
   before = sorted(os.listdir(os.getcwd()))
-  original = checkpoint_lib._resolve  # pylint: disable=protected-access
+  original = checkpoint_lib.orbax_directory
   to_local = lambda d: str(local / os.fspath(d).split("://", 1)[1]) if paths.is_remote(d) else original(d)
   with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(checkpoint_lib, "_resolve", to_local)
+    patch.setattr(checkpoint_lib, "orbax_directory", to_local)
     result = trainer.train_and_evaluate(config, WORKDIR, progress=False)
-  return result, local, before
+    yield result, local, before, config, patch
 
 
 def test_run_writes_its_files_under_the_url(ram_run):
-  result, local, _ = ram_run
+  result, local, *_ = ram_run
   assert result["final_step"] == 4 and 4 in result["eval"]
   for name in ("config.json", "metrics.jsonl", "records/records.json", "records/labels.json",
                "records/catalogue_counts.json", "eval/step_0.json", "eval/step_4.json",
@@ -68,7 +70,7 @@ def test_run_writes_its_files_under_the_url(ram_run):
 
 
 def test_nothing_lands_on_local_disk_under_the_scheme(ram_run):
-  _, _, before = ram_run
+  _, _, before, *_ = ram_run
   assert sorted(os.listdir(os.getcwd())) == before
   assert not os.path.exists("ram:") and not os.path.exists("gs:")
 
@@ -81,3 +83,43 @@ def test_saved_config_is_read_back_from_the_url(ram_run):
   config = inference.load_run_config(WORKDIR)
   assert config.train.num_steps == saved["train"]["num_steps"] == 4
   assert list(config.mesh.shape) == list(saved["mesh"]["shape"]) == [4, 2]
+
+
+def test_embed_reads_a_catalogue_and_writes_its_output_under_urls(ram_run, tmp_path):
+  """--mode=embed with the catalogue (CSV and images) in a bucket and the output in one: the same
+  vectors as the local copy gives, a missing image skipped and listed, nothing written locally."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from oclear_jax.evaluators import embed_command  # pylint: disable=g-import-not-at-top
+  *_, config, _ = ram_run
+  with open(os.path.join(config.data.root, config.data.csv), newline="", encoding="utf-8") as f:
+    header, *rows = list(csv.reader(f))[:13]
+  images = [row[header.index(config.data.columns.image)] for row in rows]
+  remote = "ram://catalogue_in_a_bucket"
+  for name in images[1:]:  # the first row's image stays behind: missing in the bucket
+    paths.makedirs(os.path.dirname(paths.join(remote, name)))
+    tf.io.gfile.copy(os.path.join(config.data.root, name), paths.join(remote, name), overwrite=True)
+    os.makedirs(os.path.dirname(tmp_path / name), exist_ok=True)
+    os.symlink(os.path.join(config.data.root, name), tmp_path / name)
+  for path, kept in ((f"{remote}/meta.csv", rows), (str(tmp_path / "meta.csv"), rows[1:])):
+    with paths.open(path, "w") as f:
+      f.write(_csv_text([header, *kept]))
+  before = sorted(os.listdir(os.getcwd()))
+  remote_manifest = embed_command.run(config, WORKDIR, f"{remote}/meta.csv", "ram://embedded", progress=False)
+  embed_command.run(config, WORKDIR, str(tmp_path / "meta.csv"), str(tmp_path / "out"), progress=False)
+  assert sorted(os.listdir(os.getcwd())) == before
+  assert [s["reason"] for s in remote_manifest["skipped"]] == ["missing"]
+  for name in (embed_command.QUERIES_FILE, embed_command.DOCUMENTS_FILE):
+    with paths.open(f"ram://embedded/{name}", "rb") as f:
+      got = np.load(f)
+      got_ids, got_emb = got["ids"], got["emb"]
+    want = np.load(tmp_path / "out" / name)
+    np.testing.assert_array_equal(got_ids, want["ids"])
+    np.testing.assert_allclose(got_emb, want["emb"], rtol=0, atol=1e-6)
+  with paths.open(f"ram://embedded/{embed_command.MANIFEST}") as f:
+    assert json.load(f)["counts"]["embedded"] == len(rows) - 1
+
+
+def _csv_text(rows) -> str:
+  buffer = io.StringIO()
+  csv.writer(buffer).writerows(rows)
+  return buffer.getvalue()

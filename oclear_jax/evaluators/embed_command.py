@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
-import os
 import sys
 from typing import TextIO
 
@@ -42,6 +42,7 @@ import tqdm
 from input_pipeline import catalogue as catalogue_lib
 from oclear_jax import inference
 from oclear_jax import multihost
+from oclear_jax import paths
 from oclear_jax.evaluators import host_gather
 
 QUERIES_FILE = "queries.npz"
@@ -71,15 +72,15 @@ def catalogue_columns(config: ml_collections.ConfigDict, *, with_label: bool = F
 
 def csv_header(csv_path: str) -> list[str]:
   """The column names of a CSV (as `catalogue.read_catalogue` reads them)."""
-  with open(_check_catalogue(csv_path), newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
+  with catalogue_lib.open_text(_check_catalogue(csv_path)) as f:
     return next(csv.reader(f), [])
 
 
 def _check_catalogue(csv_path: str) -> str:
-  if not os.path.isfile(csv_path):
+  if not paths.exists(csv_path) or paths.isdir(csv_path):
     raise FileNotFoundError(f"catalogue {csv_path} not found; pass --catalogue=DIR/meta.csv (a CSV whose image "
                             f"paths are relative to its folder)")
-  return os.path.abspath(csv_path)
+  return paths.resolve(csv_path)  # gs://bucket/cat.csv stays a URL
 
 
 def embed_catalogue(trained: inference.TrainedModel, csv_path: str, *, heads: tuple[str, ...] = ("query", "doc"),
@@ -133,25 +134,23 @@ def _gathered(local: dict, rows: list, shape: tuple[int, ...]) -> tuple[list, np
 
 
 def _save_npz(path: str, ids: list[str], emb: np.ndarray) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "wb") as f:  # a file object: np.savez would append '.npz' to a name
-    np.savez(f, ids=np.asarray(ids, dtype=str), emb=np.ascontiguousarray(emb, np.float32))
-  os.replace(tmp, path)
+  buffer = io.BytesIO()  # zip needs a seekable file; a bucket object is written in one piece
+  np.savez(buffer, ids=np.asarray(ids, dtype=str), emb=np.ascontiguousarray(emb, np.float32))
+  paths.write_bytes(path, buffer.getvalue())
 
 
 def _write_output(output: str, embedded: EmbeddedCatalogue, manifest: dict) -> None:
-  os.makedirs(output, exist_ok=True)
-  _save_npz(os.path.join(output, QUERIES_FILE), embedded.ids, embedded.queries)
-  _save_npz(os.path.join(output, DOCUMENTS_FILE), embedded.ids, embedded.documents)
-  with open(os.path.join(output, MANIFEST), "w", encoding="utf-8") as f:
-    json.dump(manifest, f, indent=2, ensure_ascii=False)
+  paths.makedirs(output)
+  _save_npz(paths.join(output, QUERIES_FILE), embedded.ids, embedded.queries)
+  _save_npz(paths.join(output, DOCUMENTS_FILE), embedded.ids, embedded.documents)
+  paths.write_bytes(paths.join(output, MANIFEST), json.dumps(manifest, indent=2, ensure_ascii=False).encode("utf-8"))
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, catalogue: str, output: str, *, progress: bool = True,
         out: TextIO | None = None) -> dict:
   """Embeds `catalogue` with the latest checkpoint of `workdir` into `output`; returns the manifest."""
   out = out or sys.stdout
-  workdir, output = os.path.abspath(workdir), os.path.abspath(output)
+  workdir, output = paths.resolve(workdir), paths.resolve(output)
   csv_path = _check_catalogue(catalogue)
   # Columns first: a misnamed column fails before the (slow) restore.
   catalogue_lib.read_catalogue(csv_path, catalogue_columns(config), max_rows=0)

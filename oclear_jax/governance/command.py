@@ -12,7 +12,9 @@ CSV with its column mapping) and writes, under {workdir}/governance/:
   summary.json           counts per step, bad input, the settings
   report.md, report.html class sizes before/after, decisions per step, thumbnails of examples
 then writes the curated records ({workdir}/records, or config.data.records_dir) that training with
-config.data.governed=True reads.
+config.data.governed=True reads. A URL workdir (gs://bucket/run) gets the same files: they are
+written to a local staging folder first (Beam, matplotlib and the feature cache want local files)
+and copied to {workdir}/governance at the end, summary.json last, before the records are written.
 
 With config.governance.categories='product' the labels are product categories built from the titles
 (same title, colour variants, single products) over data's catalogue and config.governance.extra_catalogues,
@@ -20,15 +22,18 @@ split by whole category into train / val / eval; see product_govern.py for the s
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
 import os
-from typing import Any
+import tempfile
+from typing import Any, Iterator
 
 import ml_collections
 
 from input_pipeline import catalogue as catalogue_lib
+from oclear_jax import paths as paths_lib
 from oclear_jax.governance import curate
 from oclear_jax.governance import decisions as decisions_lib
 from oclear_jax.governance import executors
@@ -81,6 +86,26 @@ def _remove_empty_staging(out_dir: str) -> None:
     os.rmdir(staging)
 
 
+@contextlib.contextmanager
+def _output_folder(workdir: str, files: dict[str, str]) -> Iterator[str]:
+  """{workdir}/governance, made; for a URL workdir a local staging folder, copied there on exit.
+
+  `files` (name -> path, filled in the block) is rewritten to the copied paths on exit; a block
+  that raises copies nothing, so a bucket never holds half a governance output.
+  """
+  final = paths_lib.join(workdir, "governance")
+  if not paths_lib.is_remote(workdir):
+    os.makedirs(final, exist_ok=True)
+    yield final
+    return
+  with tempfile.TemporaryDirectory(prefix="oclear-governance-") as local:
+    yield local
+    _remove_empty_staging(local)
+    paths_lib.copy_tree(local, final, last="summary.json")
+    files.update({name: path.replace(local, final, 1) for name, path in files.items()
+                  if isinstance(path, str) and path.startswith(local)})
+
+
 def write_curated_records(config: ml_collections.ConfigDict, workdir: str, progress: bool = True) -> str:
   """Records from the curated catalogue (`prepare_data` with data.governed); every process calls it."""
   from oclear_jax import datasets  # pylint: disable=g-import-not-at-top  (imports jax and TensorFlow)
@@ -94,19 +119,21 @@ def run_products(config: ml_collections.ConfigDict, workdir: str, *, progress: b
                  write_records: bool = True) -> dict[str, Any]:
   """`categories='product'`: product categories over data's catalogue and the extra ones (product_govern.py)."""
   settings = settings_lib.from_config(config.governance)
-  out_dir = os.path.join(workdir, "governance")
-  os.makedirs(out_dir, exist_ok=True)
   data = config.data
   if data.source == "synthetic":
     from oclear_jax import datasets  # pylint: disable=g-import-not-at-top  (imports jax)
     datasets.generate_builtin_catalogue(data, workdir, progress=progress)
-  root = data.root or os.path.join(workdir, "catalogue")
-  csv_path = data.csv if os.path.isabs(data.csv) else os.path.join(root, data.csv)
+  root = data.root or paths_lib.join(workdir, "catalogue")
+  csv_path = data.csv if os.path.isabs(data.csv) or paths_lib.is_remote(data.csv) else paths_lib.join(root, data.csv)
   columns = catalogue_lib.CatalogueColumns(**{k: (v or None) for k, v in data.columns.to_dict().items()})
-  executor = executors.make_executor(settings, os.path.join(out_dir, "beam_staging"), progress=progress)
-  out = product_govern.run(csv_path, columns, settings, executor, out_dir, seed=config.seed,
-                           max_rows=data.max_rows or None)
-  _remove_empty_staging(out_dir)
+  files: dict[str, str] = {}
+  with _output_folder(workdir, files) as out_dir:
+    executor = executors.make_executor(settings, os.path.join(out_dir, "beam_staging"), progress=progress)
+    out = product_govern.run(csv_path, columns, settings, executor, out_dir, seed=config.seed,
+                             max_rows=data.max_rows or None)
+    _remove_empty_staging(out_dir)
+    files.update(out["paths"])
+  out["paths"] = files
   if write_records:
     out["paths"]["records"] = write_curated_records(config, workdir, progress)
   c = out["counts"]
@@ -127,18 +154,18 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
   settings = settings_lib.from_config(config.governance)
   if settings.categories == "product":
     return run_products(config, workdir, progress=progress, write_records=write_records)
-  out_dir = os.path.join(workdir, "governance")
-  os.makedirs(out_dir, exist_ok=True)
   csv_path, read = read_raw_catalogue(config.data, workdir, config.seed, progress=progress)
-  executor = executors.make_executor(settings, os.path.join(out_dir, "beam_staging"), progress=progress)
-  result = curate.curate_categories(read.rows, settings, executor,
-                                    cache_dir=settings.feature_cache or os.path.join(out_dir, "feature_cache"))
-  paths = write_outputs(out_dir, result, read.rows, settings, executor)
-  _remove_empty_staging(out_dir)
-  with open(paths["summary.json"], "w", encoding="utf-8") as f:
-    json.dump({"catalogue": csv_path, "reader": read.counts, "counts": result.counts,
-               "settings": dataclasses.asdict(settings)}, f, indent=1, ensure_ascii=False, default=str)
-  paths.update(report.write_report(out_dir, result, read.rows, settings, read.counts))
+  paths: dict[str, str] = {}
+  with _output_folder(workdir, paths) as out_dir:
+    executor = executors.make_executor(settings, os.path.join(out_dir, "beam_staging"), progress=progress)
+    result = curate.curate_categories(read.rows, settings, executor,
+                                      cache_dir=settings.feature_cache or os.path.join(out_dir, "feature_cache"))
+    paths.update(write_outputs(out_dir, result, read.rows, settings, executor))
+    _remove_empty_staging(out_dir)
+    with open(paths["summary.json"], "w", encoding="utf-8") as f:
+      json.dump({"catalogue": csv_path, "reader": read.counts, "counts": result.counts,
+                 "settings": dataclasses.asdict(settings)}, f, indent=1, ensure_ascii=False, default=str)
+    paths.update(report.write_report(out_dir, result, read.rows, settings, read.counts))
   if write_records:
     paths["records"] = write_curated_records(config, workdir, progress)
   c = result.counts
