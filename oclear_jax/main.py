@@ -4,8 +4,9 @@ r"""Command-line entry point.
   python -m oclear_jax.main --config=configs/tiny.py --workdir=/tmp/t --config.train.num_steps=100
   python -m oclear_jax.main --mode=prepare --config=configs/fashion.py --workdir=workdirs/fashion
   python -m oclear_jax.main --mode=govern --config=configs/demo.py --workdir=workdirs/demo
-  python -m oclear_jax.main --mode=index --workdir=workdirs/demo
-  python -m oclear_jax.main --mode=search --workdir=workdirs/demo --query=photo.jpg [--query=...]
+  python -m oclear_jax.main --mode=index --workdir=workdirs/demo [--config.index.target_recall=0.9]
+  python -m oclear_jax.main --mode=search --workdir=workdirs/demo --query=photo.jpg [--query=...] \
+      [--search.leaves=N --search.reorder=M]
   python -m oclear_jax.main --mode=embed --workdir=workdirs/demo --catalogue=DIR/meta.csv --output=OUT \
       [--config.data.columns.title=name ...]
   python -m oclear_jax.main ... --coordinator_address=HOST:PORT --num_processes=N --process_id=I  # on each process
@@ -16,8 +17,10 @@ Modes, in the order data flows:
   prepare  catalogue -> records only;
   train    (default) prepare data, train or resume, evaluate, print the results table;
   index    embed the whole document gallery (the run's records, or --catalogue=CSV) with the run's
-           checkpoint (the one selected on val, else the latest) and build the ScaNN index;
-  search   embed query images and print their top-K documents, with a contact sheet;
+           checkpoint (the one selected on val, else the latest) and build the ScaNN index, tuned
+           to config.index.target_recall (exact search for small galleries);
+  search   embed query images and print their top-K documents, with a contact sheet
+           (--search.leaves / --search.reorder: a one-off search depth);
   embed    embed every row of any catalogue CSV as a query and as a document into --output.
 Rerunning `train` resumes from the latest checkpoint in --workdir. On SIGTERM (a preemption), `train`
 saves the step in flight, prints one `preempted: ...` line and exits with code 75 (EX_TEMPFAIL):
@@ -48,6 +51,11 @@ _MODE = flags.DEFINE_enum("mode", "train", ["govern", "prepare", "train", "index
 _QUERY = flags.DEFINE_multi_string("query", [], "search: query image file(s).")
 _TOP_K = flags.DEFINE_integer("top_k", 10, "search: documents to return per query.")
 _OUTPUT_FORMAT = flags.DEFINE_enum("output_format", "table", ["table", "json"], "search: how to print results.")
+# One-off search depth (absl accepts dotted flag names; `--config.*` stays the config's namespace).
+_SEARCH_LEAVES = flags.DEFINE_integer("search.leaves", None, "search: tree leaves to probe for this search "
+                                      "(default: the depth the index was tuned to).", lower_bound=1)
+_SEARCH_REORDER = flags.DEFINE_integer("search.reorder", None, "search: candidates re-scored exactly for this "
+                                       "search (default: the tuned depth).", lower_bound=1)
 _CATALOGUE = flags.DEFINE_string("catalogue", None, "embed, index: a catalogue CSV (image paths relative to its "
                                  "folder); columns named by config.data.columns.")
 _OUTPUT = flags.DEFINE_string("output", None, "embed: output folder for queries.npz, documents.npz, manifest.json.")
@@ -220,7 +228,7 @@ def _search(config, workdir):
   if not _QUERY.value:
     raise app.UsageError("--mode=search needs at least one --query=IMAGE")
   search_command.search(workdir, _QUERY.value, top_k=_TOP_K.value, output_format=_OUTPUT_FORMAT.value,
-                        config=config)
+                        config=config, leaves_to_search=_SEARCH_LEAVES.value, reorder=_SEARCH_REORDER.value)
 
 
 def _embed(config, workdir):

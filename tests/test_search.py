@@ -179,9 +179,13 @@ def test_scann_params_come_from_config():
   from oclear_jax import config_schema  # pylint: disable=g-import-not-at-top
   from oclear_jax.evaluators import scann_search  # pylint: disable=g-import-not-at-top
   index_cfg = config_schema.base_config().index
-  index_cfg.update(num_leaves=50, num_leaves_to_search=7, reorder=60, dims_per_block=4, min_points_for_tree=100)
   rng = np.random.default_rng(6)
   gallery = rng.normal(size=(2000, 16)).astype(np.float32)
+  # By default a gallery this small is searched exactly (config.index.exact_max_documents).
+  default = ScannIndex.build(gallery, k=10, **scann_search.params_from_config(index_cfg))
+  assert "exact_max_documents" in default.description
+  index_cfg.update(num_leaves=50, num_leaves_to_search=7, reorder=60, dims_per_block=4, min_points_for_tree=100,
+                   exact_max_documents=0)
   index = ScannIndex.build(gallery, k=10, **scann_search.params_from_config(index_cfg))
   assert (index.params["num_leaves"], index.params["num_leaves_to_search"], index.params["reorder"],
           index.params["dims_per_block"]) == (50, 7, 60, 4)

@@ -20,6 +20,15 @@ Tie-breaking is deterministic: among equal scores the lower gallery index
 ranks first. `jax.lax.top_k` is documented to put the lower position first,
 and the merge concatenates the running top k (earlier chunks and blocks, lower
 indices) before the new chunk's, so the property survives merging.
+
+`fastest_exact_top_k` picks the fastest exact method of the backend: on CPU,
+ScaNN's brute-force scorer run multi-threaded (measured on 2 cores: ~1.7x this
+module's jitted search at 1M x 256, see benchmarks/retrieval_speed.py), with the
+same tie rule imposed on its results (`ScannIndex._search_exact`); on GPU/TPU,
+the jitted search here. Both equal a float64 numpy reference wherever f32 dot
+products are exact (the tests use small-integer vectors, where ties abound); on
+real-valued vectors the two may order two scores differing only by f32
+rounding (summation order) differently.
 """
 from collections.abc import Iterable, Iterator
 import functools
@@ -224,3 +233,38 @@ def exact_top_k(
   rows = max(chunk, gallery_block // chunk * chunk)
   return exact_top_k_blocks(queries, _row_blocks(gallery, rows), k, gallery_chunk=chunk, query_batch=query_batch,
                             exclude=exclude)
+
+
+def fastest_exact_top_k(
+    queries: np.ndarray,
+    gallery: np.ndarray,
+    k: int,
+    *,
+    exclude: tuple[np.ndarray, np.ndarray] | None = None,
+    method: str = "auto",
+    searcher=None,
+) -> tuple[np.ndarray, np.ndarray]:
+  """`exact_top_k`'s contract (ties: lower index first) by the backend's fastest exact method.
+
+  Args:
+    queries: f32[Q, d].
+    gallery: f32[N, d] in memory.
+    k: results per query.
+    exclude: optional ``(query_ids [Q], gallery_ids [N])`` (leave-one-out).
+    method: 'auto' (ScaNN brute force on CPU, JAX on accelerators), 'scann' or 'jax'.
+    searcher: a brute-force `ScannIndex` over `gallery` to reuse (method 'scann'/'auto' on CPU).
+
+  Returns:
+    ``(scores f32[Q, k], indices int32[Q, k])``, best first.
+  """
+  if method not in ("auto", "scann", "jax"):
+    raise ValueError(f"method={method!r}: use 'auto', 'scann' or 'jax'")
+  if method == "auto":
+    method = "scann" if jax.default_backend() == "cpu" else "jax"
+  if method == "jax":
+    return exact_top_k(queries, gallery, k, exclude=exclude)
+  queries = _check(queries, np.shape(gallery)[1], k)
+  if searcher is None:
+    from oclear_jax.evaluators import scann_search  # pylint: disable=g-import-not-at-top  (loads TF)
+    searcher = scann_search.ScannIndex.build(gallery, k=k, brute_force=True)
+  return searcher.search(queries, k, exclude=exclude, parallel=True)

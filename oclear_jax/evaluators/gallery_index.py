@@ -12,9 +12,18 @@ readable row of that CSV (any catalogue, read like `--mode=embed` does; split 'c
                    ScaNN's recall against exact search and the catalogue-wide metrics
   image_paths.npy  the catalogue image of each document row (UTF-8 bytes; '' if unknown),
                    read from the catalogue CSV, for contact sheets
-  scann/           the serialized ScaNN searcher
+  scann/           the serialized ScaNN searcher, its chosen search depth in the sidecar
+  frontier.json    every searcher setting the tuner tried (recall@10 against exact, q/s) and
+  frontier.png     the chosen one (`index_tuning`); one row when the gallery is searched exactly
   index.json       written last (its presence means "complete"): checkpoint step,
-                   counts, ScaNN settings, recall against exact, metrics
+                   counts, ScaNN settings, the chosen setting with its recall and q/s, metrics
+
+The searcher meets `config.index.target_recall` (recall@10 against exact search, default 0.95) on
+held-out queries: the eval split's query photos where the run has them, else documents sampled
+from the gallery that search it with themselves excluded. Excluding rather than holding those
+documents out of the gallery is deliberate: every document must be in the index a shopper
+searches, and ScaNN builds are not bit-reproducible, so the index measured must be the index
+shipped. A gallery of at most `config.index.exact_max_documents` is searched exactly.
 
 Both exports of the run's records resume shard by shard (`export`), so an interrupted index
 build restarts where it stopped; their fingerprint covers the records, the checkpoint and the
@@ -42,6 +51,7 @@ from oclear_jax import multihost
 from oclear_jax.evaluators import exact_search
 from oclear_jax.evaluators import export
 from oclear_jax.evaluators import host_gather
+from oclear_jax.evaluators import index_tuning
 from oclear_jax.evaluators import metrics as metrics_lib
 from oclear_jax.evaluators import product1m_metrics
 from oclear_jax.evaluators import scann_search
@@ -135,20 +145,68 @@ def build(config: ml_collections.ConfigDict, workdir: str, *, catalogue: str | N
 
 def _finish(config: ml_collections.ConfigDict, prepared: datasets.PreparedData, root: str, step: int,
             exports: dict, image_paths: np.ndarray | None, gallery_entries: dict, *, labelled: bool) -> dict:
-  """Process 0's part of `build`: image_paths.npy, the ScaNN searcher, its measurement, index.json."""
+  """Process 0's part of `build`: image_paths.npy, the tuned searcher, its frontier and metrics, index.json."""
   docs = exports["document"]
   if image_paths is None:
     image_paths = _image_paths(config, prepared, docs.column("id"))
   np.save(os.path.join(root, "image_paths.npy"), image_paths)
   gallery = docs.vectors()
-  index = scann_search.ScannIndex.build(gallery, k=10, **scann_search.params_from_config(config.index))
-  index.save(os.path.join(root, "scann"))
+  held_out = _held_out_queries(config, docs, exports.get("query"), gallery)
+  ks, cutoffs = tuple(config.eval.ks), tuple(config.eval.get("cutoffs", ()))
+  _, exact = exact_search.fastest_exact_top_k(held_out["vectors"], gallery, max(ks + cutoffs + (10,)),
+                                              exclude=held_out["exclude"])
+  tuned = _searcher(config, gallery, held_out, exact[:, :10])
+  tuned.index.save(os.path.join(root, "scann"))
+  index_tuning.write_frontier(tuned, root)
   manifest = {"step": int(step), "num_documents": int(docs.num_rows), "dim": docs.dim, **gallery_entries,
-              "searcher": index.description, "scann_params": index.params,
-              **_measure(config, docs, exports.get("query"), gallery, index, labelled=labelled)}
+              "searcher": tuned.index.description, "scann_params": tuned.index.params,
+              "recall_queries": held_out["described"], "scann_recall_vs_exact@10": tuned.chosen["recall@10"],
+              "chosen": tuned.chosen, "frontier": "frontier.json"}
+  if labelled:
+    manifest["catalogue_metrics"] = _catalogue_metrics(config, docs, held_out, exact)
   with open(os.path.join(root, MANIFEST), "w", encoding="utf-8") as f:
     json.dump(manifest, f, indent=2)
   return manifest
+
+
+def _searcher(config, gallery: np.ndarray, held_out: dict, exact: np.ndarray) -> index_tuning.Tuned:
+  """The gallery's searcher: exact when small, else tuned to config.index.target_recall (unless 0)."""
+  cfg, n = config.index, len(gallery)
+  params = scann_search.params_from_config(cfg)
+  target = cfg.target_recall
+  if n <= cfg.exact_max_documents or n < cfg.min_points_for_tree:
+    index = scann_search.ScannIndex.build(gallery, k=10, brute_force=True)
+    why = (f"exact: a gallery of {n} documents (at most config.index.exact_max_documents="
+           f"{cfg.exact_max_documents}, or too few to train a tree)")
+    return index_tuning.single_setting(index, held_out["vectors"], exact, target_recall=target,
+                                       exclude=held_out["exclude"], why=why)
+  if not target:
+    index = scann_search.ScannIndex.build(gallery, k=10, **{**params, "exact_max_documents": 0})
+    return index_tuning.single_setting(index, held_out["vectors"], exact, exclude=held_out["exclude"],
+                                       why="not tuned (config.index.target_recall=0): the configured knobs")
+  return index_tuning.tune(gallery, held_out["vectors"], k=10, target_recall=target,
+                           build_budget_s=cfg.tuning_budget_s, base=params, exclude=held_out["exclude"],
+                           ground_truth=exact)
+
+
+def _held_out_queries(config, docs: export.ExportedEmbeddings, queries: export.ExportedEmbeddings | None,
+                      gallery: np.ndarray) -> dict:
+  """Up to config.index.recall_queries held-out queries: eval query photos, else documents searching the others.
+
+  A fixed random sample (seed 0), not the first rows, which may all come from one split or category.
+  """
+  limit = config.index.recall_queries
+  doc_keys = _label_keys(docs.column("label"), docs.column("split"))
+  rng = np.random.default_rng(0)
+  if queries is not None and queries.num_rows:
+    rows = np.sort(rng.choice(queries.num_rows, min(limit, queries.num_rows), replace=False))
+    keys = _label_keys(queries.column("label"), queries.column("split"))[rows]
+    return {"vectors": queries.vectors()[rows], "keys": keys, "exclude": None, "doc_keys": doc_keys,
+            "described": f"{len(rows)} eval-split query photos"}
+  rows = np.sort(rng.choice(len(gallery), min(limit, len(gallery)), replace=False))
+  ids = docs.column("id")
+  return {"vectors": gallery[rows], "keys": doc_keys[rows], "exclude": (ids[rows], ids), "doc_keys": doc_keys,
+          "described": f"{len(rows)} documents querying the others (themselves excluded)"}
 
 
 def _export_catalogue(trained: inference.TrainedModel, csv_path: str, root: str, *,
@@ -184,34 +242,14 @@ def _export_catalogue(trained: inference.TrainedModel, csv_path: str, root: str,
   return {"document": docs}, np.asarray([p.encode("utf-8") for p in embedded.image_paths], dtype=bytes), described
 
 
-def _measure(config, docs: export.ExportedEmbeddings, queries: export.ExportedEmbeddings | None,
-             gallery: np.ndarray, index: scann_search.ScannIndex, *, labelled: bool = True) -> dict:
-  """ScaNN's recall@10 against exact search, and exact-search metrics of eval photos over the catalogue
-  (only with labels: a catalogue without a label column has no positives to score)."""
-  limit = config.index.recall_queries
-  doc_keys = _label_keys(docs.column("label"), docs.column("split"))
+def _catalogue_metrics(config, docs: export.ExportedEmbeddings, held_out: dict, exact: np.ndarray) -> dict:
+  """Exact-search metrics of the held-out queries over the whole catalogue (labelled galleries only)."""
   ks, cutoffs = tuple(config.eval.ks), tuple(config.eval.get("cutoffs", ()))
-  depth = max(ks + cutoffs + (10,))
-  if queries is not None:
-    q_vectors = queries.vectors()[:limit]
-    q_keys = _label_keys(queries.column("label"), queries.column("split"))[:limit]
-    exclude, described = None, f"{len(q_vectors)} eval-split query photos"
-  else:  # a catalogue without shopper photos: documents query the others (leave-one-out)
-    q_vectors, q_keys = gallery[:limit], doc_keys[:limit]
-    ids = docs.column("id")
-    exclude, described = (ids[:limit], ids), f"{len(q_vectors)} documents querying the others"
-  _, exact = exact_search.exact_top_k_blocks(q_vectors, docs.blocks(), depth, exclude=exclude,
-                                             num_blocks=docs.num_shards)
-  _, approx = index.search(q_vectors, 10, exclude=exclude)
-  out = {"recall_queries": described, "scann_recall_vs_exact@10": metrics_lib.recall_against_exact(
-      approx, exact[:, :10])}
-  if not labelled:
-    return out
+  exclude = held_out["exclude"]
   ids_kw = {"query_ids": exclude[0], "gallery_ids": exclude[1]} if exclude is not None else {}
-  catalogue_metrics = metrics_lib.retrieval_metrics(exact, q_keys, doc_keys, ks=ks, **ids_kw)
+  out = metrics_lib.retrieval_metrics(exact, held_out["keys"], held_out["doc_keys"], ks=ks, **ids_kw)
   if cutoffs:
-    catalogue_metrics.update(product1m_metrics.product1m_metrics(exact, q_keys, doc_keys, cutoffs, **ids_kw))
-  out["catalogue_metrics"] = catalogue_metrics
+    out.update(product1m_metrics.product1m_metrics(exact, held_out["keys"], held_out["doc_keys"], cutoffs, **ids_kw))
   return out
 
 

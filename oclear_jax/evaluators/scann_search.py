@@ -1,20 +1,24 @@
 """Approximate top-k search with ScaNN, for galleries too large to brute-force.
 
-Configuration follows ScaNN's recommended recipe for dot-product search on
-normalised embeddings: a k-means tree (about sqrt(n) leaves, search about 10 %
-of them), anisotropic hashing (2 dims per block, threshold 0.2) and exact
-re-scoring of the best few hundred candidates. On clustered data this reaches
-recall@10 above 0.95 against exact search; on isotropic Gaussian vectors it
-does not, which says more about the test data than about ScaNN.
+The untuned defaults follow ScaNN's recipe for dot-product search on normalised
+embeddings: a k-means tree (about sqrt(n) leaves, search about 10 % of them),
+anisotropic hashing (2 dims per block, threshold 0.2) and exact re-scoring of the
+best few hundred candidates. What recall that gives depends on the data (0.37 on a
+1,319-document demo gallery, 0.75 on 1M noisy clustered vectors): an index meant
+for users is tuned to a recall target on its own embeddings (`index_tuning`), which
+stores the chosen search depth in `params` so that every later search uses it.
 
-Small galleries (fewer than `MIN_POINTS_FOR_TREE` items) fall back to ScaNN's
-brute-force scorer: the tree's k-means and the AH codebooks need enough points
-to train, and below that size exhaustive search is cheap anyway.
-`ScannIndex.description` says which path was taken.
+Small galleries use ScaNN's brute-force scorer, which is exact: below
+`exact_max_documents` (config) exhaustive search is fast anyway, and below
+`MIN_POINTS_FOR_TREE` the tree's k-means and the AH codebooks cannot be trained.
+`ScannIndex.description` says which path was taken. Brute-force results are made
+deterministic under ties (lower gallery index first, like `exact_search`; see
+`_search_exact`), so they equal the exact reference.
 
 Every knob has a config field (`config.index`, see `params_from_config`); the
 search-time ones (leaves to search, reorder depth) can also be overridden per call
-without rebuilding, which is how a recall/speed curve is measured.
+without rebuilding, which is how the tuner sweeps them and how `--mode=search
+--search.leaves=N --search.reorder=M` deepens one search.
 
 `scann` is imported lazily because importing it also loads TensorFlow (a few
 seconds), which users of the exact search should not pay for.
@@ -47,25 +51,29 @@ def params_from_config(index_cfg) -> dict[str, Any]:
       "min_points_for_tree": index_cfg.min_points_for_tree,
       "soar_lambda": index_cfg.soar_lambda or None,
       "spherical": index_cfg.spherical,
+      "exact_max_documents": index_cfg.get("exact_max_documents", 0),
   }
 
 
 def _resolve_params(
     n: int,
     k: int,
-    num_leaves: int | None,
-    num_leaves_to_search: int | None,
-    reorder: int | None,
-    training_sample_size: int | None,
+    num_leaves: int | None = None,
+    num_leaves_to_search: int | None = None,
+    reorder: int | None = None,
+    training_sample_size: int | None = None,
     dims_per_block: int = 2,
     anisotropic_threshold: float = 0.2,
     min_points_for_tree: int = MIN_POINTS_FOR_TREE,
     soar_lambda: float | None = None,
     spherical: bool = False,
+    exact_max_documents: int = 0,
 ) -> dict[str, Any]:
   """Fills in defaults and clips them to what a gallery of n points supports."""
   if n < min_points_for_tree:
     return {"mode": "brute_force", "k": k, "min_points_for_tree": min_points_for_tree}
+  if n <= exact_max_documents:
+    return {"mode": "brute_force", "k": k, "exact_max_documents": int(exact_max_documents)}
   leaves = num_leaves if num_leaves is not None else round(math.sqrt(n))
   leaves = int(min(max(leaves, 1), n))
   to_search = num_leaves_to_search if num_leaves_to_search is not None else max(1, leaves // 10)
@@ -89,8 +97,14 @@ def _resolve_params(
 
 
 def _describe(n: int, d: int, params: dict[str, Any]) -> str:
+  tuned = params.get("tuned")
+  if tuned:
+    return f"{_describe(n, d, {**params, 'tuned': None})}; {tuned['why']}"
   if params.get("forced"):
-    return f"ScaNN brute force over {n} x {d} (exact, as asked)"
+    return f"ScaNN brute force over {n} x {d} (exact)"
+  if params["mode"] == "brute_force" and params.get("exact_max_documents"):
+    return (f"ScaNN brute force over {n} x {d} (exact: gallery of at most {params['exact_max_documents']} "
+            "documents, config.index.exact_max_documents)")
   if params["mode"] == "brute_force":
     return (f"ScaNN brute force over {n} x {d} (gallery below "
             f"{params.get('min_points_for_tree', MIN_POINTS_FOR_TREE)} points: too small to train a tree "
@@ -100,6 +114,17 @@ def _describe(n: int, d: int, params: dict[str, Any]) -> str:
   return (f"ScaNN tree({params['num_leaves']} leaves, search {params['num_leaves_to_search']}, "
           f"trained on {params['training_sample_size']}{extras}) + AH({params.get('dims_per_block', 2)}, "
           f"{params.get('anisotropic_threshold', 0.2)}) + reorder({params['reorder']}) over {n} x {d}")
+
+
+def _drop_self(idx: np.ndarray, scores: np.ndarray, exclude) -> tuple[np.ndarray, np.ndarray]:
+  """Removes each query's own gallery item (same id), keeping the rest in order (-1 / -inf at the end)."""
+  q_ids, g_ids = np.asarray(exclude[0]), np.asarray(exclude[1])
+  is_self = (idx >= 0) & (g_ids[np.maximum(idx, 0)] == q_ids[:, None])
+  # Stable sort moves self-matches to the end, keeping the rest in order.
+  order = np.argsort(is_self, axis=1, kind="stable")
+  idx = np.take_along_axis(np.where(is_self, -1, idx), order, axis=1)
+  scores = np.take_along_axis(np.where(is_self, -np.inf, scores), order, axis=1)
+  return idx, scores
 
 
 class ScannIndex:
@@ -131,6 +156,7 @@ class ScannIndex:
       min_points_for_tree: int = MIN_POINTS_FOR_TREE,
       soar_lambda: float | None = None,
       spherical: bool = False,
+      exact_max_documents: int = 0,
       brute_force: bool = False,
   ) -> "ScannIndex":
     """Trains a dot-product index on gallery f32[N, d].
@@ -153,6 +179,8 @@ class ScannIndex:
         leaf; ScaNN suggests 1.5): better recall per leaf searched for about
         twice the build time and scanned points. None: off.
       spherical: spherical k-means for the tree (unit-norm data).
+      exact_max_documents: galleries of at most this many points use the
+        exact brute-force scorer (0: only below `min_points_for_tree`).
       brute_force: force ScaNN's exact brute-force scorer (a baseline).
 
     Returns:
@@ -166,7 +194,8 @@ class ScannIndex:
       params = {"mode": "brute_force", "k": k, "forced": True}
     else:
       params = _resolve_params(n, k, num_leaves, num_leaves_to_search, reorder, training_sample_size,
-                               dims_per_block, anisotropic_threshold, min_points_for_tree, soar_lambda, spherical)
+                               dims_per_block, anisotropic_threshold, min_points_for_tree, soar_lambda, spherical,
+                               exact_max_documents)
     builder = _scann_ops().builder(gallery, k, "dot_product")
     if params["mode"] == "brute_force":
       builder = builder.score_brute_force()
@@ -213,30 +242,75 @@ class ScannIndex:
     if queries.ndim != 2 or queries.shape[1] != self.d:
       raise ValueError(f"queries must be [Q, {self.d}], got {queries.shape}")
     want = k + (1 if exclude is not None else 0)
+    parallel = parallel if parallel is not None else queries.shape[0] >= 512
     if queries.shape[0] == 0:
       idx, scores = np.zeros((0, 0), np.int64), np.zeros((0, 0), np.float32)
+    elif self.params["mode"] == "brute_force":
+      idx, scores = self._search_exact(queries, k, exclude, parallel)
     else:
       kwargs = {"final_num_neighbors": min(want, self.n)}
-      if self.params["mode"] != "brute_force":
-        if leaves_to_search:
-          kwargs["leaves_to_search"] = int(min(leaves_to_search, self.params["num_leaves"]))
-        # Re-score at least as many candidates as are returned, or the tail would be AH-approximate.
-        depth = reorder or self.params["reorder"]
-        if reorder or depth < kwargs["final_num_neighbors"]:
-          kwargs["pre_reorder_num_neighbors"] = int(max(depth, kwargs["final_num_neighbors"]))
-      if parallel if parallel is not None else queries.shape[0] >= 512:
-        idx, scores = self._searcher.search_batched_parallel(queries, **kwargs)
-      else:
-        idx, scores = self._searcher.search_batched(queries, **kwargs)
+      # The stored depth (the tuner's choice) is passed explicitly: the serialized searcher only knows the
+      # depth it was built with.
+      kwargs["leaves_to_search"] = int(min(max(1, leaves_to_search or self.params["num_leaves_to_search"]),
+                                           self.params["num_leaves"]))
+      # Re-score at least as many candidates as are returned, or the tail would be AH-approximate.
+      kwargs["pre_reorder_num_neighbors"] = int(max(reorder or self.params["reorder"], kwargs["final_num_neighbors"]))
+      idx, scores = self._run(queries, parallel, **kwargs)
     idx, scores = self._pad(np.asarray(idx, np.int64), np.asarray(scores, np.float32), want)
     if exclude is not None:
-      q_ids, g_ids = np.asarray(exclude[0]), np.asarray(exclude[1])
-      is_self = (idx >= 0) & (g_ids[np.maximum(idx, 0)] == q_ids[:, None])
-      # Stable sort moves self-matches to the end, keeping the rest in order.
-      order = np.argsort(is_self, axis=1, kind="stable")
-      idx = np.take_along_axis(np.where(is_self, -1, idx), order, axis=1)
-      scores = np.take_along_axis(np.where(is_self, -np.inf, scores), order, axis=1)
+      idx, scores = _drop_self(idx, scores, exclude)
     return scores[:, :k], idx[:, :k].astype(np.int32)
+
+  def _run(self, queries: np.ndarray, parallel: bool, **kwargs) -> tuple[np.ndarray, np.ndarray]:
+    if parallel:
+      return self._searcher.search_batched_parallel(queries, **kwargs)
+    return self._searcher.search_batched(queries, **kwargs)
+
+  def _search_exact(self, queries: np.ndarray, k: int, exclude, parallel: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Brute force with deterministic ties: (idx [Q, >= k(+1)], scores), lower gallery index first among equals.
+
+    ScaNN returns the true top-f by score but breaks ties arbitrarily, also at the cut (which of several
+    equal scores make the list). So f = k + 8 (+1 under exclusion) are fetched and each row is sorted by
+    (-score, index); entries scoring strictly above the row's last fetched score are then exactly the
+    reference's, in its order. A row with fewer than k such entries (a tie reaching the cut) is fetched
+    again four times deeper, until it has k or the whole gallery was fetched.
+    """
+    rows = np.arange(queries.shape[0])
+    fetch = min(self.n, k + 8 + (exclude is not None))
+    out_idx = np.full((len(rows), fetch), -1, np.int64)
+    out_scores = np.full((len(rows), fetch), -np.inf, np.float32)
+    while len(rows):
+      idx, scores = self._run(queries[rows], parallel, final_num_neighbors=fetch)
+      idx, scores = np.asarray(idx, np.int64), np.asarray(scores, np.float32)
+      order = np.lexsort((idx, -scores), axis=-1)
+      idx, scores = np.take_along_axis(idx, order, 1), np.take_along_axis(scores, order, 1)
+      sure = scores > scores[:, -1:]
+      if exclude is not None:
+        q_ids, g_ids = np.asarray(exclude[0])[rows], np.asarray(exclude[1])
+        sure &= g_ids[idx] != q_ids[:, None]
+      done = (sure.sum(1) >= k) | (fetch >= self.n)
+      if out_idx.shape[1] < fetch:  # widen what was kept so far (padding sorts last)
+        extra = fetch - out_idx.shape[1]
+        out_idx = np.pad(out_idx, ((0, 0), (0, extra)), constant_values=-1)
+        out_scores = np.pad(out_scores, ((0, 0), (0, extra)), constant_values=-np.inf)
+      out_idx[rows[done], :fetch], out_scores[rows[done], :fetch] = idx[done], scores[done]
+      rows, fetch = rows[~done], min(self.n, fetch * 4)
+    return out_idx, out_scores
+
+  def with_search_params(self, *, leaves_to_search: int | None = None, reorder: int | None = None,
+                         tuned: dict[str, Any] | None = None) -> "ScannIndex":
+    """The same searcher with a new default search depth (and the tuner's record); builds nothing."""
+    params = dict(self.params)
+    if params["mode"] != "brute_force":
+      if leaves_to_search:
+        params["num_leaves_to_search"] = int(min(max(1, leaves_to_search), params["num_leaves"]))
+      if reorder:
+        params["reorder"] = int(max(reorder, params["k"]))
+    if tuned is not None:
+      params["tuned"] = tuned
+    elif leaves_to_search or reorder:
+      params.pop("tuned", None)  # a depth of the caller's: the tuner's record no longer describes it
+    return ScannIndex(self._searcher, self.n, self.d, params)
 
   @staticmethod
   def _pad(idx: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

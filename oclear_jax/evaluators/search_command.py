@@ -1,13 +1,17 @@
 r"""`--mode=index` and `--mode=search`: the trained model as a product search engine.
 
   python -m oclear_jax.main --mode=index --workdir=workdirs/demo [--catalogue=DIR/meta.csv]
+  python -m oclear_jax.main --mode=index --workdir=workdirs/demo --config.index.target_recall=0.9
   python -m oclear_jax.main --mode=search --workdir=workdirs/demo --query=photo.jpg [--query=...] \
-      [--top_k=10] [--output_format=json]
+      [--top_k=10] [--output_format=json] [--search.leaves=N] [--search.reorder=M]
 
 `index` embeds every document of the run's catalogue (train and eval splits: a shopper
 searches the whole catalogue) with the latest checkpoint and writes `{workdir}/index/`
 (see `gallery_index`): resumable embedding shards with ids and titles, the serialized ScaNN
-searcher, and `index.json` with ScaNN's recall against exact search. With `--catalogue=CSV` the
+searcher tuned to `config.index.target_recall` on held-out queries (`index_tuning`; galleries of at
+most `config.index.exact_max_documents` are searched exactly), `frontier.json`/`frontier.png` with
+every setting tried, and `index.json` with the chosen setting, its recall against exact search and
+its queries/s. `--config.x=v` overrides apply to the run's saved config (see `main`). With `--catalogue=CSV` the
 gallery is every readable row of that catalogue instead (any catalogue, columns named by
 `config.data.columns`; see `gallery_index`).
 
@@ -19,7 +23,9 @@ are: re-encoded like the records (`input_pipeline.records.encode_image`: RGB, sh
 with the checkpoint the index was built from (never a newer one: the two heads must match).
 It prints the top-K documents per query (rank, id, title, score) as a table or as JSON on
 stdout, and writes a contact sheet to `{workdir}/search/contact_sheet.png` (queries framed
-blue, results grey: a user's search has no ground truth).
+blue, results grey: a user's search has no ground truth). The index's tuned search depth is used
+unless `--search.leaves` (tree leaves probed) or `--search.reorder` (candidates re-scored exactly)
+deepen or shorten this one search; an exact (brute-force) index ignores them.
 
 Both run on the mesh of `config.mesh` over every process's devices (one process, or N launched
 as for training: each embeds its share, process 0 alone builds the ScaNN index, writes the files,
@@ -70,8 +76,15 @@ def _print_built(manifest: dict, workdir: str, out: TextIO) -> None:
   if manifest.get("skipped"):
     print(f"skipped {len(manifest['skipped'])} rows (listed in index.json), e.g. {manifest['skipped'][0]}", file=out)
   print(f"searcher: {manifest['searcher']}", file=out)
-  print(f"ScaNN recall@10 against exact search: {manifest['scann_recall_vs_exact@10']:.3f} "
-        f"({manifest['recall_queries']})", file=out)
+  chosen = manifest.get("chosen") or {}
+  speed = f" at {chosen['queries/s']:,.0f} queries/s" if chosen.get("queries/s") else ""
+  if chosen.get("speedup_vs_exact"):
+    speed += f" ({chosen['speedup_vs_exact']:.1f}x exact search)"
+  print(f"ScaNN recall@10 against exact search: {manifest['scann_recall_vs_exact@10']:.3f}{speed} "
+        f"({manifest['recall_queries']}); every setting tried: "
+        f"{os.path.join(workdir, gallery_index.INDEX_DIR, 'frontier.png')}", file=out)
+  if chosen and not chosen.get("met", True):
+    print(f"warning: {chosen['why']}", file=out)
   m = manifest.get("catalogue_metrics")
   if m:
     shown = [k for k in ("recall@1", "recall@10", "map@10", "prec@10", "mar@10") if k in m]
@@ -134,11 +147,18 @@ def _latest_step(workdir: str) -> int | None:
 
 
 def search(workdir: str, queries: list[str], *, top_k: int = 10, output_format: str = "table",
-           config: ml_collections.ConfigDict | None = None, out: TextIO | None = None) -> dict[str, Any]:
-  """Prints the top-K documents of each query image; returns the results as a dict (the JSON output)."""
+           config: ml_collections.ConfigDict | None = None, out: TextIO | None = None,
+           leaves_to_search: int | None = None, reorder: int | None = None) -> dict[str, Any]:
+  """Prints the top-K documents of each query image; returns the results as a dict (the JSON output).
+
+  `leaves_to_search` / `reorder` override the index's tuned search depth for this search (None: keep it).
+  """
   out = out or sys.stdout
   if top_k < 1:
     raise ValueError(f"--top_k={top_k}: ask for at least 1 result")
+  for flag, value in (("--search.leaves", leaves_to_search), ("--search.reorder", reorder)):
+    if value is not None and value < 1:
+      raise ValueError(f"{flag}={value}: use a positive number (or leave it out for the index's tuned depth)")
   if output_format not in ("table", "json"):
     raise ValueError(f"--output_format={output_format!r}: use 'table' or 'json'")
   if not queries:
@@ -154,15 +174,20 @@ def search(workdir: str, queries: list[str], *, top_k: int = 10, output_format: 
   vectors = _embed_queries(config, workdir, index, images)  # every process embeds a share of the queries
   # One searcher answers, prints and draws the contact sheet (process 0); every process gets the results.
   return host_gather.computed_once(_answer, workdir, index, list(queries), shown, vectors, top_k=top_k,
-                                   output_format=output_format, out=out)
+                                   output_format=output_format, out=out, depth={"leaves_to_search": leaves_to_search,
+                                                                              "reorder": reorder})
 
 
 def _answer(workdir: str, index: gallery_index.GalleryIndex, queries: list[str], shown: list[np.ndarray],
-            vectors: np.ndarray, *, top_k: int, output_format: str, out: TextIO) -> dict[str, Any]:
+            vectors: np.ndarray, *, top_k: int, output_format: str, out: TextIO,
+            depth: dict | None = None) -> dict[str, Any]:
   """Searches the loaded ScaNN index, writes the contact sheet, prints the results; returns them."""
-  scores, rows = index.searcher.search(vectors, top_k)
+  searcher = index.searcher
+  if depth and any(depth.values()) and searcher.params["mode"] != "brute_force":
+    searcher = searcher.with_search_params(**depth)  # one search deeper or shallower; the index is unchanged
+  scores, rows = searcher.search(vectors, top_k)
   payload = {"workdir": workdir, "checkpoint_step": index.step, "num_documents": len(index.ids),
-             "searcher": index.searcher.description, "queries": []}
+             "searcher": searcher.description, "queries": []}
   for q, path in enumerate(queries):
     results = [{"rank": rank + 1, "id": _text(index.ids[r]), "title": _text(index.titles[r]),
                 "score": round(float(scores[q, rank]), 6)}
