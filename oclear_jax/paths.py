@@ -132,3 +132,16 @@ def copy_tree(local_dir: str, dst: str, *, last: str | None = None) -> None:
       copy_tree(src, join(dst, name))
     else:
       gfile.copy(src, join(dst, name), overwrite=True)
+
+
+def copy_tree_down(url: str, local_dir: str) -> None:
+  """Copies the folder at url (files and subfolders) into a local folder, streaming each file: the
+  inverse of `copy_tree`, for libraries that read local files only (ScaNN)."""
+  os.makedirs(local_dir, exist_ok=True)
+  for name in listdir(url):
+    src, dst = join(url, name), os.path.join(local_dir, name)
+    if isdir(src):
+      copy_tree_down(src, dst)
+    else:
+      with open(src, "rb") as fin, builtins.open(dst, "wb") as fout:
+        shutil.copyfileobj(fin, fout, 1 << 24)

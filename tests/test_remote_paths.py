@@ -4,7 +4,8 @@ What each layer supports (checked here): tf.io.gfile (oclear_jax.paths, TFRecord
 tf.summary) serves ram:// and gs://; etils.epath knows gs:// but not ram://; orbax's arrays go
 through tensorstore, whose drivers are file and gcs only, so a ram:// checkpoint would land in a
 local folder named `ram:`. The run below sends orbax's folders to a local directory (what a gs://
-workdir does not need) and ScaNN's index off (it serializes to local files); all else is under ram://.
+workdir does not need); all else is under ram://, ScaNN's folders too (ScaNN serializes to local
+files: `ScannIndex.save` writes a temporary folder and copies it up, `load` copies it down).
 """
 import csv
 import io
@@ -47,7 +48,6 @@ def ram_run(tmp_path_factory):
   config.mesh.shape = (4, 2)
   config.train.update(num_steps=4, checkpoint_every=4, log_every=2)
   config.data.root = str(catalogue)
-  config.eval.scann = False
   before = sorted(os.listdir(os.getcwd()))
   original = checkpoint_lib.orbax_directory
   to_local = lambda d: str(local / os.fspath(d).split("://", 1)[1]) if paths.is_remote(d) else original(d)
@@ -62,7 +62,7 @@ def test_run_writes_its_files_under_the_url(ram_run):
   assert result["final_step"] == 4 and 4 in result["eval"]
   for name in ("config.json", "metrics.jsonl", "records/records.json", "records/labels.json",
                "records/catalogue_counts.json", "eval/step_0.json", "eval/step_4.json",
-               "recall_at_k.png", "contact_sheet.png"):
+               "recall_at_k.png", "contact_sheet.png", "scann_index/oclear_index.json"):
     assert tf.io.gfile.exists(f"{WORKDIR}/{name}"), name
   assert tf.io.gfile.glob(f"{WORKDIR}/records/*.tfrecord*")
   assert tf.io.gfile.glob(f"{WORKDIR}/tensorboard/events.out.tfevents.*")
@@ -123,3 +123,58 @@ def _csv_text(rows) -> str:
   buffer = io.StringIO()
   csv.writer(buffer).writerows(rows)
   return buffer.getvalue()
+
+
+def test_index_and_search_on_a_url_workdir(ram_run):
+  """--mode=index then --mode=search with the workdir under ram://: shards, manifest, image paths,
+  frontier and the ScaNN folder (a tree, serialized locally and copied up, copied down to load) land
+  in the bucket; search answers like exact search over the exported vectors; nothing is local."""
+  import copy  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from oclear_jax.evaluators import export  # pylint: disable=g-import-not-at-top
+  from oclear_jax.evaluators import search_command  # pylint: disable=g-import-not-at-top
+  *_, config, _ = ram_run
+  config = copy.deepcopy(config)
+  # A ScaNN tree on the tiny gallery (not brute force), probing every leaf and re-scoring every
+  # candidate: its answers are exact, so exact search is the reference; several shards per export.
+  config.index.update(exact_max_documents=0, min_points_for_tree=16, target_recall=0.0, num_leaves=4,
+                      num_leaves_to_search=4, reorder=100_000, shard_size=16)
+  before = sorted(os.listdir(os.getcwd()))
+  manifest = search_command.build_index(WORKDIR, config, progress=False, out=io.StringIO())
+  index = f"{WORKDIR}/index"
+  assert manifest["searcher"].startswith("ScaNN tree(4 leaves, search 4")
+  for name in ("index.json", "image_paths.npy", "frontier.json", "frontier.png", "documents/manifest.json",
+               "documents/shard-00001.vectors.npy", "queries/manifest.json", "scann/oclear_index.json",
+               "scann/scann_assets.pbtxt"):
+    assert tf.io.gfile.exists(f"{index}/{name}"), name
+  with paths.open(f"{index}/documents/manifest.json") as f:
+    shards = json.load(f)["shards"]
+  assert len(shards) > 1 and all(
+      tf.io.gfile.stat(f"{index}/documents/{export._shard_file(int(i), name)}").length == size  # pylint: disable=protected-access
+      for i, entry in shards.items() for name, size in entry["files"].items())
+
+  with open(os.path.join(config.data.root, config.data.csv), newline="", encoding="utf-8") as f:
+    photos = [r for r in csv.DictReader(f) if r["kind"] == "query" and r["split"] == "eval"][:3]
+  out = io.StringIO()
+  payload = search_command.search(WORKDIR, [os.path.join(config.data.root, p["image"]) for p in photos],
+                                  top_k=5, output_format="json", config=config, out=out)
+  assert json.loads(out.getvalue()) == json.loads(json.dumps(payload))
+  assert payload["searcher"] == manifest["searcher"] and payload["workdir"] == WORKDIR
+  assert payload["contact_sheet"] == f"{WORKDIR}/search/contact_sheet.png"
+  assert tf.io.gfile.stat(payload["contact_sheet"]).length > 0
+  # Independent reference: the eval pipeline's embeddings of these photos (read back from the URL)
+  # times every document vector, sorted in numpy.
+  queries, docs = export.ExportedEmbeddings(f"{index}/queries"), export.ExportedEmbeddings(f"{index}/documents")
+  q_row = {i: n for n, i in enumerate(queries.column("id").tolist())}
+  scores = queries.vectors()[[q_row[p["id"].encode()] for p in photos]] @ docs.vectors().T
+  for q, found in enumerate(payload["queries"]):
+    order = np.argsort(-scores[q], kind="stable")[:5]
+    assert [r["id"] for r in found["results"]] == [i.decode() for i in docs.column("id")[order]]
+    np.testing.assert_allclose([r["score"] for r in found["results"]], scores[q, order], atol=1e-5)
+  assert sorted(os.listdir(os.getcwd())) == before
+  assert not os.path.exists("ram:") and not os.path.exists("gs:")
+  # A rerun resumes from the bucket: every listed shard is kept, a deleted one is redone.
+  settings = {k: docs.manifest[k] for k in ("format", "fingerprint", "total", "shard_size", "columns")}
+  tf.io.gfile.remove(f"{index}/documents/shard-00001.vectors.npy")
+  _, done = export._resume_state(f"{index}/documents", settings)  # pylint: disable=protected-access
+  assert done == [i for i in range(len(shards)) if i != 1]

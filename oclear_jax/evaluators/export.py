@@ -23,11 +23,16 @@ is short), placed on the mesh with `sharding.global_batch`, and the padding cut 
 On N processes every process reads the same batches and embeds its share of each
 (`host_gather`), and process 0 alone writes the files: it also decides, before anyone reads
 them, which shards a previous run finished, so every process resumes from the same row.
+
+The directory may be a URL (gs://bucket/run/index/documents): every file goes through
+`oclear_jax.paths`, shards are serialized in memory and written whole, and reads memory-map
+local files (as before) but load a URL's shard from its bytes (a shard check reads only the
+.npy header).
 """
 from __future__ import annotations
 
+import io
 import json
-import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -36,6 +41,7 @@ import numpy as np
 import tqdm
 
 from oclear_jax import multihost
+from oclear_jax import paths
 from oclear_jax.evaluators import host_gather
 
 FORMAT_VERSION = 1
@@ -91,21 +97,34 @@ def _shard_file(index: int, name: str) -> str:
 
 
 def _read_manifest(directory: str) -> dict | None:
-  path = os.path.join(directory, MANIFEST)
-  if not os.path.exists(path):
+  path = paths.join(directory, MANIFEST)
+  if not paths.exists(path):
     return None
   try:
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return None  # a torn manifest: start afresh
+    return json.loads(paths.read_bytes(path))
+  except Exception:  # pylint: disable=broad-except  # OSError/ValueError; tf.errors for URLs: a torn manifest
+    return None  # start afresh
 
 
 def _write_json_atomic(path: str, value: dict) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(value, f, indent=1)
-  os.replace(tmp, path)
+  paths.write_bytes(path, json.dumps(value, indent=1).encode("utf-8"))  # temporary sibling, then moved over
+
+
+def _load_array(path: str, mmap: bool) -> np.ndarray:
+  """A shard file: memory-mapped (mmap) when local, else read whole (URLs: from its bytes)."""
+  if not paths.is_remote(path):
+    return np.load(path, mmap_mode="r" if mmap else None)
+  return np.load(io.BytesIO(paths.read_bytes(path)))
+
+
+def _array_shape(path: str) -> tuple[int, ...]:
+  """The shape a .npy file declares; a URL's is read from its header alone (no download of the rows)."""
+  if not paths.is_remote(path):
+    return np.load(path, mmap_mode="r").shape
+  with paths.open(path, "rb") as f:
+    version = np.lib.format.read_magic(f)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    return read_header(f)[0]
 
 
 def _shard_ok(directory: str, manifest: dict, index: int) -> bool:
@@ -113,14 +132,15 @@ def _shard_ok(directory: str, manifest: dict, index: int) -> bool:
   if entry is None:
     return False
   for name, size in entry["files"].items():
-    path = os.path.join(directory, _shard_file(index, name))
-    try:
-      if os.path.getsize(path) != size:
-        return False
-      array = np.load(path, mmap_mode="r")
-    except (OSError, ValueError):
+    path = paths.join(directory, _shard_file(index, name))
+    stat = paths.size_and_mtime(path)
+    if stat is None or stat[0] != size:
       return False
-    if array.shape[0] != entry["rows"] or (name == VECTORS and array.shape[1:] != (manifest["dim"],)):
+    try:
+      shape = _array_shape(path)
+    except Exception:  # pylint: disable=broad-except  # OSError/ValueError; tf.errors for URLs
+      return False
+    if shape[0] != entry["rows"] or (name == VECTORS and shape[1:] != (manifest["dim"],)):
       return False
   return set(entry["files"]) == {VECTORS, *manifest["columns"]}
 
@@ -185,7 +205,7 @@ def export_embeddings(
   duplicates = _DuplicateCheck(what, directory) if unique_column else None
   if duplicates:
     for i in done:
-      duplicates.add(np.load(os.path.join(directory, _shard_file(i, unique_column))), i * shard_size)
+      duplicates.add(_load_array(paths.join(directory, _shard_file(i, unique_column)), mmap=False), i * shard_size)
   bar = tqdm.tqdm(total=total, initial=sum(manifest["shards"][str(i)]["rows"] for i in done),
                   desc=f"{what} embeddings", unit="row", disable=not progress or jax.process_index() != 0)
   missing = [i for i in range(-(-total // shard_size)) if i not in set(done)]
@@ -211,13 +231,13 @@ def export_embeddings(
         buffered = _flush(directory, manifest, buffered, shard_size, start_row=row - sum(len(v) for v, _ in buffered))
   bar.close()
   manifest["complete"] = True
-  multihost.run_on_process_zero(_write_json_atomic, os.path.join(directory, MANIFEST), manifest)
+  multihost.run_on_process_zero(_write_json_atomic, paths.join(directory, MANIFEST), manifest)
   return ExportedEmbeddings(directory)
 
 
 def _resume_state(directory: str, settings: dict) -> tuple[dict, list[int]]:
   """(manifest, finished shard indices) of `directory`; a stale or torn export is cleared first."""
-  os.makedirs(directory, exist_ok=True)
+  paths.makedirs(directory)
   manifest = _read_manifest(directory)
   if manifest is None or any(manifest.get(k) != v for k, v in settings.items()):
     _remove_shards(directory)
@@ -256,30 +276,29 @@ def _flush(directory: str, manifest: dict, buffered, shard_size: int, start_row:
 
 
 def _write_shard(directory: str, manifest: dict, index: int, arrays: list[tuple[str, np.ndarray]]) -> dict:
-  """Writes shard `index` (each file under a temporary name, then renamed), then the manifest
+  """Writes shard `index` (each file under a temporary name, then moved over), then the manifest
   listing it; the shard's manifest entry (rows and byte size of each file)."""
   sizes = {}
   for name, array in arrays:
-    path = os.path.join(directory, _shard_file(index, name))
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-      np.save(f, np.ascontiguousarray(array))
-    os.replace(tmp, path)
-    sizes[name] = os.path.getsize(path)
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array))
+    data = buffer.getvalue()
+    paths.write_bytes(paths.join(directory, _shard_file(index, name)), data)
+    sizes[name] = len(data)
   entry = {"rows": int(len(arrays[0][1])), "files": sizes}
   listed = {**manifest, "shards": {**manifest["shards"], str(index): entry}}
-  _write_json_atomic(os.path.join(directory, MANIFEST), listed)
+  _write_json_atomic(paths.join(directory, MANIFEST), listed)
   return entry
 
 
 def _remove_shards(directory: str) -> None:
-  for name in os.listdir(directory):
+  for name in paths.listdir(directory):
     if name.startswith("shard-") or name == MANIFEST:
-      os.remove(os.path.join(directory, name))
+      paths.remove(paths.join(directory, name))
 
 
 class ExportedEmbeddings:
-  """Read access to a finished export: vectors (memory-mapped, shard by shard) and columns."""
+  """Read access to a finished export: vectors (shard by shard; memory-mapped when local) and columns."""
 
   def __init__(self, directory: str):
     self.directory = directory
@@ -308,10 +327,10 @@ class ExportedEmbeddings:
     return self.manifest["fingerprint"]
 
   def _load(self, index: int, name: str, mmap: bool) -> np.ndarray:
-    return np.load(os.path.join(self.directory, _shard_file(index, name)), mmap_mode="r" if mmap else None)
+    return _load_array(paths.join(self.directory, _shard_file(index, name)), mmap)
 
   def blocks(self) -> Iterator[np.ndarray]:
-    """Memory-mapped f32[rows, dim] per shard, in row order (for `exact_top_k_blocks`)."""
+    """f32[rows, dim] per shard (memory-mapped when local), in row order (for `exact_top_k_blocks`)."""
     for i in range(self.num_shards):
       yield self._load(i, VECTORS, mmap=True)
 

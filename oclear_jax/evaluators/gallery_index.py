@@ -32,22 +32,27 @@ gallery and embeds its share of each batch (`export`, `host_gather`); process 0 
 files and builds the ScaNN index, once, which `search` loads. Queries and documents must come
 from the same checkpoint, so `GalleryIndex.step` tells `search` which checkpoint to embed
 queries with.
+
+The workdir may be a URL (gs://bucket/run): every file above goes through `oclear_jax.paths`
+(the ScaNN folder is serialized locally and copied up, and copied down to load), and the
+checkpoint is looked up where orbax keeps it (`checkpoint.orbax_directory`).
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
-import os
-import shutil
 from collections.abc import Callable, Iterator
 
 import ml_collections
 import numpy as np
 
+from oclear_jax import checkpoint as checkpoint_lib
 from oclear_jax import datasets
 from oclear_jax import inference
 from oclear_jax import multihost
+from oclear_jax import paths
 from oclear_jax.evaluators import exact_search
 from oclear_jax.evaluators import export
 from oclear_jax.evaluators import host_gather
@@ -83,12 +88,25 @@ def records_source(records_dir: str, parts: list[tuple[str, str]], batch_size: i
 
 def _fingerprint(prepared: datasets.PreparedData, config: ml_collections.ConfigDict, workdir: str, step: int,
                  head: str) -> str:
-  ckpt = os.path.join(workdir, "checkpoints", str(step))
-  stamp = os.stat(ckpt).st_mtime_ns if os.path.exists(ckpt) else 0
+  ckpt = checkpoint_folder(workdir, step)
+  # A folder's mtime locally; object stores have no folders, so there the step's metadata file's.
+  stat = paths.size_and_mtime(ckpt) or paths.size_and_mtime(paths.join(ckpt, "_CHECKPOINT_METADATA"))
+  stamp = stat[1] if stat else 0
   blob = json.dumps({"records": prepared.summary.get("fingerprint"), "step": step, "checkpoint_mtime": stamp,
                      "preprocess": config.data.eval_preprocess, "model": config.model.to_json_best_effort(),
                      "head": head}, sort_keys=True)
   return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def checkpoint_folder(workdir: str, step: int) -> str:
+  """Where orbax keeps the run's checkpoint `step` (a URL for a gs:// workdir)."""
+  return paths.join(checkpoint_lib.orbax_directory(paths.join(workdir, "checkpoints")), str(step))
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+  buffer = io.BytesIO()
+  np.save(buffer, array)
+  return buffer.getvalue()
 
 
 def _image_paths(config: ml_collections.ConfigDict, prepared: datasets.PreparedData, ids: np.ndarray) -> np.ndarray:
@@ -119,7 +137,7 @@ def build(config: ml_collections.ConfigDict, workdir: str, *, catalogue: str | N
   prepared = inference.run_records(config, workdir)
   trained = inference.restore_trained_model(config, workdir, records=prepared)
   step = trained.step
-  root = os.path.join(workdir, INDEX_DIR)
+  root = paths.join(workdir, INDEX_DIR)
   if catalogue:
     exports, image_paths, gallery_entries = _export_catalogue(trained, catalogue, root, progress=progress)
   else:
@@ -133,7 +151,7 @@ def build(config: ml_collections.ConfigDict, workdir: str, *, catalogue: str | N
           raise ValueError(f"the records in {prepared.records_dir} hold no documents (kind=doc): nothing to index")
         continue
       exports[what] = export.export_embeddings(
-          os.path.join(root, folder), source, total, trained.embedder(head),
+          paths.join(root, folder), source, total, trained.embedder(head),
           columns=DOC_COLUMNS, shard_size=config.index.shard_size,
           fingerprint=_fingerprint(prepared, config, workdir, step, head), what=what, progress=progress)
     image_paths = None  # read from the catalogue by process 0 (_finish)
@@ -149,14 +167,14 @@ def _finish(config: ml_collections.ConfigDict, prepared: datasets.PreparedData, 
   docs = exports["document"]
   if image_paths is None:
     image_paths = _image_paths(config, prepared, docs.column("id"))
-  np.save(os.path.join(root, "image_paths.npy"), image_paths)
+  paths.write_bytes(paths.join(root, "image_paths.npy"), _npy_bytes(image_paths))
   gallery = docs.vectors()
   held_out = _held_out_queries(config, docs, exports.get("query"), gallery)
   ks, cutoffs = tuple(config.eval.ks), tuple(config.eval.get("cutoffs", ()))
   _, exact = exact_search.fastest_exact_top_k(held_out["vectors"], gallery, max(ks + cutoffs + (10,)),
                                               exclude=held_out["exclude"])
   tuned = _searcher(config, gallery, held_out, exact[:, :10])
-  tuned.index.save(os.path.join(root, "scann"))
+  tuned.index.save(paths.join(root, "scann"))
   index_tuning.write_frontier(tuned, root)
   manifest = {"step": int(step), "num_documents": int(docs.num_rows), "dim": docs.dim, **gallery_entries,
               "searcher": tuned.index.description, "scann_params": tuned.index.params,
@@ -164,8 +182,7 @@ def _finish(config: ml_collections.ConfigDict, prepared: datasets.PreparedData, 
               "chosen": tuned.chosen, "frontier": "frontier.json"}
   if labelled:
     manifest["catalogue_metrics"] = _catalogue_metrics(config, docs, held_out, exact)
-  with open(os.path.join(root, MANIFEST), "w", encoding="utf-8") as f:
-    json.dump(manifest, f, indent=2)
+  paths.write_bytes(paths.join(root, MANIFEST), json.dumps(manifest, indent=2).encode("utf-8"))
   return manifest
 
 
@@ -214,7 +231,7 @@ def _export_catalogue(trained: inference.TrainedModel, csv_path: str, root: str,
   """({'document': export}, image paths, manifest entries) for every readable row of a catalogue CSV."""
   from oclear_jax.evaluators import embed_command  # pylint: disable=g-import-not-at-top
   config = trained.config
-  csv_path = os.path.abspath(csv_path)
+  csv_path = paths.resolve(csv_path)
   labelled = bool(config.data.columns.label) and config.data.columns.label in embed_command.csv_header(csv_path)
   embedded = embed_command.embed_catalogue(trained, csv_path, heads=("doc",), with_label=labelled,
                                            progress=progress)
@@ -226,17 +243,17 @@ def _export_catalogue(trained: inference.TrainedModel, csv_path: str, root: str,
           "vectors": embedded.documents}
   batch_size = config.eval.batch_size
   source = lambda start: ({k: v[s:s + batch_size] for k, v in rows.items()} for s in range(start, n, batch_size))
-  stat = os.stat(csv_path)
+  size, mtime = paths.size_and_mtime(csv_path) or (0, 0)
   fingerprint = hashlib.sha256(json.dumps({
-      "catalogue": csv_path, "csv_size": stat.st_size, "csv_mtime": stat.st_mtime_ns, "step": trained.step,
+      "catalogue": csv_path, "csv_size": size, "csv_mtime": mtime, "step": trained.step,
       "preprocess": config.data.eval_preprocess, "columns": config.data.columns.to_dict(),
       "model": config.model.to_json_best_effort()}, sort_keys=True).encode()).hexdigest()
-  docs = export.export_embeddings(os.path.join(root, "documents"), source, n, lambda b: b["vectors"],
+  docs = export.export_embeddings(paths.join(root, "documents"), source, n, lambda b: b["vectors"],
                                   columns=DOC_COLUMNS, shard_size=config.index.shard_size,
                                   fingerprint=fingerprint, what="document", progress=False)
-  stale_queries = os.path.join(root, "queries")  # the run's eval photos do not belong to this gallery
-  if os.path.isdir(stale_queries):
-    multihost.run_on_process_zero(shutil.rmtree, stale_queries)
+  stale_queries = paths.join(root, "queries")  # the run's eval photos do not belong to this gallery
+  if paths.isdir(stale_queries):
+    multihost.run_on_process_zero(paths.rmtree, stale_queries)
   described = {"gallery": f"every readable row of {csv_path}", "catalogue": csv_path, "labelled": labelled,
                "catalogue_counts": embedded.counts, "skipped": embedded.skipped}
   return {"document": docs}, np.asarray([p.encode("utf-8") for p in embedded.image_paths], dtype=bytes), described
@@ -257,18 +274,17 @@ class GalleryIndex:
   """A built index, read back for search: the ScaNN searcher plus the documents beside it."""
 
   def __init__(self, workdir: str):
-    self.root = os.path.join(workdir, INDEX_DIR)
-    path = os.path.join(self.root, MANIFEST)
-    if not os.path.exists(path):
+    self.root = paths.join(workdir, INDEX_DIR)
+    path = paths.join(self.root, MANIFEST)
+    if not paths.exists(path):
       raise FileNotFoundError(f"no document index in {self.root} ({MANIFEST} missing); build it first with "
                               f"python -m oclear_jax.main --mode=index --workdir={workdir}")
-    with open(path, encoding="utf-8") as f:
-      self.manifest = json.load(f)
-    self.documents = export.ExportedEmbeddings(os.path.join(self.root, "documents"))
+    self.manifest = json.loads(paths.read_bytes(path))
+    self.documents = export.ExportedEmbeddings(paths.join(self.root, "documents"))
     self.ids = self.documents.column("id")
     self.titles = self.documents.column("title")
-    self.image_paths = np.load(os.path.join(self.root, "image_paths.npy"))
-    self.searcher = scann_search.ScannIndex.load(os.path.join(self.root, "scann"))
+    self.image_paths = np.load(io.BytesIO(paths.read_bytes(paths.join(self.root, "image_paths.npy"))))
+    self.searcher = scann_search.ScannIndex.load(paths.join(self.root, "scann"))
     if self.searcher.n != len(self.ids):
       raise ValueError(f"the ScaNN index in {self.root}/scann holds {self.searcher.n} vectors but the documents "
                        f"export {len(self.ids)}: rebuild it with --mode=index")

@@ -25,9 +25,9 @@ CPU). `write_frontier` saves frontier.json and frontier.png.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from oclear_jax import paths
 from oclear_jax.evaluators import exact_search
 from oclear_jax.evaluators import metrics as metrics_lib
 from oclear_jax.evaluators import scann_search
@@ -253,12 +254,13 @@ def single_setting(index: scann_search.ScannIndex, queries: np.ndarray, ground_t
 
 
 def write_frontier(tuned: Tuned, directory: str) -> tuple[str, str]:
-  """frontier.json (every setting tried, the chosen one) and frontier.png (recall against q/s)."""
-  os.makedirs(directory, exist_ok=True)
-  json_path, png_path = os.path.join(directory, "frontier.json"), os.path.join(directory, "frontier.png")
-  with open(json_path, "w", encoding="utf-8") as f:
-    json.dump({"target_recall": tuned.target_recall, "k": tuned.k, "exact_queries/s": tuned.exact_qps,
-               "chosen": tuned.chosen, "settings": tuned.frontier}, f, indent=1)
+  """frontier.json (every setting tried, the chosen one) and frontier.png (recall against q/s) in
+  directory, a local folder or a URL (both written as bytes through `oclear_jax.paths`)."""
+  paths.makedirs(directory)
+  json_path, png_path = paths.join(directory, "frontier.json"), paths.join(directory, "frontier.png")
+  paths.write_bytes(json_path, json.dumps({
+      "target_recall": tuned.target_recall, "k": tuned.k, "exact_queries/s": tuned.exact_qps,
+      "chosen": tuned.chosen, "settings": tuned.frontier}, indent=1).encode("utf-8"))
   from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
   fig = Figure(figsize=(8, 5.5), dpi=100)
@@ -290,5 +292,7 @@ def write_frontier(tuned: Tuned, directory: str) -> tuple[str, str]:
   ax.grid(True, which="both", alpha=0.3)
   ax.legend(loc="lower left", fontsize=7)
   fig.tight_layout()
-  fig.savefig(png_path)
+  png = io.BytesIO()
+  fig.savefig(png, format="png")
+  paths.write_bytes(png_path, png.getvalue())
   return json_path, png_path

@@ -26,9 +26,12 @@ seconds), which users of the exact search should not pay for.
 import json
 import math
 import os
+import tempfile
 from typing import Any
 
 import numpy as np
+
+from oclear_jax import paths
 
 MIN_POINTS_FOR_TREE = 1000
 _SIDECAR = "oclear_index.json"
@@ -322,11 +325,23 @@ class ScannIndex:
     return idx, scores
 
   def save(self, directory: str | os.PathLike[str]) -> None:
-    """Writes ScaNN's assets plus a JSON sidecar (n, d, params) to directory.
+    """Writes ScaNN's assets plus a JSON sidecar (n, d, params) to directory (a local folder or a URL).
 
-    Asset paths are stored relative, so the directory can be moved or copied.
+    Asset paths are stored relative, so the directory can be moved or copied. ScaNN serializes to
+    local files only: a URL's index is written to a local temporary folder and copied up, the sidecar
+    last (its presence means the copy finished), after removing any index already there.
     """
     directory = os.fspath(directory)
+    if not paths.is_remote(directory):
+      self._write(directory)
+      return
+    with tempfile.TemporaryDirectory(prefix="scann-") as local:
+      self._write(local)
+      if paths.isdir(directory):
+        paths.rmtree(directory)
+      paths.copy_tree(local, directory, last=_SIDECAR)
+
+  def _write(self, directory: str) -> None:
     os.makedirs(directory, exist_ok=True)
     self._searcher.serialize(directory, relative_path=True)
     with open(os.path.join(directory, _SIDECAR), "w") as f:
@@ -334,9 +349,22 @@ class ScannIndex:
 
   @classmethod
   def load(cls, directory: str | os.PathLike[str]) -> "ScannIndex":
-    """Reloads an index written by `save`."""
+    """Reloads an index written by `save`; a URL's is copied to a local temporary folder first (the
+    loaded searcher holds its data in memory, so the copy is deleted after loading)."""
     directory = os.fspath(directory)
+    if not paths.is_remote(directory):
+      return cls._read(directory)
+    if not paths.exists(paths.join(directory, _SIDECAR)):
+      raise FileNotFoundError(f"no ScaNN index in {directory} ({_SIDECAR} missing: never written or half "
+                              f"copied); rebuild it with --mode=index")
+    with tempfile.TemporaryDirectory(prefix="scann-") as local:
+      paths.copy_tree_down(directory, local)
+      return cls._read(local)
+
+  @classmethod
+  def _read(cls, directory: str) -> "ScannIndex":
     with open(os.path.join(directory, _SIDECAR)) as f:
       meta = json.load(f)
     searcher = _scann_ops().load_searcher(directory)
     return cls(searcher, meta["n"], meta["d"], meta["params"])
+

@@ -34,9 +34,13 @@ no class centres, no optimizer state). Both read the config the training run sav
 (`{workdir}/config.json`) unless one is passed. Problems a user can fix (missing files, a file
 that is not an image, no checkpoint, no index) raise ValueError / FileNotFoundError naming the
 file; `main` prints them as one `error: ...` line with exit code 2.
+
+The workdir may be a URL (gs://bucket/run): the index is read from and the contact sheet written to
+it through `oclear_jax.paths`, and query images may be URLs too.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import sys
@@ -47,7 +51,9 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from oclear_jax import checkpoint as checkpoint_lib
 from oclear_jax import inference
+from oclear_jax import paths
 from oclear_jax.evaluators import gallery_index
 from oclear_jax.evaluators import host_gather
 from oclear_jax.evaluators import plots
@@ -55,14 +61,12 @@ from oclear_jax.evaluators import plots
 CONTACT_SHEET = os.path.join("search", "contact_sheet.png")
 
 
-
-
 def build_index(workdir: str, config: ml_collections.ConfigDict | None = None, *, catalogue: str | None = None,
                 progress: bool = True, out: TextIO | None = None) -> dict:
   """Builds `{workdir}/index/` (of the run's records, or of `catalogue`) and prints what was built;
   returns the index manifest."""
   out = out or sys.stdout
-  workdir = os.path.abspath(workdir)
+  workdir = paths.resolve(workdir)  # gs://bucket/run stays a URL
   config = config if config is not None else inference.load_run_config(workdir)
   manifest = gallery_index.build(config, workdir, catalogue=catalogue, progress=progress)  # every process
   if jax.process_index() == 0:
@@ -72,7 +76,7 @@ def build_index(workdir: str, config: ml_collections.ConfigDict | None = None, *
 
 def _print_built(manifest: dict, workdir: str, out: TextIO) -> None:
   print(f"index: {manifest['num_documents']} documents ({manifest['gallery']}) embedded with checkpoint step "
-        f"{manifest['step']} -> {os.path.join(workdir, gallery_index.INDEX_DIR)}", file=out)
+        f"{manifest['step']} -> {paths.join(workdir, gallery_index.INDEX_DIR)}", file=out)
   if manifest.get("skipped"):
     print(f"skipped {len(manifest['skipped'])} rows (listed in index.json), e.g. {manifest['skipped'][0]}", file=out)
   print(f"searcher: {manifest['searcher']}", file=out)
@@ -82,7 +86,7 @@ def _print_built(manifest: dict, workdir: str, out: TextIO) -> None:
     speed += f" ({chosen['speedup_vs_exact']:.1f}x exact search)"
   print(f"ScaNN recall@10 against exact search: {manifest['scann_recall_vs_exact@10']:.3f}{speed} "
         f"({manifest['recall_queries']}); every setting tried: "
-        f"{os.path.join(workdir, gallery_index.INDEX_DIR, 'frontier.png')}", file=out)
+        f"{paths.join(workdir, gallery_index.INDEX_DIR, 'frontier.png')}", file=out)
   if chosen and not chosen.get("met", True):
     print(f"warning: {chosen['why']}", file=out)
   m = manifest.get("catalogue_metrics")
@@ -93,20 +97,26 @@ def _print_built(manifest: dict, workdir: str, out: TextIO) -> None:
     print("no retrieval metrics: the catalogue has no label column (config.data.columns.label)", file=out)
 
 
-def load_query_images(paths: list[str], config: ml_collections.ConfigDict) -> tuple[np.ndarray, list[np.ndarray]]:
-  """(model inputs f32[Q, H, W, 3] exactly like eval queries, display images uint8) for image files."""
-  for path in paths:
-    if not os.path.isfile(path):
+def load_query_images(files: list[str], config: ml_collections.ConfigDict) -> tuple[np.ndarray, list[np.ndarray]]:
+  """(model inputs f32[Q, H, W, 3] exactly like eval queries, display images uint8) for image files
+  (local paths or URLs)."""
+  for path in files:
+    if not paths.exists(path) or paths.isdir(path):
       raise FileNotFoundError(f"query image {path} not found")
-  inputs, _, failed = inference.preprocess_image_files(paths, config)
+  inputs, _, failed = inference.preprocess_image_files(files, config)
   if failed:
     i, reason = failed[0]
-    raise ValueError(f"query {paths[i]} is not a usable image ({reason}); pass a photo (JPEG, PNG, WebP, ...)")
+    raise ValueError(f"query {files[i]} is not a usable image ({reason}); pass a photo (JPEG, PNG, WebP, ...)")
   shown = []
-  for path in paths:
-    with Image.open(path) as image:
+  for path in files:
+    with _open_image(path) as image:
       shown.append(_display(image))
   return inputs, shown
+
+
+def _open_image(path: str) -> Image.Image:
+  """A local image file opened by name, a URL's (gs://bucket/images/...) from its bytes."""
+  return Image.open(io.BytesIO(paths.read_bytes(path)) if paths.is_remote(path) else path)
 
 
 def _display(image: Image.Image, size: int = 256) -> np.ndarray:
@@ -124,15 +134,16 @@ def _text(value) -> str:
 
 def _document_image(path: bytes) -> np.ndarray:
   try:
-    with Image.open(_text(path)) as image:
+    with _open_image(_text(path)) as image:
       return _display(image)
-  except (OSError, ValueError):  # moved or deleted since indexing: a blank tile, not a failed search
+  # Moved or deleted since indexing (OSError; tf.errors for URLs): a blank tile, not a failed search.
+  except Exception:  # pylint: disable=broad-except
     return np.full((64, 64, 3), 230, np.uint8)
 
 
 def _embed_queries(config, workdir: str, index: gallery_index.GalleryIndex, images: np.ndarray) -> np.ndarray:
-  ckpt = os.path.join(workdir, "checkpoints", str(index.step))
-  if not os.path.isdir(ckpt):
+  ckpt = gallery_index.checkpoint_folder(workdir, index.step)
+  if not paths.isdir(ckpt):
     raise FileNotFoundError(f"the index in {index.root} was built with checkpoint step {index.step}, which is no "
                             f"longer in {os.path.dirname(ckpt)}; rebuild it: --mode=index --workdir={workdir}")
   embed = inference.restore_trained_model(config, workdir, index.step).embedder("query")
@@ -141,8 +152,8 @@ def _embed_queries(config, workdir: str, index: gallery_index.GalleryIndex, imag
 
 
 def _latest_step(workdir: str) -> int | None:
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  steps = [int(n) for n in os.listdir(ckpt_dir) if n.isdigit()] if os.path.isdir(ckpt_dir) else []
+  ckpt_dir = checkpoint_lib.orbax_directory(paths.join(workdir, "checkpoints"))
+  steps = [int(n) for n in paths.listdir(ckpt_dir) if n.isdigit()] if paths.isdir(ckpt_dir) else []
   return max(steps, default=None)
 
 
@@ -163,7 +174,7 @@ def search(workdir: str, queries: list[str], *, top_k: int = 10, output_format: 
     raise ValueError(f"--output_format={output_format!r}: use 'table' or 'json'")
   if not queries:
     raise ValueError("no query images: pass --query=IMAGE (repeat it for several)")
-  workdir = os.path.abspath(workdir)
+  workdir = paths.resolve(workdir)  # gs://bucket/run stays a URL
   config = config if config is not None else inference.load_run_config(workdir)
   images, shown = load_query_images(list(queries), config)  # bad files fail before anything slow
   index = gallery_index.GalleryIndex(workdir)
@@ -192,10 +203,10 @@ def _answer(workdir: str, index: gallery_index.GalleryIndex, queries: list[str],
     results = [{"rank": rank + 1, "id": _text(index.ids[r]), "title": _text(index.titles[r]),
                 "score": round(float(scores[q, rank]), 6)}
                for rank, r in enumerate(rows[q]) if r >= 0]
-    payload["queries"].append({"query": os.path.abspath(path), "results": results})
-  sheet = os.path.join(workdir, CONTACT_SHEET)
-  os.makedirs(os.path.dirname(sheet), exist_ok=True)
-  plots.contact_sheet(
+    payload["queries"].append({"query": paths.resolve(path), "results": results})
+  sheet = paths.join(workdir, CONTACT_SHEET)
+  paths.makedirs(os.path.dirname(sheet))
+  plots.contact_sheet(  # written through oclear_jax.paths: a URL workdir's sheet lands in the bucket
       shown, [[(_document_image(index.image_paths[r]), f"{_text(index.titles[r]) or _text(index.ids[r])} | "
                 f"{scores[q, rank]:.2f}", None) for rank, r in enumerate(rows[q]) if r >= 0]
               for q in range(len(queries))],
