@@ -7,9 +7,10 @@ Memory comes from XLA's compiled memory analysis of the head's whole train step 
 w.r.t. embeddings and centres, AdamW update, donated state): `jit(...).lower(...).compile()
 .memory_analysis()` on simulated CPU devices; nothing is allocated, so 10^8 x 512 on 256 devices
 compiles on a laptop. `ratio` = per-device (centres + optimizer state) / the ideal
-C*d*bytes*(1 + Adam's 2 slots)/N. Temporaries hold two centres-shard-sized arrays (the centres'
-gradient and Adam's update: O(C*d/N), like the parameters) plus the softmax work;
-`rest/block` = (temp - 2 * shard) / one [rows x classes] f32 block (rows = the whole global batch:
+C*d*bytes*(1 + Adam's 2 slots)/N. Temporaries hold one centres-shard-sized array (the centres'
+gradient: O(C*d/N), like the parameters; the chunked head's custom backward writes it in place and
+AdamW updates the donated state in place) plus the softmax work;
+`rest/block` = (temp - shard) / one [rows x classes] f32 block (rows = the whole global batch:
 each device scores every row against its own classes), where the block is `C/N` classes without
 chunking and `chunk` classes with it: a constant column means O(B*C/N), resp. O(B*chunk).
 

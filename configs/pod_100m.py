@@ -14,6 +14,17 @@ each device scores the whole gathered global batch (4096 rows) against its shard
 8,192 classes, so logits temporaries stay O(4096 x 8192) instead of O(4096 x 390,625) (~6 GiB).
 The softmax statistics are combined with pmax/psum; full logits never exist anywhere.
 The curated catalogue comes from `--mode=govern` (data governance) over the raw logs.
+
+32-device variant (`--config=configs/pod_100m.py:32`, e.g. a v5p-64 / v4-64 slice, 16 GiB per chip
+assumed): 3,125,000 classes per device. f32 centres + f32 Adam are 17.9 GiB of state per device
+before any temporaries, and bf16 centres with bf16 Adam moments still peak at ~18.2 GiB; what fits
+is bf16 centres, a bf16 first moment and a factored (row x column) second moment, f32 arithmetic,
+stochastic rounding: `oclear_jax.heads.center_optimizer.center_adam`, 5.97 GiB of state and ~14.9
+GiB peak per device (compile-only, `python benchmarks/head_speed.py --sections=memory`; the chunked
+head's custom backward keeps the centres' gradient in bf16 and its temporaries O(rows x chunk)).
+Its quality cost on a small problem is in `--sections=quality`. The variant sets
+`optimizer.centres_state='small'`: trainer.make_optimizer gives `class_centers` to `center_adam`
+(optax.partition) and every other parameter to AdamW as usual.
 """
 from oclear_jax import config_schema
 
@@ -22,7 +33,10 @@ NUM_CLASSES = 100_000_000
 
 
 def get_config(arg: str | None = None):
-  del arg
+  """arg: '' or '256' for the 256-device slice, '32' for the 32-device variant (see above)."""
+  devices = int(arg or 256)
+  if devices not in (32, 256):
+    raise ValueError(f"configs/pod_100m.py:{arg}: the device count must be 256 or 32")
   c = config_schema.base_config()
   c.data.source = "csv"
   c.data.root = "gs://YOUR_BUCKET/catalogue_100m"  # override on the command line
@@ -49,6 +63,9 @@ def get_config(arg: str | None = None):
   c.head.param_dtype = "float32"  # f32 master centres: ~2.3 GiB/device with Adam at 256 devices
   c.head.partial_fc_rate = 1.0  # e.g. 0.1 scores every positive + 10% of negatives per shard
 
+  if devices == 32:
+    c.head.param_dtype = "bfloat16"  # bf16 master centres (2.98 GiB/device), stochastically rounded
+    c.optimizer.centres_state = "small"  # bf16 first moment, factored second moment (see the docstring)
   c.mesh.shape = (-1, 1)
   c.sharding.rules = (("batch", ("data", "model")), ("classes", ("data", "model")))
   c.sharding.max_replicated_mib = 1024.0

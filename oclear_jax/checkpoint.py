@@ -25,6 +25,7 @@ import sys
 from typing import Any
 
 import jax
+import optax
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -233,7 +234,12 @@ def best_checkpoint_dir(workdir: str) -> str:
 
 
 def abstract_with_shardings(abstract_tree: Any, shardings: Any) -> Any:
-  """Attaches shardings to an eval_shape tree (eval_shape drops them) to make a restore target."""
+  """Attaches shardings to an eval_shape tree (eval_shape drops them) to make a restore target.
+
+  A parameter masked out of one optimizer (optax.partition's MaskedNode: no array) keeps its
+  MaskedNode; its sharding (derived from the boxed parameter) is dropped.
+  """
+  masked = lambda x: isinstance(x, optax.MaskedNode)
   return jax.tree.map(
-      lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
-      abstract_tree, shardings)
+      lambda leaf, sharding: leaf if masked(leaf) else jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+      abstract_tree, shardings, is_leaf=masked)

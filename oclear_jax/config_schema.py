@@ -129,6 +129,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Learning-rate multiplier of the pretrained towers' trained parameters (e.g. 0.1); heads, fusion and
   # class centres keep optimizer.learning_rate.
   c.optimizer.pretrained_lr_scale = 1.0
+  # The class centres' optimizer state: 'adamw' (f32 moments, as every parameter), or 'small' (bf16
+  # first moment, factored row x column second moment, f32 arithmetic, stochastic rounding of bf16
+  # centres; heads/center_optimizer.py): ~1/3 of the state, for 10^8 classes on 32 devices.
+  c.optimizer.centres_state = "adamw"
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 128  # global
@@ -269,6 +273,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for key in ("index.shard_size", "index.dims_per_block"):
     if key.split(".")[0] in config and _get(config, key) <= 0:
       raise ValueError(f"config.{key} must be positive, got {_get(config, key)}")
+  if config.optimizer.get("centres_state", "adamw") not in ("adamw", "small"):
+    raise ValueError(f"config.optimizer.centres_state={config.optimizer.centres_state!r} must be 'adamw' or "
+                     "'small' (bf16 moments, factored second moment: heads/center_optimizer.py)")
   if "index" in config and "target_recall" in config.index:
     if not 0.0 <= config.index.target_recall <= 1.0:
       raise ValueError(f"config.index.target_recall={config.index.target_recall} must lie in [0, 1] "

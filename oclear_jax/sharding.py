@@ -117,9 +117,12 @@ def check_sufficiently_sharded(abstract_tree: Any, shardings: Any, max_replicate
   """
   if max_replicated_bytes <= 0:
     return
-  leaves = jax.tree_util.tree_leaves_with_path(abstract_tree)
-  shard_leaves = jax.tree_util.tree_leaves(shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
-  for (path, leaf), sharding in zip(leaves, shard_leaves, strict=True):
+  # Paired by path, not position: a parameter masked out of one optimizer (optax.partition's
+  # MaskedNode) has a sharding but no array in that optimizer's state.
+  by_path = {jax.tree_util.keystr(path): s for path, s in jax.tree_util.tree_flatten_with_path(
+      shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))[0]}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_tree):
+    sharding = by_path[jax.tree_util.keystr(path)]
     nbytes = math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
     if nbytes > max_replicated_bytes and sharding.is_fully_replicated and sharding.num_devices > 1:
       raise ValueError(

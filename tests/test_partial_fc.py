@@ -133,15 +133,16 @@ def test_partial_loss_equals_dense_loss_over_the_sample(shape, batch_axes, class
   assert untouched.size > 0 and np.all(untouched == 0)
 
 
-def test_bf16_head_matches_f32_reference_and_keeps_bf16_centres():
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_bf16_head_matches_f32_reference_and_keeps_bf16_centres(chunk):
   """bf16 operands and stored cosines, f32 statistics: the loss stays within bf16 rounding of the dense f32 loss."""
   mesh = _mesh((2, 4))
-  c_pad = heads.pad_num_classes(NUM_CLASSES, 8)
+  c_pad = heads.pad_num_classes(NUM_CLASSES, 8, chunk_size=chunk)
   emb, labels, centers = _inputs(c_pad)
   real = jnp.arange(c_pad) < NUM_CLASSES
   loss_ref, gc_ref = jax.value_and_grad(lambda c: _dense_loss(emb, labels, c, real))(centers)
   e, l, c = _place(mesh, emb, labels, centers.astype(jnp.bfloat16))  # bf16 storage, as head.param_dtype does
-  f = _sharded(mesh, None, None, compute_dtype=jnp.bfloat16)
+  f = _sharded(mesh, None, None, chunk, compute_dtype=jnp.bfloat16)
   loss, gc = jax.jit(jax.value_and_grad(lambda c: f(e, l, c)))(c)
   assert gc.dtype == jnp.bfloat16
   np.testing.assert_allclose(float(loss), float(loss_ref), rtol=2e-2)

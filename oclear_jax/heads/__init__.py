@@ -1,4 +1,5 @@
-"""Classification heads: angular margins and the class-sharded softmax."""
+"""Classification heads: angular margins, the class-sharded softmax, Partial FC sampling and the
+centres' optimizer (center_optimizer: small Adam state, row-sparse updates)."""
 
 from oclear_jax.heads.margins import arcface
 from oclear_jax.heads.margins import combined_margin
@@ -9,6 +10,7 @@ from oclear_jax.heads.sharded_softmax import margin_softmax_loss
 from oclear_jax.heads.sharded_softmax import num_class_shards
 from oclear_jax.heads.sharded_softmax import num_sampled_classes
 from oclear_jax.heads.sharded_softmax import pad_num_classes
+from oclear_jax.heads.partial_fc import sample_class_rows
 from oclear_jax.heads.sharded_softmax import sample_classes
 
 __all__ = [
@@ -21,5 +23,6 @@ __all__ = [
     "num_class_shards",
     "num_sampled_classes",
     "pad_num_classes",
+    "sample_class_rows",
     "sample_classes",
 ]

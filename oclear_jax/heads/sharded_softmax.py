@@ -16,13 +16,18 @@ a full logits row:
    axes, then divided by the global weight sum: a replicated scalar.
 
 Gradients are left to autodiff through the collectives (the transpose of the
-all-gather is a reduce-scatter, of psum a broadcast); there is no custom_vjp.
+all-gather is a reduce-scatter, of psum a broadcast). Only the chunk loop has
+a custom VJP, local to one device (see ``_chunked_stats_vjp``): the forward
+keeps nothing per chunk, the backward rescans the chunks once. Measured on 8
+CPU devices it is faster than the unchunked head (benchmarks/head_speed.py).
 
 Partial FC (``partial_fc_rate``): each shard scores only a sample of its
 classes: every positive class of the rows it sees plus uniformly drawn
 negatives, a static number per shard. The sampled centres are gathered by
 index, so their gradients scatter back into exactly those rows. At rate 1.0
 the sample is the whole shard (in another order) and the loss is the full one.
+``class_ids`` takes rows sampled outside (``partial_fc.sample_class_rows``),
+so a step can gather, update and scatter only those rows and their moments.
 
 Precision (``compute_dtype``): with bfloat16 the matmul takes bf16 operands,
 accumulates in f32 and stores the [rows, classes] cosines in bf16 (half the
@@ -40,6 +45,9 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 from oclear_jax.heads.margins import MarginFn
+from oclear_jax.heads.partial_fc import num_chunks
+from oclear_jax.heads.partial_fc import num_sampled_classes  # noqa: F401  (re-exported)
+from oclear_jax.heads.partial_fc import sample_classes
 
 # Padding logit: exp(_NEG - max) underflows to exactly 0, and unlike -inf it
 # never produces inf - inf = nan in the online max updates.
@@ -70,12 +78,8 @@ def pad_num_classes(num_classes: int,
       chunk_size=...)`` will use.
   """
   local = -(-num_classes // num_class_shards)
-  n_chunks = _num_chunks(local, chunk_size)
+  n_chunks = num_chunks(local, chunk_size)
   return -(-local // n_chunks) * n_chunks * num_class_shards
-
-
-def _num_chunks(c_local: int, chunk_size: int | None) -> int:
-  return 1 if not chunk_size or chunk_size >= c_local else -(-c_local // chunk_size)
 
 
 def _l2_normalize(x: jax.Array) -> jax.Array:
@@ -109,7 +113,8 @@ def _chunk_stats(emb_n, labels, centers, gidx, *, num_classes, margin_fn,
   (max valid cosine, for accuracy) and ``tcos`` (target cosine).
   """
   cos = jnp.matmul(emb_n.astype(compute_dtype),
-                   _l2_normalize(centers).astype(compute_dtype).T,
+                   _l2_normalize(centers.astype(jnp.float32)).astype(
+                       compute_dtype).T,
                    preferred_element_type=jnp.float32)
   # The [R, K] block is stored in compute_dtype; everything after is f32.
   cos = cos.astype(compute_dtype).astype(jnp.float32)
@@ -137,67 +142,147 @@ def _combine(a: dict[str, jax.Array],
 
 def _local_stats(emb_n, labels, centers, gidx, *, num_classes, margin_fn,
                  chunk_size, compute_dtype):
-  """Row statistics over this device's (sampled) classes, optionally chunked."""
+  """Row statistics over this device's (sampled) classes, optionally chunked.
+
+  ``gidx``: the rows' global class ids, or a scalar: the id of row 0 of a
+  contiguous shard (chunks then make their ids on the fly, so no O(C/N)
+  index vector is stored).
+  """
   c_local = centers.shape[0]
+  n_chunks = num_chunks(c_local, chunk_size)
+  if n_chunks == 1:  # autodiff keeps the [rows, classes] block: 3 matmuls
+    return _chunk_stats(emb_n, labels, centers, _ids(gidx, 0, c_local), num_classes=num_classes,
+                        margin_fn=margin_fn, compute_dtype=compute_dtype)
+  fn = functools.partial(_chunked_stats, n_chunks=n_chunks,
+                         num_classes=num_classes, margin_fn=margin_fn,
+                         compute_dtype=compute_dtype)
+  # The custom backward's gradients vary over every axis the rows and the
+  # classes do: type all inputs that way up front, so that autodiff of these
+  # casts (psums) reduces them, as it does for the unchunked path.
+  args = (emb_n, labels, centers, gidx)
+  emb_n, labels, centers, gidx = (_vary_like(x, *args) for x in args)
+  out = _chunked_stats_vjp(fn)(emb_n, labels, centers, gidx)
+  # Only s and t carry gradients (the backward ignores the others' cotangents).
+  return {k: v if k in ("s", "t") else jax.lax.stop_gradient(v)
+          for k, v in out.items()}
+
+
+def _chunked_stats(emb_n, labels, centers, gidx, *, n_chunks, num_classes,
+                   margin_fn, compute_dtype):
+  """Forward: one loop over equal chunks with an online log-sum-exp.
+
+  Chunks are dynamic slices of the [C_local, d] shard (no stacked copy); the
+  carry starts neutral (max -1e30, sums 0), typed like the rows.
+  """
   stats = functools.partial(_chunk_stats, num_classes=num_classes,
                             margin_fn=margin_fn, compute_dtype=compute_dtype)
-  n_chunks = _num_chunks(c_local, chunk_size)
-  if n_chunks == 1:
-    return stats(emb_n, labels, centers, gidx)
-  chunk_size = c_local // n_chunks  # equal chunks; callers checked divisibility
-  # Remat: the backward pass recomputes each chunk's [rows, chunk] logits
-  # instead of keeping all of them, so it too stays O(rows x chunk).
-  chunk_stats = jax.checkpoint(lambda e, c, g: stats(e, labels, c, g))
-  chunks = centers.reshape(n_chunks, chunk_size, centers.shape[1])
-  chunk_gidx = gidx.reshape(n_chunks, chunk_size)
-  # The first chunk seeds the carry so that its types (including which mesh
-  # axes it varies over) match the loop body's output exactly.
-  init = chunk_stats(emb_n, chunks[0], chunk_gidx[0])
+  k = centers.shape[0] // n_chunks
+  rows = emb_n.shape[:1]
+  init = dict(m=jnp.full(rows, _NEG), s=jnp.zeros(rows), t=jnp.zeros(rows),
+              cmax=jnp.full(rows, _NEG), tcos=jnp.zeros(rows))
+  init = {n: _vary_like(v, emb_n, centers) for n, v in init.items()}
 
-  def body(carry, xs):
-    chunk, g = xs
-    return _combine(carry, chunk_stats(emb_n, chunk, g)), None
+  bits = _as_bits(centers)
 
-  out, _ = jax.lax.scan(body, init, (chunks[1:], chunk_gidx[1:]))
-  return out
+  def body(i, carry):
+    chunk = _from_bits(jax.lax.dynamic_slice_in_dim(bits, i * k, k), centers.dtype)
+    return _combine(carry, stats(emb_n, labels, chunk, _ids(gidx, i, k)))
+
+  return jax.lax.fori_loop(0, n_chunks, body, init)
 
 
-def num_sampled_classes(c_local: int, rows: int, rate: float,
-                        chunk_size: int | None = None) -> int:
-  """Classes one shard scores under Partial FC: a static count.
+def _ids(gidx, i, k):
+  """Global class ids of chunk i: a slice of a vector, or first id + i*k + iota."""
+  if gidx.ndim:
+    return jax.lax.dynamic_slice_in_dim(gidx, i * k, k)
+  return gidx + i * k + jnp.arange(k, dtype=jnp.int32)
 
-  ``ceil(rate * c_local)``, but never fewer than the ``rows`` the shard sees
-  (so every positive class fits), rounded up to whole chunks, at most the
-  whole shard.
+
+def _chunked_stats_vjp(fn):
+  """``fn`` with a backward pass that rescans the chunks (custom VJP).
+
+  Autodiff of a scan would save every chunk's logits (or, rematerialised,
+  replay the whole forward body per chunk). Here the forward keeps only its
+  inputs and the final row max ``m``; the backward rescans the chunks once,
+  recomputing each [rows, chunk] cosine block (one matmul) and turning it into
+  d(cosine) = margin'(cos) * (ds * exp(logit - m) + dt * onehot) in one fused
+  elementwise pass, then two matmuls give the embedding gradient (a carry) and
+  the chunk's centre gradient (a scan output, written in the centres' dtype
+  straight into the [chunks, chunk, d] buffer that *is* the shard gradient).
+  4 matmuls per chunk instead of 3, and O(rows x chunk) temporaries.
   """
-  if not 0.0 < rate <= 1.0:
-    raise ValueError(f"partial_fc_rate={rate} must lie in (0, 1]")
-  n = min(max(math.ceil(rate * c_local), rows), c_local)
-  n_chunks = _num_chunks(n, chunk_size)
-  return min(-(-n // n_chunks) * n_chunks, c_local)
+
+  @jax.custom_vjp
+  def f(emb_n, labels, centers, gidx):
+    return fn(emb_n, labels, centers, gidx)
+
+  def fwd(emb_n, labels, centers, gidx):
+    out = fn(emb_n, labels, centers, gidx)
+    return out, (emb_n, labels, centers, gidx, out["m"])
+
+  def bwd(res, ct):
+    emb_n, labels, centers, gidx, m = res
+    kw = fn.keywords
+    n_chunks, cd = kw["n_chunks"], kw["compute_dtype"]
+    ds, dt = ct["s"], ct["t"]
+    e_cd = emb_n.astype(cd)
+    k = centers.shape[0] // n_chunks
+    bits = _as_bits(centers)
+
+    def body(i, carry):
+      de, dcenters = carry
+      chunk = _from_bits(jax.lax.dynamic_slice_in_dim(bits, i * k, k), centers.dtype)
+      g = _ids(gidx, i, k)
+      c_n, norm_vjp = jax.vjp(
+          lambda c: _l2_normalize(c.astype(jnp.float32)).astype(cd), chunk)
+      cos = jnp.einsum("rd,kd->rk", e_cd, c_n,
+                       preferred_element_type=jnp.float32)
+      cos = cos.astype(cd).astype(jnp.float32)
+      valid = (g < kw["num_classes"])[None, :]
+      tmask = labels[:, None] == g[None, :]
+      logits, margin_vjp = jax.vjp(
+          lambda x: jnp.where(valid, kw["margin_fn"](x, tmask), _NEG), cos)
+      dlogits = (ds[:, None] * jnp.exp(logits - m[:, None])
+                 + jnp.where(tmask, dt[:, None], 0.0))
+      dcos = margin_vjp(dlogits)[0].astype(cd)
+      de = de + jnp.einsum("rk,kd->rd", dcos, c_n,
+                           preferred_element_type=jnp.float32)
+      dc_n = jnp.einsum("rk,rd->kd", dcos, e_cd,
+                        preferred_element_type=jnp.float32)
+      dchunk = norm_vjp(dc_n.astype(cd))[0].astype(centers.dtype)
+      return de, jax.lax.dynamic_update_slice_in_dim(dcenters, _as_bits(dchunk), i * k, 0)
+
+    init = (jnp.zeros(emb_n.shape, jnp.float32), jnp.zeros_like(bits))
+    init = tuple(_vary_like(x, emb_n, centers) for x in init)
+    de, dcenters = jax.lax.fori_loop(0, n_chunks, body, init)
+    return de.astype(emb_n.dtype), None, _from_bits(dcenters, centers.dtype), None
+
+  f.defvjp(fwd, bwd)
+  return f
 
 
-def sample_classes(key: jax.Array, labels: jax.Array, offset: jax.Array,
-                   c_local: int, num_classes: int,
-                   num_sampled: int) -> jax.Array:
-  """Sorted local indices of ``num_sampled`` classes of one shard.
+def _as_bits(x):
+  """bf16 loop operands travel as uint16: XLA:CPU otherwise widens a bf16
+  dynamic slice / update to f32 and hoists that convert out of the loop (a
+  whole f32 copy of the shard). A free bitcast on every backend."""
+  return jax.lax.bitcast_convert_type(x, jnp.uint16) if x.dtype == jnp.bfloat16 else x
 
-  Every positive class (a label of ``labels`` inside this shard) is taken;
-  the rest are uniform draws among the shard's real (non-padding) classes.
-  Positives score in [2, 3), negatives in [0, 1), padding -1, and ``top_k``
-  keeps the best: static shapes, no rejection loop. If the shard has fewer
-  real classes than ``num_sampled``, padding fills the rest and stays masked
-  out of the softmax by its global index.
-  """
-  local = labels - offset
-  inside = (local >= 0) & (local < c_local)
-  positive = jnp.zeros((c_local,), jnp.bool_).at[
-      jnp.where(inside, local, c_local)].set(True, mode="drop")
-  real = offset + jnp.arange(c_local, dtype=jnp.int32) < num_classes
-  score = jax.random.uniform(key, (c_local,)) + 2.0 * positive
-  score = jnp.where(real, score, -1.0)
-  _, idx = jax.lax.top_k(score, num_sampled)
-  return jnp.sort(idx).astype(jnp.int32)
+
+def _from_bits(x, dtype):
+  return jax.lax.bitcast_convert_type(x, dtype) if x.dtype == jnp.uint16 else x
+
+
+def _vma(x) -> frozenset:
+  """Mesh axes ``x`` varies over inside shard_map (jax 0.10: manual_axis_type)."""
+  aval = jax.typeof(x)
+  mat = getattr(aval, "manual_axis_type", None)
+  return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
+
+
+def _vary_like(x, *others):
+  """``x`` typed as varying over every mesh axis ``others`` vary over."""
+  missing = frozenset().union(*map(_vma, others)) - _vma(x)
+  return jax.lax.pcast(x, tuple(sorted(missing)), to="varying") if missing else x
 
 
 def margin_softmax_loss(
@@ -215,6 +300,7 @@ def margin_softmax_loss(
     partial_fc_rate: float | None = None,
     sample_key: jax.Array | None = None,
     compute_dtype: Any = jnp.float32,
+    class_ids: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, Any]]:
   """Weighted-mean margin softmax cross-entropy with sharded class centres.
 
@@ -231,7 +317,7 @@ def margin_softmax_loss(
     weights: optional f32[B] per-example weights; default uniform.
     chunk_size: if set, score each local class shard in chunks of this many
       classes at most, in equal chunks, with an online log-sum-exp (exact),
-      rematerialised in the backward pass, so temporaries are
+      recomputed once in the backward pass (custom VJP), so temporaries are
       O(rows x chunk_size). Pad the centres with
       ``pad_num_classes(..., chunk_size=...)`` so the chunks come out equal.
     partial_fc_rate: if set, Partial FC: each shard scores all positive
@@ -241,6 +327,9 @@ def margin_softmax_loss(
       folds in its index, so shards draw different negatives.
     compute_dtype: dtype of the matmul operands and of the stored cosines
       (``jnp.bfloat16`` halves the logits' memory); accumulation is f32.
+    class_ids: int32[rows of centers], sharded like them: ``centers`` holds
+      only these (already sampled) classes, e.g. the rows gathered by
+      ``partial_fc.sample_class_rows`` for a row-sparse Partial FC step.
 
   Returns:
     (loss, aux): replicated f32 scalar, and ``aux["accuracy"]``, the fraction
@@ -250,12 +339,12 @@ def margin_softmax_loss(
   batch_axes, class_axes = tuple(batch_axes), tuple(class_axes)
   c_pad = centers.shape[0]
   n_shards = num_class_shards(mesh, class_axes)
-  if c_pad < num_classes or c_pad % n_shards:
+  if (class_ids is None and c_pad < num_classes) or c_pad % n_shards:
     raise ValueError(
         f"centers has {c_pad} rows; need >= num_classes={num_classes} and a "
         f"multiple of the {n_shards} class shards: use pad_num_classes().")
   c_local = c_pad // n_shards
-  if c_local % _num_chunks(c_local, chunk_size):
+  if c_local % num_chunks(c_local, chunk_size):
     raise ValueError(
         f"chunk_size={chunk_size} does not cut the local class shard of "
         f"{c_local} (= {c_pad} / {n_shards} shards) into equal chunks; pad the "
@@ -275,15 +364,20 @@ def margin_softmax_loss(
                                       chunk_size)
   else:
     sample_key = jax.random.key(0)  # unused; keeps one shard_map signature
+  given_ids = class_ids is not None
+  if given_ids and partial_fc_rate is not None:
+    raise ValueError("class_ids (pre-sampled rows) excludes partial_fc_rate")
+  if not given_ids:  # unused placeholder; keeps one shard_map signature
+    class_ids = jnp.zeros((n_shards,), jnp.int32)
 
-  def local(emb, lab, w, cen, key):
+  def local(emb, lab, w, cen, key, ids):
     rows = emb.shape[0]
     if shared:  # Every device of a class group now scores the same rows.
       emb, lab = (jax.lax.all_gather(x, shared, axis=0, tiled=True)
                   for x in (emb, lab))
     shard = _linear_axis_index(class_axes, mesh)
     offset = shard * c_local
-    gidx = offset + jnp.arange(c_local, dtype=jnp.int32)
+    gidx = ids if given_ids else offset  # contiguous: ids made per chunk
     if num_sampled is not None:
       idx = sample_classes(jax.random.fold_in(key, shard), lab, offset,
                            c_local, num_classes, num_sampled)
@@ -314,7 +408,8 @@ def margin_softmax_loss(
       local,
       mesh=mesh,
       in_specs=(P(batch_axes or None, None), row_spec, row_spec,
-                P(class_axes or None, None), P()),
+                P(class_axes or None, None), P(), P(class_axes or None)),
       out_specs=(P(), {"accuracy": P()}))
   return fn(embeddings, labels.astype(jnp.int32),
-            weights.astype(jnp.float32), centers, sample_key)
+            weights.astype(jnp.float32), centers, sample_key,
+            class_ids.astype(jnp.int32))
