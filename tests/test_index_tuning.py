@@ -19,18 +19,7 @@ from oclear_jax.evaluators import recall_against_exact
 from oclear_jax.evaluators import scann_search
 from oclear_jax.evaluators import search_command
 
-
-def _numpy_top_k(queries, gallery, k, exclude=None):
-  """Reference: float64 scores, stable argsort (lower index wins ties), -1 / -inf padding."""
-  scores = queries.astype(np.float64) @ gallery.astype(np.float64).T
-  if exclude is not None:
-    scores[exclude[0][:, None] == exclude[1][None, :]] = -np.inf
-  order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-  top = np.take_along_axis(scores, order, axis=1)
-  order = np.where(np.isneginf(top), -1, order)
-  pad = k - order.shape[1]
-  return (np.pad(top, ((0, 0), (0, pad)), constant_values=-np.inf),
-          np.pad(order, ((0, 0), (0, pad)), constant_values=-1))
+from top_k_reference import numpy_top_k
 
 
 def _clustered(rng, n, num_queries, d=32, clusters=100, noise=0.8):
@@ -51,7 +40,7 @@ def test_fastest_exact_equals_numpy_including_ties(method, n, k, excluded):
   queries, gallery = (rng.integers(-1, 2, (m, 6)).astype(np.float32) for m in (29, n))
   exclude = (np.arange(29), np.arange(n)) if excluded else None
   scores, idx = exact_search.fastest_exact_top_k(queries, gallery, k, exclude=exclude, method=method)
-  want_scores, want_idx = _numpy_top_k(queries, gallery, k, exclude)
+  want_scores, want_idx = numpy_top_k(queries, gallery, k, exclude)
   assert idx.dtype == np.int32 and scores.dtype == np.float32
   np.testing.assert_array_equal(idx, want_idx)
   np.testing.assert_array_equal(scores, want_scores.astype(np.float32))

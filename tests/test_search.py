@@ -9,20 +9,7 @@ from oclear_jax.evaluators import plot_recall_at_k
 from oclear_jax.evaluators import recall_against_exact
 from oclear_jax.evaluators import ScannIndex
 
-
-def _numpy_top_k(queries, gallery, k, exclude=None):
-  """Reference: full score matrix, stable argsort (lower index wins ties)."""
-  scores = queries.astype(np.float64) @ gallery.astype(np.float64).T
-  if exclude is not None:
-    scores[exclude[0][:, None] == exclude[1][None, :]] = -np.inf
-  order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-  top = np.take_along_axis(scores, order, axis=1)
-  order = np.where(np.isneginf(top), -1, order)
-  pad = k - order.shape[1]
-  if pad > 0:
-    order = np.pad(order, ((0, 0), (0, pad)), constant_values=-1)
-    top = np.pad(top, ((0, 0), (0, pad)), constant_values=-np.inf)
-  return top, order
+from top_k_reference import numpy_top_k
 
 
 def _int_vectors(rng, n, d):
@@ -41,7 +28,7 @@ def test_exact_top_k_matches_numpy(n, chunk, batch, k):
   rng = np.random.default_rng(n + k)
   queries, gallery = _int_vectors(rng, 37, 8), _int_vectors(rng, n, 8)
   scores, idx = exact_top_k(queries, gallery, k, gallery_chunk=chunk, query_batch=batch)
-  want_scores, want_idx = _numpy_top_k(queries, gallery, k)
+  want_scores, want_idx = numpy_top_k(queries, gallery, k)
   assert idx.dtype == np.int32 and scores.dtype == np.float32
   np.testing.assert_array_equal(idx, want_idx)
   np.testing.assert_array_equal(scores, want_scores.astype(np.float32))
@@ -52,7 +39,7 @@ def test_exact_top_k_real_valued():
   queries = rng.normal(size=(50, 32)).astype(np.float32)
   gallery = rng.normal(size=(3000, 32)).astype(np.float32)
   scores, idx = exact_top_k(queries, gallery, 20, gallery_chunk=700)
-  want_scores, want_idx = _numpy_top_k(queries, gallery, 20)
+  want_scores, want_idx = numpy_top_k(queries, gallery, 20)
   np.testing.assert_allclose(scores, want_scores, rtol=1e-5, atol=1e-5)
   assert recall_against_exact(idx, want_idx) == 1.0
 
@@ -63,7 +50,7 @@ def test_exact_top_k_self_exclusion():
   ids = np.array([f"item{i}" for i in range(300)])  # Any id dtype works.
   queries, q_ids = gallery[:40], ids[:40]
   scores, idx = exact_top_k(queries, gallery, 10, gallery_chunk=64, exclude=(q_ids, ids))
-  want_scores, want_idx = _numpy_top_k(queries, gallery, 10, exclude=(q_ids, ids))
+  want_scores, want_idx = numpy_top_k(queries, gallery, 10, exclude=(q_ids, ids))
   np.testing.assert_array_equal(idx, want_idx)
   np.testing.assert_array_equal(scores, want_scores.astype(np.float32))
   assert not (idx == np.arange(40)[:, None]).any()
