@@ -169,6 +169,7 @@ def main():
   rows = [{"setting": r["setting"], "build s": cell(r["build_s"], ".0f"), f"tune R@{k}": cell(r[f"recall@{k}"], ".3f"),
            "tune q/s": cell(r["queries/s"], ",.0f"), f"check R@{k}": cell(r.get("check_recall"), ".3f"),
            "check q/s": cell(r.get("check_queries/s"), ",.0f"),
+           "x exact alongside": cell(r.get("check_speedup"), ".1f"),
            "x fastest exact": cell(r.get("check_queries/s", r["queries/s"]) / fastest, ".1f")}
           for r in tuned.frontier]
   print(f"\nfrontier: {gallery.shape[0]:,} x {gallery.shape[1]}, {len(queries) // 2} tune + {len(check_q)} check "
