@@ -9,7 +9,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from oclear_jax import heads
-from oclear_jax.heads import sharded_softmax
+from oclear_jax.heads import partial_fc
 
 NUM_CLASSES, BATCH, DIM, SCALE, MARGIN = 37, 16, 12, 32.0, 0.35
 BOTH = ("data", "model")
@@ -75,7 +75,7 @@ def test_sampler_keeps_every_positive_with_static_size():
   c_local, offset, num_sampled = 40, 80, 16
   for seed in range(20):
     labels = jax.random.randint(jax.random.key(seed), (12,), 60, 113)
-    idx = np.asarray(sharded_softmax.sample_classes(jax.random.key(100 + seed), labels, jnp.int32(offset), c_local,
+    idx = np.asarray(partial_fc.sample_classes(jax.random.key(100 + seed), labels, jnp.int32(offset), c_local,
                                                     num_classes=113, num_sampled=num_sampled))
     assert idx.shape == (num_sampled,) and len(set(idx.tolist())) == num_sampled
     positives = {int(x) - offset for x in np.asarray(labels) if offset <= x < offset + c_local}
@@ -84,13 +84,13 @@ def test_sampler_keeps_every_positive_with_static_size():
 
 
 def test_sampled_count_never_drops_positives():
-  assert sharded_softmax.num_sampled_classes(1000, rows=16, rate=0.1) == 100
-  assert sharded_softmax.num_sampled_classes(1000, rows=256, rate=0.1) == 256  # every row's class fits
-  assert sharded_softmax.num_sampled_classes(1000, rows=16, rate=0.1, chunk_size=64) == 100  # 2 chunks of 50
-  assert sharded_softmax.num_sampled_classes(1000, rows=16, rate=0.101, chunk_size=64) == 102  # 2 chunks of 51
-  assert sharded_softmax.num_sampled_classes(50, rows=256, rate=0.1) == 50
+  assert partial_fc.num_sampled_classes(1000, rows=16, rate=0.1) == 100
+  assert partial_fc.num_sampled_classes(1000, rows=256, rate=0.1) == 256  # every row's class fits
+  assert partial_fc.num_sampled_classes(1000, rows=16, rate=0.1, chunk_size=64) == 100  # 2 chunks of 50
+  assert partial_fc.num_sampled_classes(1000, rows=16, rate=0.101, chunk_size=64) == 102  # 2 chunks of 51
+  assert partial_fc.num_sampled_classes(50, rows=256, rate=0.1) == 50
   with pytest.raises(ValueError, match="partial_fc_rate"):
-    sharded_softmax.num_sampled_classes(1000, rows=16, rate=0.0)
+    partial_fc.num_sampled_classes(1000, rows=16, rate=0.0)
 
 
 @pytest.mark.parametrize("shape,batch_axes,class_axes", [((2, 4), BOTH, BOTH), ((2, 4), ("data",), ("model",))])
@@ -105,7 +105,7 @@ def test_partial_loss_equals_dense_loss_over_the_sample(shape, batch_axes, class
   key = jax.random.key(11)
   c_local = c_pad // n_shards
   rows_per_group = BATCH // (mesh.shape["data"] if class_axes == ("model",) else 1)
-  num_sampled = sharded_softmax.num_sampled_classes(c_local, rows_per_group, 0.3)
+  num_sampled = partial_fc.num_sampled_classes(c_local, rows_per_group, 0.3)
   assert num_sampled < c_local
 
   def f(e, l, c):
@@ -121,7 +121,7 @@ def test_partial_loss_equals_dense_loss_over_the_sample(shape, batch_axes, class
   for rows in groups:
     mask = np.zeros(c_pad, bool)
     for shard in range(n_shards):
-      idx = sharded_softmax.sample_classes(jax.random.fold_in(key, shard), labels[rows], jnp.int32(shard * c_local),
+      idx = partial_fc.sample_classes(jax.random.fold_in(key, shard), labels[rows], jnp.int32(shard * c_local),
                                            c_local, num_classes, num_sampled)
       mask[shard * c_local + np.asarray(idx)] = True
     assert mask[np.asarray(labels[rows])].all()

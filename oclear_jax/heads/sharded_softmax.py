@@ -46,7 +46,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 from oclear_jax.heads import chunk_stats
 from oclear_jax.heads.margins import MarginFn
 from oclear_jax.heads.partial_fc import num_chunks
-from oclear_jax.heads.partial_fc import num_sampled_classes  # noqa: F401  (re-exported)
+from oclear_jax.heads.partial_fc import num_sampled_classes
 from oclear_jax.heads.partial_fc import sample_classes
 
 
