@@ -23,6 +23,11 @@ Why these choices (benchmarks/real_retrieval.py measures them):
   let the title grow into a lookup of the training categories and made held-out documents worse
   than their images alone; bounded, image+title documents beat image-only ones at the product
   levels (benchmarks/real_retrieval.py).
+- title matching (model.title_match_dim=256, weight 0.5; models/title_match.py): the query photo also
+  says which title it expects, G(photo), trained against the batch's titles, and a document carries
+  F(its title), so query . doc adds cos(G(photo), F(title)) to the image similarity. The bounded
+  term above can only move a document toward its own image; this is how a title reaches an
+  image-only query (benchmarks/real_retrieval.py, rows oclear and oclear_no_match).
 
 Scale up on an accelerator by overrides, e.g. `--config.data.input=records
 --config.model.freeze_image_tower=False` fine-tunes the whole tower end to end on the records.
@@ -64,6 +69,7 @@ def get_config(arg: str | None = None):
   m.head, m.embed_dim = "identity_linear", 1280
   m.shared_heads = True  # queries and documents are the same kind of photo here
   m.fusion, m.title_dropout = "bounded", 0.5
+  m.title_match_dim, m.title_match_weight = 256, 0.5
   # == Learning by classification ==
   c.head.margin, c.head.scale, c.head.margin_value = "cosface", 30.0, 0.2
   c.train.batch_size, c.train.num_steps = 512, 600

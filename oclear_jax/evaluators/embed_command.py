@@ -44,6 +44,7 @@ from oclear_jax import inference
 from oclear_jax import multihost
 from oclear_jax import paths
 from oclear_jax.evaluators import host_gather
+from oclear_jax.models import ModelConfig
 
 QUERIES_FILE = "queries.npz"
 DOCUMENTS_FILE = "documents.npz"
@@ -108,8 +109,8 @@ def embed_catalogue(trained: inference.TrainedModel, csv_path: str, *, heads: tu
     if kept:
       local["row"].append(positions[kept])
       local["vectors"].append(np.asarray(out[head], np.float32))
-  kept_rows, stacked, failed = _gathered(local, read.rows, (2, config.model.embed_dim) if head == "query_and_doc"
-                                         else (config.model.embed_dim,))
+  width = ModelConfig.from_config(config.model).output_dim
+  kept_rows, stacked, failed = _gathered(local, read.rows, (2, width) if head == "query_and_doc" else (width,))
   skipped = list(read.skipped) + failed
   if head == "query_and_doc":
     queries, documents = stacked[:, 0], stacked[:, 1]

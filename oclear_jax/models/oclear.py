@@ -29,6 +29,7 @@ from oclear_jax.models import accelerator
 from oclear_jax.models import fusion as fusion_lib
 from oclear_jax.models.fusion import l2_normalize
 from oclear_jax.models import text as text_lib
+from oclear_jax.models import title_match as title_match_lib
 from oclear_jax.models import vit
 
 
@@ -60,6 +61,8 @@ class ModelConfig:
   title_special_ids: tuple[int, ...] = fusion_lib.DEFAULT_SPECIAL_IDS
   concept_slots: int = 16
   concept_heads: int = 4
+  title_match_dim: int = 0  # > 0: query and document embeddings gain a title-matching part (models/title_match.py)
+  title_match_weight: float = 0.5
   freeze_image_tower: bool = False
   freeze_text_tower: bool = False
   # Per-backend choices (models/accelerator.py), which the tower builders pass to the towers; none of
@@ -73,6 +76,11 @@ class ModelConfig:
     accelerator.check_dtype(self.dtype)
     accelerator.check_remat(self.remat)
     accelerator.check_conv_impl(self.conv_impl)
+
+  @property
+  def output_dim(self) -> int:
+    """Width of the query and document embeddings: embed_dim, plus the title-matching part when on."""
+    return self.embed_dim + self.title_match_dim
 
   @property
   def compute_dtype(self) -> jnp.dtype:
@@ -151,6 +159,8 @@ class OclearModel(nn.Module):
   title_special_ids: tuple[int, ...] = fusion_lib.DEFAULT_SPECIAL_IDS
   concept_slots: int = 16
   concept_heads: int = 4
+  title_match_dim: int = 0
+  title_match_weight: float = 0.5
   # A frozen tower runs in inference mode behind stop_gradient: no backward pass through it (the
   # trainer's optimizer also leaves its parameters untouched, weight decay included).
   freeze_image_tower: bool = False
@@ -169,6 +179,8 @@ class OclearModel(nn.Module):
     # With the identity head the title term starts at zero too: step 0 is the frozen tower, documents included.
     self.doc_fusion = fusion_lib.DocumentFusion(self.fusion, self.title_dropout, self.concept_slots,
                                                 self.concept_heads, zero_init=self.head == "identity_linear")
+    if self.title_match_dim:
+      self.title_match = title_match_lib.TitleMatch(self.title_match_dim, self.title_match_weight)
 
   def _image_features(self, images: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
     """(spatial tokens f32[B, N, W], pooled f32[B, W]) of the image tower."""
@@ -228,18 +240,20 @@ class OclearModel(nn.Module):
 
   # == From tower features: the same heads and fusion over precomputed (frozen) tower outputs ====
   def queries_from_features(self, image_pooled: jax.Array) -> jax.Array:
-    return l2_normalize(self._query_head(image_pooled))
+    queries = l2_normalize(self._query_head(image_pooled))
+    return self.title_match.query(queries, image_pooled) if self.title_match_dim else queries
 
   def documents_from_features(self, image_tokens: jax.Array, image_pooled: jax.Array,
                               title: fusion_lib.TitleFeatures | None, *, train: bool = False) -> jax.Array:
-    return l2_normalize(self.doc_fusion(self._doc_head(image_pooled), title, image_tokens, train=train))
+    documents = l2_normalize(self.doc_fusion(self._doc_head(image_pooled), title, image_tokens, train=train))
+    return self.title_match.document(documents, image_pooled, title) if self.title_match_dim else documents
 
   def from_features(self, image_tokens: jax.Array, image_pooled: jax.Array, title: fusion_lib.TitleFeatures | None,
                     is_query: jax.Array, *, train: bool = False) -> jax.Array:
     """`__call__` after the towers: with frozen towers, cached features train the same model."""
-    queries = self._query_head(image_pooled)
-    documents = self.doc_fusion(self._doc_head(image_pooled), title, image_tokens, train=train)
-    return l2_normalize(jnp.where(jnp.asarray(is_query)[:, None], queries, documents))
+    queries = self.queries_from_features(image_pooled)
+    documents = self.documents_from_features(image_tokens, image_pooled, title, train=train)
+    return jnp.where(jnp.asarray(is_query)[:, None], queries, documents)
 
 
 # == Tower registries ===========================================================================
@@ -338,6 +352,12 @@ def build_model(model_config: Any, *, vocab_size: int, max_title_len: int,
   if config.head == "identity_linear" and config.fusion not in fusion_lib.ZERO_INIT_FUSIONS:
     raise ValueError(f"model.head='identity_linear' starts the title term at zero, which fusion={config.fusion!r} "
                      f"cannot; use one of {fusion_lib.ZERO_INIT_FUSIONS}")
+  if config.title_match_dim < 0 or (config.title_match_dim and not config.title_match_weight > 0):
+    raise ValueError(f"model.title_match_dim={config.title_match_dim} must be >= 0 (0: off), and when on "
+                     f"model.title_match_weight={config.title_match_weight} must be > 0")
+  if config.title_match_dim and config.fusion == "image_only":
+    raise ValueError("model.title_match_dim > 0 matches photos to titles, which fusion='image_only' has none of; "
+                     "set model.title_match_dim=0 or a fusion that reads titles")
   if not 0.0 <= config.title_dropout <= 1.0:
     raise ValueError(f"model.title_dropout={config.title_dropout} must lie in [0, 1]")
   text_encoder = None
@@ -360,5 +380,7 @@ def build_model(model_config: Any, *, vocab_size: int, max_title_len: int,
       title_special_ids=config.title_special_ids,
       concept_slots=config.concept_slots,
       concept_heads=config.concept_heads,
+      title_match_dim=config.title_match_dim,
+      title_match_weight=config.title_match_weight,
       freeze_image_tower=config.freeze_image_tower,
       freeze_text_tower=config.freeze_text_tower)
