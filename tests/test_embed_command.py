@@ -30,9 +30,10 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-  """A 4-step tiny run (gated image+title fusion, separate heads) with one checkpoint."""
+  """A 4-step tiny run (gated image+title fusion, separate heads, title matching) with one checkpoint."""
   workdir = str(tmp_path_factory.mktemp("embed_run"))
   config = tiny.get_config()
+  config.model.title_match_dim = 8  # embeddings are embed_dim + 8 wide, and unit once training moved G
   config.train.update(num_steps=4, checkpoint_every=4, log_every=2)
   config.eval.update(every=0, at_start=False, contact_sheet_queries=0, scann=False)
   trainer.train_and_evaluate(config, workdir, progress=False)
@@ -92,7 +93,7 @@ def test_only_encoder_params_are_read_so_other_labels_embed(run, tmp_path, monke
   b = embed_command.embed_catalogue(trained, unlabelled, progress=False)
   assert a.ids == b.ids == [r["id"] for r in rows]
   np.testing.assert_array_equal(a.documents, b.documents)
-  assert a.queries.shape == (6, config.model.embed_dim)
+  assert a.queries.shape == (6, config.model.embed_dim + config.model.title_match_dim)
 
 
 def test_embed_equals_the_eval_path(run, tmp_path):
@@ -107,6 +108,7 @@ def test_embed_equals_the_eval_path(run, tmp_path):
   assert queries["ids"].tolist() == documents["ids"].tolist() == [r["id"] for r in rows]  # CSV order
   assert queries["emb"].dtype == documents["emb"].dtype == np.float32
   for emb in (queries["emb"], documents["emb"]):
+    assert emb.shape[1] == config.model.embed_dim + config.model.title_match_dim
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
   assert manifest["checkpoint_step"] == 4 and manifest["counts"]["embedded"] == len(rows)
   assert manifest["num_empty_titles"] == sum(not r["title"] for r in rows) > 0
