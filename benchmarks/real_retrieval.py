@@ -60,7 +60,7 @@ KS = (1, 5, 10)
 PRF_DOCS, PRF_WEIGHT = 3, 0.4
 # name -> (what it is, config overrides on configs/fashion_products.py)
 ROWS = {
-    "oclear": ("OCLEAR heads (identity-started linear, bounded title, title matching)", {}),
+    "oclear": ("OCLEAR heads (identity linear, bounded title, title match)", {}),
     "oclear_no_match": ("OCLEAR heads without title matching (bounded title only)", {"model.title_match_dim": 0}),
     "oclear_gated": ("OCLEAR heads, per-dimension gated title (the old fusion)", {"model.fusion": "gated"}),
     "oclear_mlp": ("OCLEAR heads, random MLP head (the old recipe)",
