@@ -93,11 +93,39 @@ class _Setup:
       return float(jax.jit(task.loss_fn)(params, self.place(batch), jax.random.key(3))[0])
 
 
+def _numpy_title_loss(expected, titles, present, scale, margin):
+  """Title matching by hand: per titled row i, CosFace CE of G_i over the titled rows' F_j, same-title rows
+  j != i left out; float64. (loss, top-1 accuracy)."""
+  expected, titles = expected.astype(np.float64), titles.astype(np.float64)
+  losses, hits = [], []
+  for i in np.flatnonzero(present):
+    cols = [j for j in np.flatnonzero(present) if j == i or titles[i] @ titles[j] < 1 - 1e-5]
+    cos = np.asarray([expected[i] @ titles[j] for j in cols])
+    own = cols.index(i)
+    logits = scale * (cos - margin * (np.arange(len(cols)) == own))
+    logits -= logits.max()
+    losses.append(-(logits[own] - np.log(np.exp(logits).sum())))
+    hits.append(np.argmax(cos) == own)
+  return float(np.mean(losses)), float(np.mean(hits))
+
+
 def test_features_loss_equals_the_records_loss_of_the_same_state(tmp_path):
-  """The independent reference for "cached features are the same input": frozen towers run in the loss."""
-  config = _config(fusion="gated")
+  """The independent reference for "cached features are the same input": frozen towers run in the loss.
+
+  With title matching on (models/title_match.py), and both losses also against numpy: CosFace on the
+  served embeddings' image parts plus the title-matching loss on their title parts.
+  """
+  config = _config(fusion="gated", scale=30.0, margin_value=0.2)
+  config.model.update(dict(title_match_dim=8, title_dropout=0.0))
   config.mesh.shape = (2, 1)  # MiniLM's 22M parameters: two devices keep the init quick
   setup = _Setup(config, tmp_path, jax.devices()[:2])
+  # Move G off its zero start (as a first training step does), so the title parts are not all 0.
+  params = dict(setup.state["params"])
+  params["encoder"] = jax.tree.map(np.asarray, params["encoder"])
+  kernel = params["encoder"]["title_match"]["from_image"]["kernel"]
+  params["encoder"]["title_match"]["from_image"]["kernel"] = np.random.default_rng(1).normal(
+      size=kernel.shape).astype(np.float32)
+  setup.state = {**setup.state, "params": params}
   train = setup.splits["train"]
   rows = np.arange(8)
   tokenizer = datasets.title_tokenizer(config.data, [])
@@ -110,6 +138,19 @@ def test_features_loss_equals_the_records_loss_of_the_same_state(tmp_path):
   from_records = setup.loss(setup.state["params"], records_batch)
   assert np.isfinite(from_features)
   np.testing.assert_allclose(from_features, from_records, rtol=2e-5)
+
+  batch = setup.features_batch(rows)
+  with jax.set_mesh(setup.task.mesh), nn.logical_axis_rules(setup.task.rules):
+    out = jax.device_get(setup.task.jit_predict()(params, setup.place(batch)))
+  e = config.model.embed_dim
+  assert out["query"].shape == out["doc"].shape == (len(rows), e + 8)
+  unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
+  centers = np.asarray(params["class_centers"])[:setup.prepared.num_classes]
+  labels = train.labels[rows]
+  class_loss = _numpy_cosface(np.concatenate([out["query"][:, :e], out["doc"][:, :e]]),
+                              np.concatenate([labels, labels]), centers, 30.0, 0.2)
+  title_loss, _ = _numpy_title_loss(unit(out["query"][:, e:]), unit(out["doc"][:, e:]), batch["present"], 30.0, 0.2)
+  np.testing.assert_allclose(from_features, class_loss + title_loss, rtol=1e-4)
 
 
 def test_head_options_pass_through_and_match_the_dense_reference(tmp_path):
@@ -176,12 +217,11 @@ def _final_state(config, workdir, **kwargs):
 
 
 def test_features_training_resumes_exactly_with_head_options(tmp_path):
-  """Partial FC (sampled per step), chunking and a bf16 head; stopped twice, bitwise equal; frozen row."""
+  """Partial FC (sampled per step), chunking and a bf16 head; stopped mid-run, bitwise equal; frozen row."""
   config = _config(chunk_size=2, partial_fc_rate=0.5, dtype="bfloat16")
   straight = trainer.train_and_evaluate(config, str(tmp_path / "straight"), progress=False)
   broken = str(tmp_path / "broken")
-  assert trainer.train_and_evaluate(config, broken, progress=False, stop_at_step=3)["final_step"] == 3
-  assert trainer.train_and_evaluate(config, broken, progress=False, stop_at_step=6)["final_step"] == 6
+  assert trainer.train_and_evaluate(config, broken, progress=False, stop_at_step=5)["final_step"] == 5
   resumed = trainer.train_and_evaluate(config, broken, progress=False)
   (step_a, a), (step_b, b) = _final_state(config, str(tmp_path / "straight")), _final_state(config, broken)
   assert step_a == step_b == 8

