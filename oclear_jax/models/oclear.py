@@ -2,6 +2,8 @@
 
 query = normalize(query_head(image_tower(photo)))
 doc   = normalize(fusion(doc_head(image_tower(catalogue_image)), text_tower(title)))
+With `title_match_dim` > 0 each gains a title-matching part: the title the photo suggests, the title the
+document has (models/title_match.py), so a title also reaches image-only queries.
 
 The image tower is shared because both sides are photos of the same products and the tower holds
 nearly all parameters; the two small heads absorb the domain gap (lighting, clutter, crops in
