@@ -49,6 +49,7 @@ from oclear_jax.evaluators import exact_search  # noqa: E402
 from oclear_jax.evaluators import metrics as metrics_lib  # noqa: E402
 from oclear_jax.evaluators import title_feedback  # noqa: E402
 from oclear_jax.governance import command as governance_command  # noqa: E402
+from oclear_jax.models import title_match  # noqa: E402
 from oclear_jax.weights import feature_cache  # noqa: E402
 
 LEVELS = ("same title", "product category", "articleType")
@@ -186,7 +187,7 @@ def title_weight_sweep(args, splits, weights=(0.0, 0.25, 0.5, 0.75, 1.0)) -> Non
         f"image+title documents, R@1 / MAP@R:")
   for split in ("val", "eval"):
     emb, levels = embed_eval(model, splits[split].table), eval_levels(args.workdir, splits[split].ids)
-    (qa, qb), (da, db) = ((unit(x[:, :e]), unit(x[:, e:])) for x in (emb["queries"], emb["docs"]))
+    (qa, qb), (da, db) = (map(np.asarray, title_match.split(x, e)) for x in (emb["queries"], emb["docs"]))
     for w in weights:
       r = score(np.concatenate([qa, np.sqrt(w) * qb], 1), np.concatenate([da, np.sqrt(w) * db], 1),
                 splits[split].ids, levels)
