@@ -27,7 +27,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import tiny  # noqa: E402
-from oclear_jax import trainer  # noqa: E402
+from oclear_jax.train import trainer  # noqa: E402
 
 STEP_LINE = re.compile(r"^step (\d+)/")
 

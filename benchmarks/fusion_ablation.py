@@ -8,9 +8,9 @@ ImageNet, MiniLM-L6) and are *frozen*; only the query/doc heads, the fusion and 
 train. On this 2-core CPU a pure-JAX EfficientNet pass costs about a second per 30 images, so
 fine-tuning it for ten runs is out of reach; frozen towers make their outputs a fixed function of
 the input, so they are computed once and cached on disk (image: pooled f32[1280] and a 4x4 grid of
-spatial tokens f16[16, 1280] from `oclear_jax.weights.feature_cache`; title: MiniLM token outputs
+spatial tokens f16[16, 1280] from `oclear_jax.features.feature_cache`; title: MiniLM token outputs
 f16[L, 384], mean-pooled, and the padding mask). Training is the one trainer
-(`oclear_jax.trainer.train_and_evaluate` with `config.data.input='tower_features'`: the library's
+(`oclear_jax.train.trainer.train_and_evaluate` with `config.data.input='tower_features'`: the library's
 `OclearModel` through its `*_from_features` methods -- the same heads and fusion `__call__` runs
 after the towers -- and the class-sharded margin softmax); every run leaves a checkpoint of the
 full model under --cache_dir/runs/. Every training item is embedded twice, as a query (its image
@@ -71,7 +71,7 @@ import numpy as np  # noqa: E402
 from configs import demo as demo_config  # noqa: E402
 from configs import fashion as fashion_config  # noqa: E402
 from oclear_jax import config_schema  # noqa: E402
-from oclear_jax import trainer  # noqa: E402
+from oclear_jax.train import trainer  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = ("image_only", "sum", "gated", "concat_mlp", "concept_attention")

@@ -40,7 +40,7 @@ import numpy as np  # noqa: E402
 from configs import demo as demo_config  # noqa: E402
 from configs import fashion as fashion_config  # noqa: E402
 from input_pipeline import catalogue as catalogue_lib  # noqa: E402
-from oclear_jax.governance import command  # noqa: E402
+from oclear_jax.commands import govern  # noqa: E402
 from oclear_jax.governance import planted_noise  # noqa: E402
 from oclear_jax.governance import quality  # noqa: E402
 
@@ -79,7 +79,7 @@ def confident_learning(result, raw_label: dict[str, str], truth: dict[str, dict[
 
 def train(config, workdir: str, seeds: int) -> dict[str, float]:
   """mAP@R and R@1 of `seeds` trainings (config.seed = 0, 1, ...): their mean and max-min spread."""
-  from oclear_jax import trainer  # pylint: disable=g-import-not-at-top
+  from oclear_jax.train import trainer  # pylint: disable=g-import-not-at-top
   runs = []
   for seed in range(seeds):
     for stale in ("checkpoints", "eval"):  # Never resume an earlier run.
@@ -109,7 +109,7 @@ def _training_config(config, steps: int):
 def run_dataset(name: str, config, workdir: str, truth_fn, args) -> dict:
   governed_dir, raw_dir = os.path.join(workdir, "governed"), os.path.join(workdir, "raw")
   start = time.time()
-  out = command.run(config, governed_dir, progress=True, write_records=not args.skip_training)
+  out = govern.run(config, governed_dir, progress=True, write_records=not args.skip_training)
   seconds = time.time() - start
   result = out["result"]
   truth = truth_fn(governed_dir)

@@ -16,7 +16,7 @@ exact search; metrics at three levels of "the same thing": the same title, the p
   image+title  documents through the document head and the title fusion;
   image only   the same model with every title removed (the fusion then returns the image term);
   +PRF         image+title ranking re-ranked by the titles of the top results (pseudo-relevance
-               feedback, evaluators/title_feedback.py): titles act at search time, where the
+               feedback, retrieval/title_feedback.py): titles act at search time, where the
                query has none.
 Trained rows: mean over seeds, +- the max-min spread; wall time per row (training + scoring).
 `--catalogue=CSV --label_column=...`: afterwards, the trained rows' seed-0 models applied zero-shot to
@@ -39,18 +39,18 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import fashion_products  # noqa: E402
-from oclear_jax import datasets  # noqa: E402
-from oclear_jax import inference  # noqa: E402
+from oclear_jax import run_data  # noqa: E402
+from oclear_jax.serving import trained_run  # noqa: E402
 from oclear_jax import models  # noqa: E402
-from oclear_jax import tower_features  # noqa: E402
-from oclear_jax import trainer  # noqa: E402
-from oclear_jax.evaluators import embed_command  # noqa: E402
-from oclear_jax.evaluators import exact_search  # noqa: E402
-from oclear_jax.evaluators import metrics as metrics_lib  # noqa: E402
-from oclear_jax.evaluators import title_feedback  # noqa: E402
-from oclear_jax.governance import command as governance_command  # noqa: E402
+from oclear_jax.features import tower_features  # noqa: E402
+from oclear_jax.train import trainer  # noqa: E402
+from oclear_jax.commands import embed as embed_command  # noqa: E402
+from oclear_jax.retrieval import exact_search  # noqa: E402
+from oclear_jax.retrieval import metrics as metrics_lib  # noqa: E402
+from oclear_jax.retrieval import title_feedback  # noqa: E402
+from oclear_jax.commands import govern as governance_command  # noqa: E402
 from oclear_jax.models import title_match  # noqa: E402
-from oclear_jax.weights import feature_cache  # noqa: E402
+from oclear_jax.features import feature_cache  # noqa: E402
 
 LEVELS = ("same title", "product category", "articleType")
 # product category: the governed training label (colour variants of one product, or one title where
@@ -92,13 +92,13 @@ def base_config(args):
 
 def govern_once(config, workdir: str) -> None:
   base = os.path.join(workdir, "base")
-  if not os.path.exists(datasets.governed_catalogue_path(base)):
+  if not os.path.exists(run_data.governed_catalogue_path(base)):
     governance_command.run(config, base)
 
 
 def eval_levels(workdir: str, ids: np.ndarray) -> dict[str, np.ndarray]:
   """{level: labels of `ids`} from the curated catalogue's columns."""
-  with open(datasets.governed_catalogue_path(os.path.join(workdir, "base")), newline="", encoding="utf-8") as f:
+  with open(run_data.governed_catalogue_path(os.path.join(workdir, "base")), newline="", encoding="utf-8") as f:
     by_id = {r["id"]: r for r in csv.DictReader(f)}
   return {level: np.asarray([by_id[i][column] for i in ids]) for level, column in zip(LEVELS, LEVEL_COLUMNS)}
 
@@ -130,7 +130,7 @@ def score(queries, docs, ids, levels, titles=None) -> dict[str, dict[str, float]
           for level, labels in levels.items()}
 
 
-def embed_eval(model: inference.TrainedModel, table: tower_features.FeatureTable) -> dict[str, np.ndarray]:
+def embed_eval(model: trained_run.TrainedModel, table: tower_features.FeatureTable) -> dict[str, np.ndarray]:
   """Queries, image+title documents and image-only documents of the eval rows from cached features."""
   batch = table.device_batch(np.arange(len(table)))
   variables = {"params": model.params}
@@ -167,7 +167,7 @@ def trained_row(args, name: str, splits, levels, titles) -> dict:
     config.update_from_flattened_dict({**overrides, "seed": seed})
     workdir = row_workdir(args, name, seed)
     result = trainer.train_and_evaluate(config, workdir, progress=False)
-    model = inference.restore_trained_model(config, workdir)
+    model = trained_run.restore_trained_model(config, workdir)
     print(f"  {name} seed {seed}: trained {result['final_step']} steps, scored checkpoint {model.step} "
           f"(selected on val)", flush=True)
     runs.append(score_embeddings(embed_eval(model, splits["eval"].table), splits["eval"].ids, levels, titles))
@@ -182,7 +182,7 @@ def title_weight_sweep(args, splits, weights=(0.0, 0.25, 0.5, 0.75, 1.0)) -> Non
   choose it) and eval: the weight only scales the title parts, so one trained model serves every row."""
   config = base_config(args)
   config.update_from_flattened_dict({**ROWS["oclear"][1], "seed": 0})
-  model, e = inference.restore_trained_model(config, row_workdir(args, "oclear", 0)), config.model.embed_dim
+  model, e = trained_run.restore_trained_model(config, row_workdir(args, "oclear", 0)), config.model.embed_dim
   print(f"\nmodel.title_match_weight w, seed-0 oclear model (trained with w={config.model.title_match_weight}), "
         f"image+title documents, R@1 / MAP@R:")
   for split in ("val", "eval"):
@@ -204,7 +204,7 @@ def zero_shot(args, keys: list[str]) -> list[dict]:
     config.update_from_flattened_dict(ROWS[key][1])
     config.data.columns.update(dict(id=args.id_column, image=args.image_column, title=args.title_column,
                                     label=args.label_column))
-    model = inference.restore_trained_model(config, row_workdir(args, key, 0))
+    model = trained_run.restore_trained_model(config, row_workdir(args, key, 0))
     embedded = embed_command.embed_catalogue(model, args.catalogue, with_label=True, progress=False)
     ids, labels = np.asarray(embedded.ids), {args.label_column: np.asarray(embedded.labels)}
     if not rows:  # the frozen tower and the title vectors, on exactly the rows the models embedded
@@ -225,11 +225,11 @@ def zero_shot(args, keys: list[str]) -> list[dict]:
   return rows
 
 
-def _image_only_documents(model: inference.TrainedModel, paths: list[str]) -> np.ndarray:
+def _image_only_documents(model: trained_run.TrainedModel, paths: list[str]) -> np.ndarray:
   """The same model's documents of these (readable) images with every title removed."""
   embed, size, out = model.embedder("doc"), model.config.eval.batch_size, []
   for start in range(0, len(paths), size):
-    images, kept, _ = inference.preprocess_image_files(paths[start:start + size], model.config, first_index=start)
+    images, kept, _ = trained_run.preprocess_image_files(paths[start:start + size], model.config, first_index=start)
     out.append(embed({"image": images, "title_tokens": model.tokenize([""] * len(kept))}))
   return np.concatenate(out)
 
@@ -299,7 +299,7 @@ def main() -> None:
     print(f"real_retrieval: skipped, {os.path.join(config.data.root, config.data.csv)} not found")
     return
   govern_once(config, args.workdir)
-  prepared = datasets.prepare_data(config.data, os.path.join(args.workdir, "base"), seed=config.seed, progress=False)
+  prepared = run_data.prepare_data(config.data, os.path.join(args.workdir, "base"), seed=config.seed, progress=False)
   splits = tower_features.load_feature_splits(config, prepared, os.path.join(args.workdir, "base"))
   levels = eval_levels(args.workdir, splits["eval"].ids)
   train = splits["train"].table

@@ -5,7 +5,7 @@ r"""Tune ScaNN to a recall target on any embeddings, against the fastest exact s
   python benchmarks/retrieval_speed.py --num_db=100000        # a quick run
   python benchmarks/retrieval_speed.py --seed=1 --clusters=8000 --noise=0.9 --spectrum=0.4  # an independent set
 
-The autotuner is the one `--mode=index` uses (`oclear_jax/evaluators/index_tuning.py`): held-out queries,
+The autotuner is the one `--mode=index` uses (`oclear_jax/retrieval/index_tuning.py`): held-out queries,
 exact top-10 as ground truth, search-time knobs swept on each build, build knobs (SOAR, leaves, AH dims per
 block, training sample) by greedy search within `--budget_s` seconds of building, the fastest setting whose
 recall on the held-out check half meets the target. With --embeddings (f32 [N, d] .npy, unit rows for
@@ -41,10 +41,10 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 import text_table  # noqa: E402  (benchmarks/)
 
-from oclear_jax.evaluators import exact_search  # noqa: E402
-from oclear_jax.evaluators import index_tuning  # noqa: E402
-from oclear_jax.evaluators import metrics  # noqa: E402
-from oclear_jax.evaluators import scann_search  # noqa: E402
+from oclear_jax.retrieval import exact_search  # noqa: E402
+from oclear_jax.retrieval import index_tuning  # noqa: E402
+from oclear_jax.retrieval import metrics  # noqa: E402
+from oclear_jax.retrieval import scann_search  # noqa: E402
 
 
 def clustered_embeddings(n, num_queries, dim, *, clusters, noise, spectrum, seed, chunk=100_000):

@@ -60,7 +60,7 @@ import text_table  # noqa: E402  (benchmarks/)
 from configs import demo  # noqa: E402
 from configs import pod_100m  # noqa: E402
 from oclear_jax import sharding  # noqa: E402
-from oclear_jax import trainer  # noqa: E402
+from oclear_jax.train import trainer  # noqa: E402
 from oclear_jax.models import accelerator  # noqa: E402
 
 # Dense peak FLOP/s per device from the vendors' sheets: (substring of device_kind, bf16, float32).

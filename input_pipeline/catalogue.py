@@ -22,7 +22,7 @@ import os
 import pathlib
 from typing import Optional, Sequence
 
-from oclear_jax import paths
+from input_pipeline import paths
 
 KINDS = ("doc", "query")
 SPLITS = ("train", "val", "eval")  # val: held-out training products (governance product mode)

@@ -29,7 +29,7 @@ from input_pipeline import global_order
 from input_pipeline import preprocess_ops
 from input_pipeline import random_access
 from input_pipeline import records
-from oclear_jax import paths
+from input_pipeline import paths
 
 # TensorFlow must never take an accelerator that JAX needs; it only feeds data.
 try:
@@ -257,7 +257,7 @@ def make_share_dataset(record_dir: str | os.PathLike, split: str, *, batch_size:
                        reader: Optional[random_access.RecordReader] = None) -> tf.data.Dataset:
   """This process's examples p, p + P, ... of a split, once, in order (the last batch may be short).
 
-  The round-robin share `evaluators.host_gather.share_row_numbers` numbers rows by; example j is
+  The round-robin share `distributed.host_gather.share_row_numbers` numbers rows by; example j is
   the j-th written (`random_access`), which is also `make_dataset`'s order. Only these examples are read.
   """
   reader = reader or random_access.RecordReader(record_dir, split)

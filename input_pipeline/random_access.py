@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from input_pipeline import records
-from oclear_jax import paths
+from input_pipeline import paths
 
 
 def _open(path: str):

@@ -35,7 +35,7 @@ import tensorflow as tf
 import tqdm
 
 from input_pipeline import tfds_metadata
-from oclear_jax import paths  # a leaf module (no jax): URLs and local paths alike
+from input_pipeline import paths  # a leaf module (no jax): URLs and local paths alike
 from input_pipeline.catalogue import CatalogueRow
 from input_pipeline.tokenizer import TitleTokenizer
 

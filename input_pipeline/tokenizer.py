@@ -18,7 +18,7 @@ import numpy as np
 import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers
 
-from oclear_jax import paths  # a leaf module (no jax): URLs and local paths alike
+from input_pipeline import paths  # a leaf module (no jax): URLs and local paths alike
 
 PAD, UNK, CLS, SEP = "[PAD]", "[UNK]", "[CLS]", "[SEP]"
 SPECIAL_TOKENS = (PAD, UNK, CLS, SEP)

@@ -6,7 +6,7 @@ saved on one mesh restores onto another: the restore target is an abstract tree 
 
 When: `CheckpointStore.should_save(step)` is orbax's `CheckpointManager.should_save` with
 `save_interval_steps` (train.checkpoint_every) and `save_on_steps` (the last step), plus the
-step at which a preemption notice is agreed (oclear_jax/preemption.py), after which
+step at which a preemption notice is agreed (oclear_jax/distributed/preemption.py), after which
 `stop_if_preempted` waits for the write and ends the run.
 
 Several processes: every process calls every method (saves and restores are collective; each
@@ -29,9 +29,9 @@ import optax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from oclear_jax import multihost
-from oclear_jax import paths
-from oclear_jax import preemption as preemption_lib
+from oclear_jax.distributed import multihost
+from input_pipeline import paths
+from oclear_jax.distributed import preemption as preemption_lib
 
 
 class IncompatibleCheckpointError(ValueError):
@@ -229,7 +229,7 @@ def _move_aside(directory: str, step: int) -> str:
 
 
 def best_checkpoint_dir(workdir: str) -> str:
-  """Where a run keeps the one checkpoint it selected on its validation split (train_eval.py)."""
+  """Where a run keeps the one checkpoint it selected on its validation split (train/evals.py)."""
   return os.path.join(workdir, "checkpoints_best")
 
 

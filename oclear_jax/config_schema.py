@@ -45,14 +45,14 @@ def base_config() -> ml_collections.ConfigDict:
   # (written from governance's sampling weights) by rejection sampling in the input pipeline.
   c.data.governed = False
   c.data.balanced_sampling = True
-  # What the trainer reads (oclear_jax/train_inputs.py): 'records' (images through the towers) or
+  # What the trainer reads (oclear_jax/train/input_sources.py): 'records' (images through the towers) or
   # 'tower_features': with frozen pretrained towers, their outputs of every catalogue row, computed
   # once and cached in `feature_cache` ('' = {workdir}/tower_features); heads, fusion and class
   # centres train on them, the checkpoint is the same full model. No augmentation, no balanced sampling.
   # 'trunk_activations' (partial fine-tuning, model.image_trainable_from=k >= 1): the frozen stem and blocks
   # 0..k-1 of EfficientNet-Lite0 run once per row and view (`trunk_views`: view 0 = eval preprocessing,
   # views >= 1 = seeded crop + flip) and are cached as float16 in `feature_cache` ('' =
-  # {workdir}/trunk_activations; oclear_jax/weights/trunk_cache.py); the tower's top, heads, fusion and
+  # {workdir}/trunk_activations; oclear_jax/features/trunk_cache.py); the tower's top, heads, fusion and
   # class centres train on them, titles come from the tower_features cache.
   c.data.input = "records"
   c.data.feature_cache = ""
@@ -158,17 +158,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.ks = (1, 2, 5, 10, 20, 50)  # the table shows 1/5/10; the plot all
   c.eval.scann = True
   c.eval.contact_sheet_queries = 6
-  c.eval.cutoffs = (10, 50, 100)  # Product1M's R of Prec@R, mAP@R and mAR@R (evaluators/product1m_metrics.py)
+  c.eval.cutoffs = (10, 50, 100)  # Product1M's R of Prec@R, mAP@R and mAR@R (retrieval/product1m_metrics.py)
   # 'val': score the catalogue's split=='val' rows at step 0, every `every` steps and the last; keep the
   # best step by MAP@R in checkpoints_best/ and eval/best.json. '' = no selection.
   c.eval.select_on = ""
-  # Titles at search time (evaluators/title_feedback.py): the titles of each query's top
+  # Titles at search time (retrieval/title_feedback.py): the titles of each query's top
   # `title_feedback_docs` results re-rank its candidates, score += weight * mean_title . title;
   # eval reports the re-ranked metrics under prf/ beside the plain ones. 0 = off.
   c.eval.title_feedback_docs = 0
   c.eval.title_feedback_weight = 0.4
 
-  # --mode=index / --mode=search (evaluators/search_command.py) and the ScaNN searcher, also used by eval.
+  # --mode=index / --mode=search (commands/search.py) and the ScaNN searcher, also used by eval.
   # 0 = ScaNN's recipe: round(sqrt(n)) leaves, search a tenth of them, reorder max(100, 4k), train the
   # tree on min(n, 100k) points.
   c.index = ml_collections.ConfigDict()
@@ -183,7 +183,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.index.spherical = False  # spherical k-means tree
   c.index.shard_size = 65536  # embedding rows per file on disk: the unit of a resumed export
   # Held-out queries (eval query photos, else sampled documents searching the others) that tune and
-  # measure the index: half choose the setting, half confirm and report it (evaluators/index_tuning.py).
+  # measure the index: half choose the setting, half confirm and report it (retrieval/index_tuning.py).
   c.index.recall_queries = 2000
   # --mode=index tunes the index on the gallery's own embeddings: the fastest setting whose recall@10
   # against exact search reaches target_recall (0 = no tuning: the knobs above as given). The knobs
@@ -299,7 +299,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
 INPUTS = ("records", "tower_features", "trunk_activations")
 HEAD_LOSSES = ("margin_softmax", "info_nce")
 SELECT_ON = ("", "val")
-# data.input='tower_features': the towers whose outputs the trainer caches (train_inputs.py).
+# data.input='tower_features': the towers whose outputs the trainer caches (train/input_sources.py).
 FEATURE_TOWERS = {"image": ("image_tower", "efficientnet_lite0"), "text": ("text_tower", "minilm")}
 
 

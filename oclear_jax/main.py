@@ -10,7 +10,7 @@ r"""Command-line entry point.
   python -m oclear_jax.main --mode=embed --workdir=workdirs/demo --catalogue=DIR/meta.csv --output=OUT \
       [--config.data.columns.title=name ...]
   python -m oclear_jax.main ... --coordinator_address=HOST:PORT --num_processes=N --process_id=I  # on each process
-  python -m oclear_jax.launch --num_processes=2 --devices_per_process=4 -- --config=... --workdir=...  # locally
+  python -m oclear_jax.distributed.launch --num_processes=2 --devices_per_process=4 -- --config=... --workdir=...  # locally
 
 Modes, in the order data flows:
   govern   raw catalogue -> curated categories, decision log and report (oclear_jax.governance);
@@ -24,7 +24,7 @@ Modes, in the order data flows:
   embed    embed every row of any catalogue CSV as a query and as a document into --output.
 Rerunning `train` resumes from the latest checkpoint in --workdir. On SIGTERM (a preemption), `train`
 saves the step in flight, prints one `preempted: ...` line and exits with code 75 (EX_TEMPFAIL):
-rerun the same command to resume from that step (oclear_jax/preemption.py). `index`, `search` and `embed`
+rerun the same command to resume from that step (oclear_jax/distributed/preemption.py). `index`, `search` and `embed`
 read the config the run saved in --workdir (config.json) unless --config is given; `--config.x=v`
 overrides apply either way (without --config they are parsed here, see `split_config_overrides`:
 absl's config_flags only accepts them after --config=FILE), and an unknown key fails naming it.
@@ -59,7 +59,7 @@ _SEARCH_REORDER = flags.DEFINE_integer("search.reorder", None, "search: candidat
 _CATALOGUE = flags.DEFINE_string("catalogue", None, "embed, index: a catalogue CSV (image paths relative to its "
                                  "folder); columns named by config.data.columns.")
 _OUTPUT = flags.DEFINE_string("output", None, "embed: output folder for queries.npz, documents.npz, manifest.json.")
-# Several processes (hosts) as one run: jax.distributed.initialize's arguments (oclear_jax/multihost.py).
+# Several processes (hosts) as one run: jax.distributed.initialize's arguments (oclear_jax/distributed/multihost.py).
 _DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
                                  "auto: join other processes when --coordinator_address/--num_processes/--process_id "
                                  "are given or JAX detects a cluster (TPU VM slice, SLURM, Open MPI), else run as "
@@ -163,17 +163,17 @@ def main(argv):
     raise app.UsageError(f"{_SAVED_CONFIG_OVERRIDES[0]} needs --config=FILE in --mode={_MODE.value}")
   # Imports after flag parsing: they load jax and TensorFlow.
   from oclear_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  from oclear_jax import multihost  # pylint: disable=g-import-not-at-top
-  from oclear_jax import paths  # pylint: disable=g-import-not-at-top
-  from oclear_jax import preemption  # pylint: disable=g-import-not-at-top
+  from oclear_jax.distributed import multihost  # pylint: disable=g-import-not-at-top
+  from input_pipeline import paths  # pylint: disable=g-import-not-at-top
+  from oclear_jax.distributed import preemption  # pylint: disable=g-import-not-at-top
 
   config, workdir = _CONFIG.value, paths.resolve(_WORKDIR.value)  # gs://bucket/run stays a URL
   try:
     multihost.initialize_distributed(_DISTRIBUTED.value, coordinator_address=_COORDINATOR_ADDRESS.value,
                                      num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
     if config is None:  # a mode of SAVED_CONFIG_MODES on the run's own config
-      from oclear_jax import inference  # pylint: disable=g-import-not-at-top
-      config = apply_config_overrides(inference.load_run_config(workdir), _SAVED_CONFIG_OVERRIDES)
+      from oclear_jax.serving import trained_run  # pylint: disable=g-import-not-at-top
+      config = apply_config_overrides(trained_run.load_run_config(workdir), _SAVED_CONFIG_OVERRIDES)
     _MODES[_MODE.value](config, workdir)
   except preemption.Preempted as e:  # saved and stopped on SIGTERM: not an error, a run to resume
     print(str(e), file=sys.stderr, flush=True)
@@ -186,27 +186,27 @@ def main(argv):
 
 
 def _govern(config, workdir):
-  from oclear_jax import multihost  # pylint: disable=g-import-not-at-top
-  from oclear_jax.governance import command  # pylint: disable=g-import-not-at-top
+  from oclear_jax.distributed import multihost  # pylint: disable=g-import-not-at-top
+  from oclear_jax.commands import govern  # pylint: disable=g-import-not-at-top
   # One process governs (it writes the shared governance/ files and uses no device); its outcome
   # reaches every process, which then all join the records step (a collective of its own).
-  multihost.run_on_process_zero(command.run, config, workdir, write_records=False)
-  command.write_curated_records(config, workdir)
+  multihost.run_on_process_zero(govern.run, config, workdir, write_records=False)
+  govern.write_curated_records(config, workdir)
 
 
 def _prepare(config, workdir):
-  from oclear_jax import datasets  # pylint: disable=g-import-not-at-top
-  prepared = datasets.prepare_data(config.data, workdir, seed=config.seed)
+  from oclear_jax import run_data  # pylint: disable=g-import-not-at-top
+  prepared = run_data.prepare_data(config.data, workdir, seed=config.seed)
   print(f"records: {prepared.records_dir}\n{prepared.summary}")
 
 
 def _train(config, workdir):
-  from oclear_jax import datasets  # pylint: disable=g-import-not-at-top
-  from oclear_jax import trainer  # pylint: disable=g-import-not-at-top
-  from oclear_jax import paths  # pylint: disable=g-import-not-at-top
-  if config.data.governed and not paths.exists(datasets.governed_catalogue_path(workdir)):
+  from oclear_jax import run_data  # pylint: disable=g-import-not-at-top
+  from oclear_jax.train import trainer  # pylint: disable=g-import-not-at-top
+  from input_pipeline import paths  # pylint: disable=g-import-not-at-top
+  if config.data.governed and not paths.exists(run_data.governed_catalogue_path(workdir)):
     # One command from a raw catalogue to a trained model: govern first (what --mode=govern does).
-    print(f"{datasets.governed_catalogue_path(workdir)} does not exist: governing the catalogue first")
+    print(f"{run_data.governed_catalogue_path(workdir)} does not exist: governing the catalogue first")
     _govern(config, workdir)
   result = trainer.train_and_evaluate(config, workdir)
   selected = (result.get("best") or {}).get("step")
@@ -219,12 +219,12 @@ def _train(config, workdir):
 
 
 def _index(config, workdir):
-  from oclear_jax.evaluators import search_command  # pylint: disable=g-import-not-at-top
+  from oclear_jax.commands import search as search_command  # pylint: disable=g-import-not-at-top
   search_command.build_index(workdir, config=config, catalogue=_CATALOGUE.value)
 
 
 def _search(config, workdir):
-  from oclear_jax.evaluators import search_command  # pylint: disable=g-import-not-at-top
+  from oclear_jax.commands import search as search_command  # pylint: disable=g-import-not-at-top
   if not _QUERY.value:
     raise app.UsageError("--mode=search needs at least one --query=IMAGE")
   search_command.search(workdir, _QUERY.value, top_k=_TOP_K.value, output_format=_OUTPUT_FORMAT.value,
@@ -232,7 +232,7 @@ def _search(config, workdir):
 
 
 def _embed(config, workdir):
-  from oclear_jax.evaluators import embed_command  # pylint: disable=g-import-not-at-top
+  from oclear_jax.commands import embed as embed_command  # pylint: disable=g-import-not-at-top
   if not _CATALOGUE.value or not _OUTPUT.value:
     raise app.UsageError("--mode=embed needs --catalogue=DIR/meta.csv and --output=FOLDER")
   embed_command.run(config, workdir, _CATALOGUE.value, _OUTPUT.value)

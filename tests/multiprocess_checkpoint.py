@@ -1,4 +1,4 @@
-"""One process of tests/test_preemption.py's 2-process checks (started by `python -m oclear_jax.launch`).
+"""One process of tests/test_preemption.py's 2-process checks (started by `python -m oclear_jax.distributed.launch`).
 
 On a state sharded over both processes' devices it checks, collectively, what a pod relies on and
 prints one `RESULT {json}` line:
@@ -46,7 +46,7 @@ def _cut_in_half(step_dir: str) -> int:
 def _set_aside_checks(mesh, root: str) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   from oclear_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  from oclear_jax import multihost  # pylint: disable=g-import-not-at-top
+  from oclear_jax.distributed import multihost  # pylint: disable=g-import-not-at-top
   directory = os.path.join(root, "ckpt")
   store = checkpoint.CheckpointStore(directory, async_save=False)
   for step in (1, 2, 3):
@@ -80,7 +80,7 @@ def _set_aside_checks(mesh, root: str) -> dict:
 def _preemption_check(mesh, root: str) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   from oclear_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  from oclear_jax import preemption  # pylint: disable=g-import-not-at-top
+  from oclear_jax.distributed import preemption  # pylint: disable=g-import-not-at-top
   directory = os.path.join(root, "preempt")
   store = checkpoint.CheckpointStore(directory, save_interval_steps=500, save_on_steps=(STEPS,),
                                      preemption=preemption.PreemptionNotice())
@@ -113,11 +113,11 @@ def main():
   parser.add_argument("--process_id", type=int)
   parser.add_argument("--root")
   args = parser.parse_args()
-  from oclear_jax import multihost  # pylint: disable=g-import-not-at-top  (jax after the flags)
+  from oclear_jax.distributed import multihost  # pylint: disable=g-import-not-at-top  (jax after the flags)
   multihost.initialize_distributed("auto", coordinator_address=args.coordinator_address,
                                    num_processes=args.num_processes, process_id=args.process_id)
   import jax  # pylint: disable=g-import-not-at-top
-  from oclear_jax import preemption  # pylint: disable=g-import-not-at-top
+  from oclear_jax.distributed import preemption  # pylint: disable=g-import-not-at-top
   from oclear_jax import sharding  # pylint: disable=g-import-not-at-top
   mesh = sharding.make_mesh((-1, 2))
   result = {"process_index": jax.process_index(), **_set_aside_checks(mesh, args.root),

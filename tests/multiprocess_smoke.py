@@ -1,4 +1,4 @@
-"""One process of tests/test_multiprocess.py's smoke run (started by `python -m oclear_jax.launch`).
+"""One process of tests/test_multiprocess.py's smoke run (started by `python -m oclear_jax.distributed.launch`).
 
 Joins the others through `multihost.initialize_distributed` with the launcher's flags, then checks
 what a pod run relies on and prints one `RESULT {json}` line: the device and process counts, a
@@ -30,7 +30,7 @@ def main():
   parser.add_argument("--process_id", type=int)
   args = parser.parse_args()
 
-  from oclear_jax import multihost  # pylint: disable=g-import-not-at-top  (jax after the flags)
+  from oclear_jax.distributed import multihost  # pylint: disable=g-import-not-at-top  (jax after the flags)
   joined = multihost.initialize_distributed("auto", coordinator_address=args.coordinator_address,
                                             num_processes=args.num_processes, process_id=args.process_id)
   import jax  # pylint: disable=g-import-not-at-top

@@ -12,7 +12,7 @@ import pytest
 
 from configs import tiny
 from oclear_jax import sharding
-from oclear_jax import trainer
+from oclear_jax.train import trainer
 
 NUM_CLASSES, VOCAB, BATCH = 12, 300, 8
 

@@ -136,7 +136,7 @@ def test_trainer_gives_the_centres_the_small_state_and_everything_else_adamw():
   exactly as with 'adamw'; the factored second moment's row is sharded by class like the centres."""
   from configs import tiny  # pylint: disable=g-import-not-at-top
   from oclear_jax import sharding  # pylint: disable=g-import-not-at-top
-  from oclear_jax import trainer  # pylint: disable=g-import-not-at-top
+  from oclear_jax.train import trainer  # pylint: disable=g-import-not-at-top
   config = tiny.get_config()
   config.optimizer.update(centres_state="small", warmup_steps=0, grad_clip_norm=0.0, learning_rate=1e-2)
   rng = np.random.default_rng(0)

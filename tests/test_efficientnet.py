@@ -25,7 +25,7 @@ from PIL import Image
 from oclear_jax import models
 from oclear_jax.models import efficientnet
 from oclear_jax.weights import efficientnet_lite0
-from oclear_jax.weights import feature_cache
+from oclear_jax.features import feature_cache
 from oclear_jax.weights import torch_pickle
 
 CAT_CLASSES = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Egyptian cat

@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from oclear_jax import inference
+from oclear_jax.serving import trained_run
 from oclear_jax import sharding
-from oclear_jax import trainer
-from oclear_jax.evaluators import embed_command
-from oclear_jax.evaluators import export
-from oclear_jax.evaluators import search_command
+from oclear_jax.train import trainer
+from oclear_jax.commands import embed as embed_command
+from oclear_jax.serving import export
+from oclear_jax.commands import search as search_command
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -69,10 +69,10 @@ def test_only_encoder_params_are_read_so_other_labels_embed(run, tmp_path, monke
     return await deserialize(self, infos, args)
   monkeypatch.setattr(type_handlers.ArrayHandler, "deserialize", recording)
 
-  config = inference.load_run_config(run)
-  trained = inference.restore_trained_model(config, run)
+  config = trained_run.load_run_config(run)
+  trained = trained_run.restore_trained_model(config, run)
   # The checkpoint holds class centres for the run's N classes (and Adam moments for them) ...
-  store = inference._checkpoint_manager(os.path.join(run, "checkpoints"))  # pylint: disable=protected-access
+  store = trained_run._checkpoint_manager(os.path.join(run, "checkpoints"))  # pylint: disable=protected-access
   saved = store.item_metadata(4).tree
   store.close()
   num_classes = saved["params"]["class_centers"].shape[0]
@@ -98,7 +98,7 @@ def test_only_encoder_params_are_read_so_other_labels_embed(run, tmp_path, monke
 
 def test_embed_equals_the_eval_path(run, tmp_path):
   from input_pipeline import pipeline  # pylint: disable=g-import-not-at-top
-  config = inference.load_run_config(run)
+  config = trained_run.load_run_config(run)
   out = tmp_path / "out"
   printed = io.StringIO()
   manifest = embed_command.run(config, run, os.path.join(run, "catalogue", "catalogue.csv"), str(out),
@@ -166,9 +166,9 @@ def test_command_line_skips_corrupt_images_and_reads_renamed_columns(run, tmp_pa
   assert manifest["config"]["data"]["columns"]["title"] == "name"
 
   # The untitled row's document is its image alone: what the model gives with an all-padding title.
-  config = inference.load_run_config(run)
-  trained = inference.restore_trained_model(config, run)
-  images, kept, failed = inference.preprocess_image_files([image(r) for r in (untitled, titled[0])], config)
+  config = trained_run.load_run_config(run)
+  trained = trained_run.restore_trained_model(config, run)
+  images, kept, failed = trained_run.preprocess_image_files([image(r) for r in (untitled, titled[0])], config)
   assert kept == [0, 1] and not failed
   padding = np.zeros((2, config.data.max_title_len), np.int32)
   image_only = trained.embedder("doc")({"image": images, "title_tokens": padding})
@@ -202,13 +202,13 @@ def test_config_overrides_are_split_from_argv_and_applied(run):
   assert overrides == ["--config.data.columns.title=name", "--config.eval.batch_size", "16", "--noconfig.eval.scann"]
   assert main.split_config_overrides(["prog", "--config=configs/tiny.py", "--config.seed=3"]) == (
       ["prog", "--config=configs/tiny.py", "--config.seed=3"], [])  # config_flags' own job
-  config = main.apply_config_overrides(inference.load_run_config(run), overrides + ["--config.mesh.shape=(8, 1)"])
+  config = main.apply_config_overrides(trained_run.load_run_config(run), overrides + ["--config.mesh.shape=(8, 1)"])
   assert (config.data.columns.title, config.eval.batch_size, config.eval.scann) == ("name", 16, False)
   assert config.mesh.shape == (8, 1)
   with pytest.raises(ValueError, match="unknown config key 'train.num_step'"):
-    main.apply_config_overrides(inference.load_run_config(run), ["--config.train.num_step=5"])
+    main.apply_config_overrides(trained_run.load_run_config(run), ["--config.train.num_step=5"])
   with pytest.raises(ValueError, match="bad config override"):
-    main.apply_config_overrides(inference.load_run_config(run), ["--config.eval.batch_size=many"])
+    main.apply_config_overrides(trained_run.load_run_config(run), ["--config.eval.batch_size=many"])
 
 
 def test_index_accepts_a_catalogue(run, tmp_path):

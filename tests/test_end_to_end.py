@@ -7,7 +7,7 @@ import pytest
 
 from configs import tiny
 from oclear_jax import checkpoint as checkpoint_lib
-from oclear_jax import trainer
+from oclear_jax.train import trainer
 
 
 def _config(**train):

@@ -4,8 +4,8 @@ import os
 import numpy as np
 import pytest
 
-from oclear_jax.evaluators import export
-from oclear_jax.evaluators import exact_search
+from oclear_jax.serving import export
+from oclear_jax.retrieval import exact_search
 
 TOTAL, SHARD, BATCH, DIM = 50, 16, 7, 4
 

@@ -3,14 +3,14 @@ import json
 import os
 
 from configs import fashion
-from oclear_jax import datasets
+from oclear_jax import run_data
 
 
 def test_fashion_config_reads_200_real_rows(fashion_dir, tmp_path):
   config = fashion.get_config(str(fashion_dir))
   config.data.max_rows = 200
   config.data.num_shards = 2
-  prepared = datasets.prepare_data(config.data, str(tmp_path), seed=config.seed, progress=False)
+  prepared = run_data.prepare_data(config.data, str(tmp_path), seed=config.seed, progress=False)
   summary = prepared.summary
   total = sum(split["total"] for split in summary["counts"].values())
   assert total + sum(summary["skipped"].values()) == 200
@@ -19,5 +19,5 @@ def test_fashion_config_reads_200_real_rows(fashion_dir, tmp_path):
     labels = json.load(f)
   # Class-disjoint split: no articleType is both trained on and held out.
   assert not set(labels["train"]) & set(labels["eval"])
-  batch = next(datasets.train_batches(prepared, config.data, global_batch_size=8, seed=0))
+  batch = next(run_data.train_batches(prepared, config.data, global_batch_size=8, seed=0))
   assert batch["image"].shape == (8, 64, 64, 3) and batch["title_tokens"].shape == (8, config.data.max_title_len)

@@ -15,17 +15,17 @@ import pytest
 
 from configs import tiny
 from oclear_jax import config_schema
-from oclear_jax import datasets
+from oclear_jax import run_data
 from oclear_jax import main as main_lib
-from oclear_jax import pretrained_towers
+from oclear_jax.train import pretrained_towers
 from oclear_jax import sharding
-from oclear_jax import tower_features
-from oclear_jax import train_eval
-from oclear_jax import train_inputs
-from oclear_jax import trainer
-from oclear_jax.evaluators import retrieval
+from oclear_jax.features import tower_features
+from oclear_jax.train import evals
+from oclear_jax.train import input_sources
+from oclear_jax.train import trainer
+from oclear_jax.retrieval import evaluation
 from oclear_jax.heads import info_nce
-from oclear_jax.weights import feature_cache
+from oclear_jax.features import feature_cache
 
 
 def _config(fusion="image_only", **head):
@@ -71,7 +71,7 @@ class _Setup:
   def __init__(self, config, workdir, devices=None):
     config_schema.validate(config)
     self.config = config
-    self.prepared = datasets.prepare_data(config.data, str(workdir), seed=config.seed, progress=False)
+    self.prepared = run_data.prepare_data(config.data, str(workdir), seed=config.seed, progress=False)
     self.splits = tower_features.load_feature_splits(config, self.prepared, str(workdir), progress=False)
     self.task = trainer.OclearTask(config, sharding.make_mesh(config.mesh.shape, devices),
                                    num_classes=self.prepared.num_classes, vocab_size=self.prepared.vocab_size,
@@ -128,7 +128,7 @@ def test_features_loss_equals_the_records_loss_of_the_same_state(tmp_path):
   setup.state = {**setup.state, "params": params}
   train = setup.splits["train"]
   rows = np.arange(8)
-  tokenizer = datasets.title_tokenizer(config.data, [])
+  tokenizer = run_data.title_tokenizer(config.data, [])
   records_batch = dict(
       image=np.stack([feature_cache.load_image(p, config.data.stored_image_size) for p in train.image_paths[rows]]),
       title_tokens=np.asarray(tokenizer.encode_batch(train.titles[rows].tolist(), config.data.max_title_len)),
@@ -205,10 +205,10 @@ def test_info_nce_objective_in_the_task_matches_numpy(tmp_path):
 
 def test_batches_are_epochs_of_permutations_indexed_by_step():
   n, batch = 10, 4
-  rows = np.concatenate([train_inputs.epoch_rows(n, batch, 7, step) for step in range(1, 6)])  # 20 = 2 epochs
+  rows = np.concatenate([input_sources.epoch_rows(n, batch, 7, step) for step in range(1, 6)])  # 20 = 2 epochs
   assert sorted(rows[:10]) == sorted(rows[10:]) == list(range(n))
-  np.testing.assert_array_equal(train_inputs.epoch_rows(n, batch, 7, 4), rows[12:16])  # O(1) jump to step 4
-  assert not np.array_equal(train_inputs.epoch_rows(n, batch, 8, 1), rows[:4])
+  np.testing.assert_array_equal(input_sources.epoch_rows(n, batch, 7, 4), rows[12:16])  # O(1) jump to step 4
+  assert not np.array_equal(input_sources.epoch_rows(n, batch, 8, 1), rows[:4])
 
 
 def _final_state(config, workdir, **kwargs):
@@ -231,11 +231,11 @@ def test_features_training_resumes_exactly_with_head_options(tmp_path):
   assert all(np.isfinite(r["train/loss"]) for r in losses if "train/loss" in r)
   assert straight["eval"][8] == resumed["eval"][8]
   # The frozen row: the cached pooled Lite0 features of the eval rows, cosine, by the same evaluator.
-  setup_splits = tower_features.load_feature_splits(config, datasets.prepare_data(
+  setup_splits = tower_features.load_feature_splits(config, run_data.prepare_data(
       config.data, str(tmp_path / "straight"), progress=False), str(tmp_path / "straight"), progress=False)
   s = setup_splits["eval"]
   emb = s.table.image_pooled / np.linalg.norm(s.table.image_pooled, axis=1, keepdims=True)
-  want = retrieval.search_and_score(retrieval.EvalSet(s.ids, s.labels, s.kinds, s.titles, emb, emb),
+  want = evaluation.search_and_score(evaluation.EvalSet(s.ids, s.labels, s.kinds, s.titles, emb, emb),
                                     ks=tuple(config.eval.ks), use_scann=False,
                                     cutoffs=tuple(config.eval.cutoffs)).metrics
   with open(tmp_path / "straight" / "eval" / "frozen.json", encoding="utf-8") as f:
@@ -252,7 +252,7 @@ def test_checkpoint_selection_keeps_the_best_validation_step(tmp_path, monkeypat
   config.eval.update(dict(every=2, select_on="val"))
   # The built-in catalogue with a few training products moved to a 'val' split.
   source = tmp_path / "catalogue"
-  datasets.generate_builtin_catalogue(config.data, str(tmp_path / "gen"), progress=False)
+  run_data.generate_builtin_catalogue(config.data, str(tmp_path / "gen"), progress=False)
   os.rename(tmp_path / "gen" / "catalogue", source)
   with open(source / "catalogue.csv", encoding="utf-8") as f:
     rows = list(csv.DictReader(f))
@@ -268,7 +268,7 @@ def test_checkpoint_selection_keeps_the_best_validation_step(tmp_path, monkeypat
   config.data.source, config.data.root = "csv", str(source)
 
   planted = {0: 0.1, 2: 0.2, 4: 0.9, 6: 0.3, 8: 0.5}
-  real_evaluate = train_eval.evaluate
+  real_evaluate = evals.evaluate
   seen = []
 
   def evaluate(*args, split="eval", **kwargs):
@@ -277,7 +277,7 @@ def test_checkpoint_selection_keeps_the_best_validation_step(tmp_path, monkeypat
       seen.append(kwargs["step"])
       metrics = {**metrics, "map@r": planted[kwargs["step"]]}
     return metrics
-  monkeypatch.setattr(train_eval, "evaluate", evaluate)
+  monkeypatch.setattr(evals, "evaluate", evaluate)
   workdir = str(tmp_path / "run")
   result = trainer.train_and_evaluate(config, workdir, progress=False)
   assert seen == [0, 2, 4, 6, 8]  # step 0, every eval.every steps and the last
@@ -323,14 +323,14 @@ def test_validate_names_the_other_new_keys():
 
 def test_served_embeddings_equal_the_cached_features_path(tmp_path):
   """A run trained on cached tower outputs serves (inference / --mode=embed) what it trained and scored on."""
-  from oclear_jax import inference  # pylint: disable=g-import-not-at-top
+  from oclear_jax.serving import trained_run  # pylint: disable=g-import-not-at-top
   config = _config()
   config.train.update(dict(num_steps=4, checkpoint_every=4))
   trainer.train_and_evaluate(config, str(tmp_path), progress=False)
-  s = tower_features.load_feature_splits(config, datasets.prepare_data(config.data, str(tmp_path), progress=False),
+  s = tower_features.load_feature_splits(config, run_data.prepare_data(config.data, str(tmp_path), progress=False),
                                          str(tmp_path), progress=False)["eval"]
-  model = inference.restore_trained_model(config, str(tmp_path))
-  images, kept, failed = inference.preprocess_image_files(list(s.image_paths), config)
+  model = trained_run.restore_trained_model(config, str(tmp_path))
+  images, kept, failed = trained_run.preprocess_image_files(list(s.image_paths), config)
   assert not failed and kept == list(range(len(s)))
   served = model.embedder("query", batch_size=-(-len(s) // 8) * 8)({"image": images, "title_tokens": model.tokenize([""] * len(s))})
   want = np.asarray(model.model.apply({"params": model.params}, s.table.image_pooled, method="queries_from_features"))

@@ -6,7 +6,7 @@ import pytest
 from input_pipeline import catalogue as catalogue_lib
 from input_pipeline import synthetic_catalogue
 from oclear_jax.governance import beam_pipeline
-from oclear_jax.governance import command
+from oclear_jax.commands import govern
 from oclear_jax.governance import curate
 from oclear_jax.governance import executors
 from oclear_jax.governance import settings as settings_lib
@@ -38,8 +38,8 @@ def test_beam_and_in_process_agree(rows, tmp_path):
   steps = {d.step for d in local.decisions}
   assert {"outliers", "merge", "passthrough"} <= steps, steps
   # The record-writing pass writes the same bytes on both paths.
-  a = command.write_outputs(str(tmp_path / "a"), local, rows, SETTINGS, in_process)
-  b = command.write_outputs(str(tmp_path / "b"), distributed, rows, SETTINGS, beam)
+  a = govern.write_outputs(str(tmp_path / "a"), local, rows, SETTINGS, in_process)
+  b = govern.write_outputs(str(tmp_path / "b"), distributed, rows, SETTINGS, beam)
   for name in ("curated_catalogue.csv", "decisions.csv", "category_map.csv", "class_weights.json"):
     assert pathlib.Path(a[name]).read_bytes() == pathlib.Path(b[name]).read_bytes(), name
   assert not list((tmp_path / "staging").iterdir())  # Staged chunks are cleaned up.

@@ -16,7 +16,7 @@ import pytest
 from input_pipeline import pipeline
 from input_pipeline import synthetic_catalogue
 from oclear_jax import config_schema
-from oclear_jax.governance import command
+from oclear_jax.commands import govern
 
 SPEC = synthetic_catalogue.CatalogueSpec(num_products=30, image_size=32)
 BAD_IMAGES = {"bad_missing": "missing", "bad_empty": "empty_file", "bad_text": "not_an_image",
@@ -80,7 +80,7 @@ def governed(tmp_path_factory):
   config.data.num_shards = 1
   config.data.stored_image_size = 32
   config.governance.update(dict(image_features="pixels", executor="in_process"))
-  out = command.run(config, str(workdir), progress=False)
+  out = govern.run(config, str(workdir), progress=False)
   return workdir, out, planted, config
 
 
@@ -132,10 +132,10 @@ def test_curated_catalogue_feeds_the_records(governed):
   assert weights == [stored[label] for label in sorted(labels["train"], key=labels["train"].get)]
   assert max(weights) == 1.0 and min(weights) > 0
   # Raw records of the same workdir must not inherit the governed weights.
-  from oclear_jax import datasets  # pylint: disable=g-import-not-at-top
+  from oclear_jax import run_data  # pylint: disable=g-import-not-at-top
   raw = ml_collections.ConfigDict(config.data.to_dict())
   raw.records_dir = str(workdir / "raw_records")
-  prepared = datasets.prepare_data(raw, str(workdir), progress=False)
+  prepared = run_data.prepare_data(raw, str(workdir), progress=False)
   assert pipeline.read_class_weights(prepared.records_dir, "train") is None
 
 
@@ -147,7 +147,7 @@ def test_a_url_workdir_gets_the_same_governance_files(governed, tmp_path):
   workdir, out, _, config = governed
   before = sorted(os.listdir(os.getcwd()))
   remote = "ram://governed_run"
-  remote_out = command.run(config, remote, progress=False)
+  remote_out = govern.run(config, remote, progress=False)
   assert sorted(os.listdir(os.getcwd())) == before
   local_names = sorted(p.name for p in (workdir / "governance").iterdir() if p.is_file())
   assert sorted(n.rstrip("/") for n in tf.io.gfile.listdir(f"{remote}/governance")

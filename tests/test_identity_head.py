@@ -8,9 +8,9 @@ from skimage import data as skimage_data
 from PIL import Image
 
 from configs import tiny
-from oclear_jax import pretrained_towers
+from oclear_jax.train import pretrained_towers
 from oclear_jax import sharding
-from oclear_jax import trainer
+from oclear_jax.train import trainer
 from oclear_jax.models import efficientnet
 from oclear_jax.weights import efficientnet_lite0
 

@@ -96,21 +96,21 @@ def test_tokenizer_ids_match_vocab_txt(tokenizer, wheel_dir):
 
 
 def test_data_tokenizer_name_resolves_to_the_wheel(wheel_dir):
-  from oclear_jax import datasets  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
+  from oclear_jax import run_data  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
   data = config_schema.base_config().data
   data.tokenizer = "minilm"
-  tok = datasets.title_tokenizer(data, ["unused titles"])
+  tok = run_data.title_tokenizer(data, ["unused titles"])
   assert tok.special_ids == (101, 102) and tok.vocab_size == 30522
   data.tokenizer = "/no/such/tokenizer.json"
   with pytest.raises(FileNotFoundError, match=r"data.tokenizer='/no/such/tokenizer.json'.*\['minilm'\]"):
-    datasets.title_tokenizer(data, [])
+    run_data.title_tokenizer(data, [])
 
 
 def test_records_record_the_special_ids_and_fingerprint_is_stable(tokenizer, wheel_dir, tmp_path):
   from input_pipeline import catalogue  # pylint: disable=g-import-not-at-top
   from input_pipeline import records  # pylint: disable=g-import-not-at-top
   from input_pipeline import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
-  from oclear_jax import datasets  # pylint: disable=g-import-not-at-top
+  from oclear_jax import run_data  # pylint: disable=g-import-not-at-top
   import tiny_catalogue  # pylint: disable=g-import-not-at-top
   read = catalogue.read_catalogue(tiny_catalogue.make_tiny_catalogue(tmp_path / "catalogue"),
                                   catalogue.CatalogueColumns(kind="kind", split="split"))
@@ -127,11 +127,11 @@ def test_records_record_the_special_ids_and_fingerprint_is_stable(tokenizer, whe
   assert saved.to_json() == tokenizer.to_json()
   assert records.write_records(read.rows, out, tokenizer=saved, max_title_len=12, num_shards=1,
                                progress=False)["fingerprint"] == summary["fingerprint"]
-  prepared = datasets.PreparedData(str(out), "", summary)
+  prepared = run_data.PreparedData(str(out), "", summary)
   assert prepared.title_special_ids == (101, 102)
   # Records from before the summary held the ids: they come from the saved tokenizer.
   old = {k: v for k, v in summary.items() if k != "title_special_ids"}
-  assert datasets.PreparedData(str(out), "", old).title_special_ids == (101, 102)
+  assert run_data.PreparedData(str(out), "", old).title_special_ids == (101, 102)
 
 
 # == Weights ====================================================================================

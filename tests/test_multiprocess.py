@@ -1,6 +1,6 @@
-"""Several real JAX processes on localhost (oclear_jax.launch): a pod run, simulated on one machine.
+"""Several real JAX processes on localhost (oclear_jax.distributed.launch): a pod run, simulated on one machine.
 
-Each test starts `python -m oclear_jax.launch` with 2 processes x 4 CPU devices, a free coordinator
+Each test starts `python -m oclear_jax.distributed.launch` with 2 processes x 4 CPU devices, a free coordinator
 port and cross-process CPU collectives (gloo), as issue 15 asks: distributed init, a mesh over both
 processes' devices, and a bad catalogue that ends both processes with the same one-line error
 instead of leaving one waiting in a barrier.
@@ -14,8 +14,8 @@ import time
 
 import pytest
 
-from oclear_jax import launch
-from oclear_jax import multihost
+from oclear_jax.distributed import launch
+from oclear_jax.distributed import multihost
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # A hang would otherwise stall the suite: JAX's own timeouts are minutes.
@@ -28,7 +28,7 @@ def _launch(*args, module="oclear_jax.main"):
   start = time.monotonic()
   try:
     proc = subprocess.run(
-        [sys.executable, "-m", "oclear_jax.launch", "--num_processes=2", "--devices_per_process=4",
+        [sys.executable, "-m", "oclear_jax.distributed.launch", "--num_processes=2", "--devices_per_process=4",
          f"--port={launch.free_port()}", f"--module={module}", "--", *args],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
   except subprocess.TimeoutExpired as e:

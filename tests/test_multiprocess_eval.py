@@ -1,4 +1,4 @@
-"""Evaluation and `--mode=embed` as 2 real JAX processes x 4 CPU devices (oclear_jax.launch).
+"""Evaluation and `--mode=embed` as 2 real JAX processes x 4 CPU devices (oclear_jax.distributed.launch).
 
 One 4-step tiny run is trained by 2 processes for the module. Each host embeds its share of the
 eval split, the rows are gathered, process 0 scores and writes; the numbers must be those one
@@ -21,14 +21,14 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from oclear_jax import inference
-from oclear_jax import launch
-from oclear_jax import pretrained_towers
+from oclear_jax.serving import trained_run
+from oclear_jax.distributed import launch
+from oclear_jax.train import pretrained_towers
 from oclear_jax import sharding
-from oclear_jax import train_eval
-from oclear_jax import train_inputs
-from oclear_jax import trainer
-from oclear_jax.evaluators import embed_command
+from oclear_jax.train import evals
+from oclear_jax.train import input_sources
+from oclear_jax.train import trainer
+from oclear_jax.commands import embed as embed_command
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TIMEOUT_S = 180  # a hang would otherwise stall the suite: JAX's own timeouts are minutes
@@ -41,7 +41,7 @@ def _launch(*args):
   env["PYTHONPATH"] = str(REPO)
   try:
     return subprocess.run(
-        [sys.executable, "-m", "oclear_jax.launch", "--num_processes=2", "--devices_per_process=4",
+        [sys.executable, "-m", "oclear_jax.distributed.launch", "--num_processes=2", "--devices_per_process=4",
          f"--port={launch.free_port()}", "--", *args], cwd=REPO, env=env, capture_output=True, text=True,
         timeout=TIMEOUT_S)
   except subprocess.TimeoutExpired as e:
@@ -69,7 +69,7 @@ def run(tmp_path_factory):
 def _one_process_metrics(workdir, step, scratch):
   """What 1 process x 8 devices scores with the run's parameters of `step` (0: the fresh init)."""
   config = _config()
-  prepared = inference.run_records(config, workdir)
+  prepared = trained_run.run_records(config, workdir)
   if step:
     task, state, _ = trainer.restore_trained_state(config, str(workdir), step, prepared=prepared)
   else:
@@ -78,9 +78,9 @@ def _one_process_metrics(workdir, step, scratch):
     _, shardings = task.abstract_state()
     state = pretrained_towers.load_pretrained_into_state(
         task.init_state(jax.random.key(config.seed), shardings), shardings, config.model)
-  inputs = train_inputs.make_input(config, prepared, lambda b: sharding.global_batch(b, task.mesh, task.rules),
+  inputs = input_sources.make_input(config, prepared, lambda b: sharding.global_batch(b, task.mesh, task.rules),
                                    str(workdir), progress=False)
-  return train_eval.evaluate(task, inputs, state["params"], workdir=str(scratch), step=step)
+  return evals.evaluate(task, inputs, state["params"], workdir=str(scratch), step=step)
 
 
 def test_two_processes_train_and_evaluate_as_one_process_scores_the_same_parameters(run, tmp_path):
@@ -118,7 +118,7 @@ def test_embed_with_two_processes_writes_the_files_one_process_writes(run, tmp_p
   proc = _launch("--mode=embed", f"--workdir={workdir}", f"--catalogue={catalogue}", f"--output={tmp_path / 'two'}")
   assert proc.returncode == 0, proc.stderr[-4000:]
   assert proc.stdout.count("embedded 35 of 40 rows") == 1  # printed once, by process 0
-  one = embed_command.run(inference.load_run_config(str(workdir)), str(workdir), str(catalogue),
+  one = embed_command.run(trained_run.load_run_config(str(workdir)), str(workdir), str(catalogue),
                           str(tmp_path / "one"), progress=False, out=io.StringIO())
   with open(tmp_path / "two" / "manifest.json", encoding="utf-8") as f:
     assert json.load(f) == json.loads(json.dumps(one))

@@ -154,7 +154,7 @@ def test_bf16_head_matches_f32_reference_and_keeps_bf16_centres(chunk):
 def test_trainer_step_with_partial_fc_and_bf16_centres_learns_a_fixed_batch():
   from configs import tiny  # pylint: disable=g-import-not-at-top
   from oclear_jax import sharding  # pylint: disable=g-import-not-at-top
-  from oclear_jax import trainer  # pylint: disable=g-import-not-at-top
+  from oclear_jax.train import trainer  # pylint: disable=g-import-not-at-top
   config = tiny.get_config()
   config.head.partial_fc_rate = 0.25
   config.head.dtype = config.head.param_dtype = "bfloat16"

@@ -16,7 +16,7 @@ from input_pipeline import pipeline
 from input_pipeline import random_access
 from input_pipeline import records
 from input_pipeline import tokenizer as tokenizer_lib
-from oclear_jax.evaluators import host_gather
+from oclear_jax.distributed import host_gather
 import tiny_catalogue
 
 AUGMENT = "decode|random_resized_crop(16)|flip_lr|color_jitter|value_range(-1, 1)"

@@ -4,7 +4,7 @@
   the last multiple of checkpoint_every), prints one `preempted:` line, exits with code 75, and the
   rerun ends bitwise equal to an uninterrupted run.
 - The store saves at save_interval_steps and the last step only, plus the preempted step.
-- 2 processes (oclear_jax.launch): a torn step, or one that only process 1 cannot read, is set
+- 2 processes (oclear_jax.distributed.launch): a torn step, or one that only process 1 cannot read, is set
   aside once by process 0 and both resume from the step before; SIGTERM on one host makes both
   save the same step and stop (tests/multiprocess_checkpoint.py).
 """
@@ -22,9 +22,9 @@ import pytest
 
 from configs import tiny
 from oclear_jax import checkpoint
-from oclear_jax import launch
-from oclear_jax import preemption
-from oclear_jax import trainer
+from oclear_jax.distributed import launch
+from oclear_jax.distributed import preemption
+from oclear_jax.train import trainer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TIMEOUT_S = 120  # a hang would otherwise stall the suite
@@ -126,7 +126,7 @@ def test_two_processes_set_a_broken_step_aside_once_and_save_the_same_preempted_
   env["PYTHONPATH"] = str(REPO)
   try:
     proc = subprocess.run(
-        [sys.executable, "-m", "oclear_jax.launch", "--num_processes=2", "--devices_per_process=4",
+        [sys.executable, "-m", "oclear_jax.distributed.launch", "--num_processes=2", "--devices_per_process=4",
          f"--port={launch.free_port()}", "--module=tests.multiprocess_checkpoint", "--", f"--root={tmp_path}"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
   except subprocess.TimeoutExpired as e:

@@ -12,9 +12,9 @@ import pytest
 from configs import tiny
 from oclear_jax import checkpoint as checkpoint_lib
 from oclear_jax import config_schema
-from oclear_jax import pretrained_towers
+from oclear_jax.train import pretrained_towers
 from oclear_jax import sharding
-from oclear_jax import trainer
+from oclear_jax.train import trainer
 
 NUM_CLASSES, VOCAB, BATCH = 12, 300, 8
 

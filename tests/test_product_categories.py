@@ -15,7 +15,7 @@ import pytest
 
 from input_pipeline import catalogue as catalogue_lib
 from oclear_jax import config_schema
-from oclear_jax.governance import command
+from oclear_jax.commands import govern
 from oclear_jax.governance import product_categories as pc
 from oclear_jax.governance import settings as settings_lib
 
@@ -177,7 +177,7 @@ def test_govern_product_mode_end_to_end(tmp_path):
   config.governance.executor = "in_process"
   config.governance.val_fraction, config.governance.eval_fraction = 0.25, 0.5
   config.governance.max_category_size = 3  # head cap on training rows
-  out = command.run(config, str(tmp_path / "work"), progress=False, write_records=False)
+  out = govern.run(config, str(tmp_path / "work"), progress=False, write_records=False)
 
   gov = tmp_path / "work" / "governance"
   with open(gov / "decisions.csv", newline="", encoding="utf-8") as f:

@@ -1,6 +1,6 @@
 """A run whose workdir is a URL: TensorFlow's in-memory ram:// stands in for a pod's gs:// bucket.
 
-What each layer supports (checked here): tf.io.gfile (oclear_jax.paths, TFRecordWriter,
+What each layer supports (checked here): tf.io.gfile (input_pipeline.paths, TFRecordWriter,
 tf.summary) serves ram:// and gs://; etils.epath knows gs:// but not ram://; orbax's arrays go
 through tensorstore, whose drivers are file and gcs only, so a ram:// checkpoint would land in a
 local folder named `ram:`. The run below sends orbax's folders to a local directory (what a gs://
@@ -17,8 +17,8 @@ import tensorflow as tf
 
 from configs import tiny
 from oclear_jax import checkpoint as checkpoint_lib
-from oclear_jax import paths
-from oclear_jax import trainer
+from input_pipeline import paths
+from oclear_jax.train import trainer
 
 WORKDIR = "ram://remote_run"
 
@@ -77,10 +77,10 @@ def test_nothing_lands_on_local_disk_under_the_scheme(ram_run):
 
 def test_saved_config_is_read_back_from_the_url(ram_run):
   """index/search/embed run on the config a training run saved: here, under ram://."""
-  from oclear_jax import inference  # pylint: disable=g-import-not-at-top
+  from oclear_jax.serving import trained_run  # pylint: disable=g-import-not-at-top
   with tf.io.gfile.GFile(f"{WORKDIR}/config.json") as f:
     saved = json.load(f)
-  config = inference.load_run_config(WORKDIR)
+  config = trained_run.load_run_config(WORKDIR)
   assert config.train.num_steps == saved["train"]["num_steps"] == 4
   assert list(config.mesh.shape) == list(saved["mesh"]["shape"]) == [4, 2]
 
@@ -89,7 +89,7 @@ def test_embed_reads_a_catalogue_and_writes_its_output_under_urls(ram_run, tmp_p
   """--mode=embed with the catalogue (CSV and images) in a bucket and the output in one: the same
   vectors as the local copy gives, a missing image skipped and listed, nothing written locally."""
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from oclear_jax.evaluators import embed_command  # pylint: disable=g-import-not-at-top
+  from oclear_jax.commands import embed as embed_command  # pylint: disable=g-import-not-at-top
   *_, config, _ = ram_run
   with open(os.path.join(config.data.root, config.data.csv), newline="", encoding="utf-8") as f:
     header, *rows = list(csv.reader(f))[:13]
@@ -131,8 +131,8 @@ def test_index_and_search_on_a_url_workdir(ram_run):
   in the bucket; search answers like exact search over the exported vectors; nothing is local."""
   import copy  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from oclear_jax.evaluators import export  # pylint: disable=g-import-not-at-top
-  from oclear_jax.evaluators import search_command  # pylint: disable=g-import-not-at-top
+  from oclear_jax.serving import export  # pylint: disable=g-import-not-at-top
+  from oclear_jax.commands import search as search_command  # pylint: disable=g-import-not-at-top
   *_, config, _ = ram_run
   config = copy.deepcopy(config)
   # A ScaNN tree on the tiny gallery (not brute force), probing every leaf and re-scoring every

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from oclear_jax import datasets
-from oclear_jax import trainer
+from oclear_jax import run_data
+from oclear_jax.train import trainer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -52,7 +52,7 @@ def test_interrupted_runs_end_bitwise_equal_to_an_uninterrupted_one(tmp_path):
 def test_nan_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
   config = _config(checkpoint_every=2)
   calls = {"n": 0}
-  real = datasets.to_device_batch
+  real = run_data.to_device_batch
 
   def poisoned(batch, place):
     calls["n"] += 1
@@ -60,12 +60,12 @@ def test_nan_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(tm
       batch = dict(batch, image=np.full_like(batch["image"], np.nan))
       poisoned.ids = [i.decode() for i in batch["id"]]
     return real(batch, place)
-  monkeypatch.setattr(datasets, "to_device_batch", poisoned)
+  monkeypatch.setattr(run_data, "to_device_batch", poisoned)
   with pytest.raises(FloatingPointError, match=r"not finite at step 3.*after step 2"):
     trainer.train_and_evaluate(config, str(tmp_path), progress=False)
   report = json.loads((tmp_path / "nonfinite" / "step_3.json").read_text())
   assert report["step"] == 3 and report["ids"] == poisoned.ids and not np.isfinite(report["loss"])
-  monkeypatch.setattr(datasets, "to_device_batch", real)
+  monkeypatch.setattr(run_data, "to_device_batch", real)
   assert _final_params(config, str(tmp_path))[0] == 2  # nothing past the last good step was saved
 
 

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from oclear_jax.evaluators import metrics
+from oclear_jax.retrieval import metrics
 
 # Gallery: index -> label.  Label 0: {0, 1}; label 1: {2, 3, 4}; label 2: {5}.
 GALLERY_LABELS = np.array([0, 0, 1, 1, 1, 2])
@@ -148,9 +148,9 @@ def test_matches_brute_force_on_random_rankings():
     assert got[key] == pytest.approx(value), key
 
 
-# == Product1M: Prec@R, mAP@R, mAR@R (evaluators/product1m_metrics.py) ==========================
-from oclear_jax.evaluators import exact_top_k  # noqa: E402
-from oclear_jax.evaluators import product1m_metrics  # noqa: E402
+# == Product1M: Prec@R, mAP@R, mAR@R (retrieval/product1m_metrics.py) ==========================
+from oclear_jax.retrieval import exact_top_k  # noqa: E402
+from oclear_jax.retrieval import product1m_metrics  # noqa: E402
 
 
 def test_product1m_single_label_by_hand():

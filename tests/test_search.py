@@ -3,11 +3,11 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from oclear_jax.evaluators import contact_sheet
-from oclear_jax.evaluators import exact_top_k
-from oclear_jax.evaluators import plot_recall_at_k
-from oclear_jax.evaluators import recall_against_exact
-from oclear_jax.evaluators import ScannIndex
+from oclear_jax.retrieval import contact_sheet
+from oclear_jax.retrieval import exact_top_k
+from oclear_jax.retrieval import plot_recall_at_k
+from oclear_jax.retrieval import recall_against_exact
+from oclear_jax.retrieval import ScannIndex
 
 from top_k_reference import numpy_top_k
 
@@ -164,7 +164,7 @@ def test_scann_search_time_knobs_trade_recall_for_speed(clustered, built_index):
 
 def test_scann_params_come_from_config():
   from oclear_jax import config_schema  # pylint: disable=g-import-not-at-top
-  from oclear_jax.evaluators import scann_search  # pylint: disable=g-import-not-at-top
+  from oclear_jax.retrieval import scann_search  # pylint: disable=g-import-not-at-top
   index_cfg = config_schema.base_config().index
   rng = np.random.default_rng(6)
   gallery = rng.normal(size=(2000, 16)).astype(np.float32)

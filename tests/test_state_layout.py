@@ -14,7 +14,7 @@ from jax.sharding import PartitionSpec as P
 
 from configs import tiny
 from oclear_jax import sharding
-from oclear_jax import trainer
+from oclear_jax.train import trainer
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "tiny_train_state_specs.json")
 NUM_CLASSES, VOCAB = 37, 300

@@ -1,4 +1,4 @@
-"""Titles at search time: pseudo-relevance feedback re-ranking (evaluators/title_feedback.py)."""
+"""Titles at search time: pseudo-relevance feedback re-ranking (retrieval/title_feedback.py)."""
 import types
 
 import jax
@@ -8,12 +8,12 @@ import pytest
 from configs import tiny
 from oclear_jax import config_schema
 from oclear_jax import sharding
-from oclear_jax import train_eval
-from oclear_jax import trainer
-from oclear_jax.evaluators import metrics as metrics_lib
-from oclear_jax.evaluators import product1m_metrics
-from oclear_jax.evaluators import retrieval
-from oclear_jax.evaluators import title_feedback
+from oclear_jax.train import evals
+from oclear_jax.train import trainer
+from oclear_jax.retrieval import metrics as metrics_lib
+from oclear_jax.retrieval import product1m_metrics
+from oclear_jax.retrieval import evaluation
+from oclear_jax.retrieval import title_feedback
 
 
 def _unit(x):
@@ -120,11 +120,11 @@ def _eval_set(leave_one_out: bool, seed: int = 0):
   emb = _unit(centres[labels] + 0.9 * rng.normal(size=(len(labels), dim)))
   kinds = np.zeros(len(labels), np.int32)
   if not leave_one_out:
-    kinds[::per] = retrieval.QUERY
+    kinds[::per] = evaluation.QUERY
   title_dirs = rng.normal(size=(classes, 8))
   pooled = (title_dirs[labels] + 0.3 * rng.normal(size=(len(labels), 8)) + 2.0).astype(np.float32)
   present = rng.random(len(labels)) > 0.2
-  es = retrieval.EvalSet(ids=np.asarray([f"r{i}" for i in range(len(labels))]), labels=labels, kinds=kinds,
+  es = evaluation.EvalSet(ids=np.asarray([f"r{i}" for i in range(len(labels))]), labels=labels, kinds=kinds,
                          titles=np.asarray(["t"] * len(labels)), query_emb=emb, doc_emb=emb)
   return es, title_feedback.title_vectors(pooled, present, title_feedback.title_mean(pooled, present))
 
@@ -133,8 +133,8 @@ def _eval_set(leave_one_out: bool, seed: int = 0):
 def test_search_and_score_reports_prf_metrics_equal_to_reranking_by_hand(leave_one_out):
   es, titles = _eval_set(leave_one_out)
   kwargs = dict(ks=(1, 5), use_scann=False, cutoffs=(10,))
-  plain = retrieval.search_and_score(es, **kwargs)
-  both = retrieval.search_and_score(es, title_vectors=titles, feedback_docs=3, feedback_weight=0.4, **kwargs)
+  plain = evaluation.search_and_score(es, **kwargs)
+  both = evaluation.search_and_score(es, title_vectors=titles, feedback_docs=3, feedback_weight=0.4, **kwargs)
   assert not any(k.startswith("prf/") for k in plain.metrics)
   assert {k: v for k, v in both.metrics.items() if not k.startswith("prf/")} == plain.metrics
   np.testing.assert_array_equal(both.retrieved, plain.retrieved)  # the returned ranking is the plain one
@@ -153,7 +153,7 @@ def test_search_and_score_reports_prf_metrics_equal_to_reranking_by_hand(leave_o
     np.testing.assert_allclose(both.metrics[f"prf/{name}"], value, rtol=1e-6, err_msg=name)
   assert both.metrics["prf/map@r"] != plain.metrics["map@r"]  # the titles did move something
 
-  off = retrieval.search_and_score(es, title_vectors=titles, feedback_docs=0, **kwargs)
+  off = evaluation.search_and_score(es, title_vectors=titles, feedback_docs=0, **kwargs)
   assert off.metrics == plain.metrics
 
 
@@ -181,16 +181,16 @@ def test_tower_features_title_vectors_are_centred_by_the_training_titles():
   rng = np.random.default_rng(0)
   splits = {"train": _features(rng, 20, rng.random(20) > 0.3), "eval": _features(rng, 7, np.arange(7) != 2)}
   inputs = types.SimpleNamespace(splits=splits)
-  got = train_eval._title_vectors(config, inputs, None, "eval")
+  got = evals._title_vectors(config, inputs, None, "eval")
   train = splits["train"].table
   mean = train.text_pooled[train.present].mean(axis=0)
   np.testing.assert_allclose(got[np.arange(7) != 2], _unit(splits["eval"].table.text_pooled - mean)[np.arange(7) != 2],
                              rtol=1e-5)
   np.testing.assert_array_equal(got[2], 0.0)
   config.model.fusion = "image_only"  # no text tower: no feedback
-  assert train_eval._title_vectors(config, inputs, None, "eval") is None
+  assert evals._title_vectors(config, inputs, None, "eval") is None
   config.model.fusion, config.eval.title_feedback_docs = "gated", 0
-  assert train_eval._title_vectors(config, inputs, None, "eval") is None
+  assert evals._title_vectors(config, inputs, None, "eval") is None
 
 
 def test_records_titles_come_from_the_text_tower_and_are_zero_without_a_title():
@@ -205,7 +205,7 @@ def test_records_titles_come_from_the_text_tower_and_are_zero_without_a_title():
   ids[:, 0], ids[:, 1:5], ids[:, 5] = 2, rng.integers(4, 300, (8, 4)), 3
   ids[3] = 0  # no title
   batch = sharding.global_batch({"title_tokens": ids}, task.mesh, task.rules)
-  pooled = np.asarray(train_eval._jit_title_pooled(task, params)(batch))
+  pooled = np.asarray(evals._jit_title_pooled(task, params)(batch))
   _, expected, _ = task.model.apply({"params": jax.device_get(params["encoder"])}, ids,
                                     method=lambda m, x: m.text_encoder(x, train=False))
   keep = np.arange(8) != 3
@@ -213,10 +213,10 @@ def test_records_titles_come_from_the_text_tower_and_are_zero_without_a_title():
   np.testing.assert_array_equal(pooled[3], 0.0)
   assert np.all(np.abs(pooled[keep]).sum(axis=1) > 0)
 
-  es = retrieval.EvalSet(ids=np.arange(8).astype(str), labels=np.arange(8) % 3, kinds=np.zeros(8, np.int32),
+  es = evaluation.EvalSet(ids=np.arange(8).astype(str), labels=np.arange(8) % 3, kinds=np.zeros(8, np.int32),
                          titles=np.asarray(["t"] * 8), query_emb=np.zeros((8, 2)), doc_emb=np.zeros((8, 2)),
                          title_pooled=pooled)
-  got = train_eval._title_vectors(config, None, es, "eval")
+  got = evals._title_vectors(config, None, es, "eval")
   mean = pooled[keep].mean(axis=0)  # the gallery's own titles
   np.testing.assert_allclose(got[keep], _unit(pooled[keep] - mean), rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(got[3], 0.0)

@@ -1,4 +1,4 @@
-"""Title matching (models/title_match.py, heads/title_match.py): an image-only query meets its document's title.
+"""Title matching (models/title_match_loss.py, heads/title_match_loss.py): an image-only query meets its document's title.
 
 Here: the loss against a hand-written numpy loop, and the configs that cannot work, refused by name.
 Elsewhere: the task's loss against numpy CosFace plus that loop on the served embeddings, records
@@ -10,7 +10,7 @@ import pytest
 
 from oclear_jax import config_schema
 from oclear_jax.heads import margins
-from oclear_jax.heads import title_match
+from oclear_jax.heads import title_match_loss
 from test_frozen_features import _config, _numpy_title_loss
 from test_identity_head import _task
 
@@ -25,12 +25,12 @@ def test_loss_matches_numpy_with_shared_and_missing_titles():
   present = np.ones(12, bool)
   present[[5, 9]] = False  # untitled rows: neither a class nor a negative
   margin_fn = margins.make_margin("cosface", scale=SCALE, margin=MARGIN)
-  loss, accuracy = title_match.title_match_loss(expected, titles, present, margin_fn)
+  loss, accuracy = title_match_loss.title_match_loss(expected, titles, present, margin_fn)
   want_loss, want_accuracy = _numpy_title_loss(expected, titles, present, SCALE, MARGIN)
   np.testing.assert_allclose(float(loss), want_loss, rtol=1e-5)
   np.testing.assert_allclose(float(accuracy), want_accuracy)
   # A planted perfect match (each photo points at its own title) is classified right and costs ~0.
-  perfect, _ = title_match.title_match_loss(np.eye(6, dtype=np.float32), np.eye(6, dtype=np.float32),
+  perfect, _ = title_match_loss.title_match_loss(np.eye(6, dtype=np.float32), np.eye(6, dtype=np.float32),
                                             np.ones(6, bool), margins.make_margin("cosface", scale=64.0, margin=0.0))
   assert float(perfect) < 1e-6
 

@@ -15,15 +15,15 @@ import pytest
 
 from configs import tiny
 from oclear_jax import config_schema
-from oclear_jax import datasets
-from oclear_jax import pretrained_towers
+from oclear_jax import run_data
+from oclear_jax.train import pretrained_towers
 from oclear_jax import sharding
-from oclear_jax import train_inputs
-from oclear_jax import trainer
+from oclear_jax.train import input_sources
+from oclear_jax.train import trainer
 from oclear_jax.models import efficientnet
 from oclear_jax.weights import efficientnet_lite0
-from oclear_jax.weights import feature_cache
-from oclear_jax.weights import trunk_cache
+from oclear_jax.features import feature_cache
+from oclear_jax.features import trunk_cache
 
 SIZE = 64
 K = 14  # blocks 14, 15 and the head conv train (the map at 64 px is 2x2x192)
@@ -49,11 +49,11 @@ class _Setup:
   def __init__(self, config, workdir):
     config_schema.validate(config)
     self.config = config
-    self.prepared = datasets.prepare_data(config.data, str(workdir), seed=config.seed, progress=False)
+    self.prepared = run_data.prepare_data(config.data, str(workdir), seed=config.seed, progress=False)
     self.task = trainer.OclearTask(config, sharding.make_mesh(config.mesh.shape),
                                    num_classes=self.prepared.num_classes, vocab_size=self.prepared.vocab_size,
                                    title_special_ids=self.prepared.title_special_ids)
-    self.inputs = train_inputs.make_input(config, self.prepared, self.place, str(workdir), progress=False)
+    self.inputs = input_sources.make_input(config, self.prepared, self.place, str(workdir), progress=False)
     _, self.shardings = self.task.abstract_state()
     state = self.task.init_state(jax.random.key(0), self.shardings)
     self.state = pretrained_towers.load_pretrained_into_state(state, self.shardings, config.model)
@@ -156,9 +156,9 @@ def test_trunk_loss_equals_the_records_loss_of_the_same_state(tmp_path):
 
 
 def test_views_differ_and_are_drawn_per_step():
-  views = [train_inputs.trunk_views(0, step, 64, 2) for step in (1, 2)]
+  views = [input_sources.trunk_views(0, step, 64, 2) for step in (1, 2)]
   assert set(views[0]) == {0, 1} and not np.array_equal(*views)
-  np.testing.assert_array_equal(train_inputs.trunk_views(0, 2, 64, 2), views[1])
+  np.testing.assert_array_equal(input_sources.trunk_views(0, 2, 64, 2), views[1])
 
 
 def test_trunk_training_resumes_exactly(tmp_path):
@@ -180,8 +180,8 @@ def test_trunk_training_resumes_exactly(tmp_path):
 
 def test_cache_hits_and_misses(tmp_path):
   config = _config()
-  prepared = datasets.prepare_data(config.data, str(tmp_path / "run"), seed=0, progress=False)
-  from oclear_jax import tower_features  # pylint: disable=g-import-not-at-top
+  prepared = run_data.prepare_data(config.data, str(tmp_path / "run"), seed=0, progress=False)
+  from oclear_jax.features import tower_features  # pylint: disable=g-import-not-at-top
   paths = sorted({r.image_path for r in tower_features.catalogue_rows(config, prepared)})[:5]
   broken = tmp_path / "broken.jpg"
   broken.write_bytes(b"not an image")

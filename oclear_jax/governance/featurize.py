@@ -1,7 +1,7 @@
 """Per-item features: image descriptors and hashes (a per-item pass), title vectors (on the driver).
 
 Image descriptors come from a pluggable extractor (`config.governance.image_features`):
-  efficientnet_lite0  ImageNet EfficientNet-Lite0 pooled features (oclear_jax.weights.feature_cache,
+  efficientnet_lite0  ImageNet EfficientNet-Lite0 pooled features (oclear_jax.features.feature_cache,
                       cached on disk: a ConvNet pass is the slowest part of governance on a CPU);
   pixels              a cheap colour-and-layout descriptor (an 8x8 colour thumbnail minus its mean,
                       plus a square-rooted 4x4x4 colour histogram), enough for clean catalogue shots
@@ -115,7 +115,7 @@ def featurize_chunk(paths: Sequence[str], settings: settings_lib.GovernanceSetti
     if settings.image_features == "pixels":
       vectors[i] = colour_layout(image)
   if settings.image_features == "efficientnet_lite0" and ok.any():
-    from oclear_jax.weights import feature_cache  # pylint: disable=g-import-not-at-top  (imports jax)
+    from oclear_jax.features import feature_cache  # pylint: disable=g-import-not-at-top  (imports jax)
     readable = [p for p, good in zip(paths, ok) if good]
     encoded = feature_cache.extract_features(readable, image_size=settings.image_size, batch_size=settings.batch_size,
                                              cache_dir=cache_dir, progress=False)

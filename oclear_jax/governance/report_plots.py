@@ -1,7 +1,7 @@
 """The report's pictures: class sizes before/after (log axes), counts per decision, thumbnail sheets.
 
 Plots use a `matplotlib.figure.Figure` with an Agg canvas (no display, no global backend change),
-as oclear_jax/evaluators/plots.py does; thumbnail sheets are drawn with PIL.
+as oclear_jax/retrieval/plots.py does; thumbnail sheets are drawn with PIL.
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ function of each row: the trainer computes them once per catalogue row (images:
 `title_features`, the MiniLM-L6 text tower) and trains the heads, fusion and class centres on them
 through `OclearModel.queries_from_features` / `documents_from_features`. Both caches are keyed by
 the weights, the settings and the inputs, so a changed file, title or size never reuses stale
-numbers. Rows come from the run's prepared catalogue (`datasets.prepare_data`), read with
+numbers. Rows come from the run's prepared catalogue (`run_data.prepare_data`), read with
 `input_pipeline.catalogue`, and carry the records' label ids, so class centres mean the same in
 both input sources.
 
@@ -31,7 +31,7 @@ import numpy as np
 
 from input_pipeline import catalogue as catalogue_lib
 from input_pipeline import records as records_lib
-from oclear_jax import datasets
+from oclear_jax import run_data
 from oclear_jax import models
 
 TOKEN_GRID = 4  # fusion='concept_attention': image tokens per side (adaptive average pooling)
@@ -81,7 +81,7 @@ def title_features(titles: Sequence[str], cache_dir: str | os.PathLike, *, max_l
   """
   from input_pipeline import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   from oclear_jax import weights  # pylint: disable=g-import-not-at-top
-  from oclear_jax.weights import feature_cache  # pylint: disable=g-import-not-at-top
+  from oclear_jax.features import feature_cache  # pylint: disable=g-import-not-at-top
   from oclear_jax.weights import minilm  # pylint: disable=g-import-not-at-top
   titles = [str(t) for t in titles]
   tokenizer = tokenizer_lib.TitleTokenizer.load(weights.tokenizer_dir("minilm"))
@@ -139,21 +139,21 @@ def cache_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
   return config.data.get("feature_cache") or os.path.join(workdir, "tower_features")
 
 
-def catalogue_rows(config: ml_collections.ConfigDict, prepared: datasets.PreparedData) -> list:
-  """The prepared catalogue's rows, read as `datasets.prepare_data` read them."""
+def catalogue_rows(config: ml_collections.ConfigDict, prepared: run_data.PreparedData) -> list:
+  """The prepared catalogue's rows, read as `run_data.prepare_data` read them."""
   data = config.data
   if data.get("governed", False):
-    columns = datasets.GOVERNED_COLUMNS
+    columns = run_data.GOVERNED_COLUMNS
   else:
     columns = catalogue_lib.CatalogueColumns(**{k: (v or None) for k, v in data.columns.to_dict().items()})
   return catalogue_lib.read_catalogue(prepared.catalogue_csv, columns, eval_fraction=data.eval_fraction,
                                       split_seed=config.seed, max_rows=data.max_rows or None).rows
 
 
-def load_feature_splits(config: ml_collections.ConfigDict, prepared: datasets.PreparedData, workdir: str, *,
+def load_feature_splits(config: ml_collections.ConfigDict, prepared: run_data.PreparedData, workdir: str, *,
                         progress: bool = True) -> dict[str, FeatureSplit]:
   """{split: FeatureSplit} for every split with rows; unreadable images are dropped and logged."""
-  from oclear_jax.weights import feature_cache  # pylint: disable=g-import-not-at-top
+  from oclear_jax.features import feature_cache  # pylint: disable=g-import-not-at-top
   rows = catalogue_rows(config, prepared)
   directory = cache_dir(config, workdir)
   grid = token_grid(config)

@@ -18,7 +18,7 @@ N classes embeds a catalogue with other labels or none. Unreadable images (missi
 truncated, not an image) and rows with an empty id or image are skipped and listed; an empty
 title gives the image-only document (the fusion reads [CLS] [SEP] as "no title"). A missing
 column is one ValueError naming the column and the CSV. The model comes from
-`inference.restore_trained_model` (parameters only), inputs from `inference.preprocess_image_files`
+`trained_run.restore_trained_model` (parameters only), inputs from `trained_run.preprocess_image_files`
 and the run's tokenizer, exactly as the eval path makes them.
 
 With N processes each reads the CSV, decodes and embeds its round-robin share of every batch of
@@ -40,10 +40,10 @@ import numpy as np
 import tqdm
 
 from input_pipeline import catalogue as catalogue_lib
-from oclear_jax import inference
-from oclear_jax import multihost
-from oclear_jax import paths
-from oclear_jax.evaluators import host_gather
+from oclear_jax.serving import trained_run
+from oclear_jax.distributed import multihost
+from input_pipeline import paths
+from oclear_jax.distributed import host_gather
 from oclear_jax.models import ModelConfig
 
 QUERIES_FILE = "queries.npz"
@@ -84,7 +84,7 @@ def _check_catalogue(csv_path: str) -> str:
   return paths.resolve(csv_path)  # gs://bucket/cat.csv stays a URL
 
 
-def embed_catalogue(trained: inference.TrainedModel, csv_path: str, *, heads: tuple[str, ...] = ("query", "doc"),
+def embed_catalogue(trained: trained_run.TrainedModel, csv_path: str, *, heads: tuple[str, ...] = ("query", "doc"),
                     with_label: bool = False, progress: bool = True) -> EmbeddedCatalogue:
   """Embeds every readable row of `csv_path` through `heads` ('query', 'doc' or both) in batches."""
   config = trained.config
@@ -99,7 +99,7 @@ def embed_catalogue(trained: inference.TrainedModel, csv_path: str, *, heads: tu
                          disable=not progress or jax.process_index() != 0):
     positions = start + host_gather.share_rows(len(read.rows[start:start + batch_size]))
     rows = [read.rows[i] for i in positions]
-    images, kept, failed = inference.preprocess_image_files([r.image_path for r in rows], config, first_index=start)
+    images, kept, failed = trained_run.preprocess_image_files([r.image_path for r in rows], config, first_index=start)
     for position, reason in failed:
       row = rows[position]
       local["failed"].append((int(positions[position]), {"id": row.id, "image": row.image_path,
@@ -155,7 +155,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, catalogue: str, output:
   csv_path = _check_catalogue(catalogue)
   # Columns first: a misnamed column fails before the (slow) restore.
   catalogue_lib.read_catalogue(csv_path, catalogue_columns(config), max_rows=0)
-  trained = inference.restore_trained_model(config, workdir)
+  trained = trained_run.restore_trained_model(config, workdir)
   embedded = embed_catalogue(trained, csv_path, progress=progress)  # every process: a collective
   manifest = {"workdir": workdir, "checkpoint_step": trained.step, "catalogue": csv_path,
               "dim": int(embedded.documents.shape[1]), "counts": embedded.counts,

@@ -7,7 +7,7 @@ head, checkpoints, exact resume, evaluators, logging -- is the one trainer's:
   (numpy, with the rows' 'id'); a function of the seed and the step only, so a run resumed from
   step k continues with exactly batch k+1; `to_device(batch)` places one on the mesh;
 * `eval_set(predict, split)`: a split embedded by `predict(device_batch) -> {'query', 'doc'}`
-  (`OclearTask.jit_predict` reads either kind of batch) as a `retrieval.EvalSet`;
+  (`OclearTask.jit_predict` reads either kind of batch) as a `evaluation.EvalSet`;
 * `frozen_eval_set(split)`: the same rows embedded by the frozen pretrained image tower's own
   pooled features, cosine, for queries and documents alike (the "frozen pretrained" row);
 * `images(ids, split)`: uint8 pictures of some rows, for the contact sheet.
@@ -25,10 +25,10 @@ import jax
 import ml_collections
 import numpy as np
 
-from oclear_jax import datasets
-from oclear_jax import tower_features
-from oclear_jax.evaluators import host_gather
-from oclear_jax.evaluators import retrieval
+from oclear_jax import run_data
+from oclear_jax.features import tower_features
+from oclear_jax.distributed import host_gather
+from oclear_jax.retrieval import evaluation
 
 HostBatch = dict[str, np.ndarray]
 
@@ -39,20 +39,20 @@ def _normalized(x: np.ndarray) -> np.ndarray:
 
 
 class RecordsInput:
-  """TFRecords written by `datasets.prepare_data`, decoded and augmented by tf.data."""
+  """TFRecords written by `run_data.prepare_data`, decoded and augmented by tf.data."""
 
-  def __init__(self, config: ml_collections.ConfigDict, prepared: datasets.PreparedData, place: Callable):
+  def __init__(self, config: ml_collections.ConfigDict, prepared: run_data.PreparedData, place: Callable):
     self.config, self.prepared, self.place = config, prepared, place
 
   def has_split(self, split: str) -> bool:
     return bool(self.prepared.summary.get("files", {}).get(split))
 
   def train_batches(self, start_step: int) -> Iterator[HostBatch]:
-    return datasets.train_batches(self.prepared, self.config.data, global_batch_size=self.config.train.batch_size,
+    return run_data.train_batches(self.prepared, self.config.data, global_batch_size=self.config.train.batch_size,
                                   seed=self.config.seed, start_step=start_step)
 
   def to_device(self, batch: HostBatch) -> dict[str, jax.Array]:
-    return datasets.to_device_batch(batch, self.place)
+    return run_data.to_device_batch(batch, self.place)
 
   def _batches(self, split: str, *, share: bool = False):
     """The split's batches; `share`: this process's share only (round robin over processes, the rows
@@ -64,12 +64,12 @@ class RecordsInput:
         preprocess=self.config.data.eval_preprocess, process_index=jax.process_index() if share else 0,
         process_count=jax.process_count() if share else 1).as_numpy_iterator()
 
-  def eval_set(self, predict: Callable, split: str = "eval") -> retrieval.EvalSet:
-    # Each host reads and embeds its share; every host gets the whole set (retrieval.embed_eval_set).
-    return retrieval.embed_eval_set(self._batches(split, share=True), predict, self.place,
+  def eval_set(self, predict: Callable, split: str = "eval") -> evaluation.EvalSet:
+    # Each host reads and embeds its share; every host gets the whole set (evaluation.embed_eval_set).
+    return evaluation.embed_eval_set(self._batches(split, share=True), predict, self.place,
                                     self.config.eval.batch_size)
 
-  def frozen_eval_set(self, pooled: Callable | None, split: str = "eval") -> retrieval.EvalSet:
+  def frozen_eval_set(self, pooled: Callable | None, split: str = "eval") -> evaluation.EvalSet:
     """`pooled(device_batch) -> f32[B, W]`: the pretrained image tower's pooled features."""
     def predict(batch):
       emb = pooled(batch)
@@ -110,7 +110,7 @@ def _permutation(num_rows: int, seed: int, epoch: int) -> np.ndarray:
 class TowerFeaturesInput:
   """Cached frozen-tower outputs of every catalogue row (`tower_features.load_feature_splits`)."""
 
-  def __init__(self, config: ml_collections.ConfigDict, prepared: datasets.PreparedData, place: Callable,
+  def __init__(self, config: ml_collections.ConfigDict, prepared: run_data.PreparedData, place: Callable,
                workdir: str, *, progress: bool = True):
     if config.train.batch_size % jax.process_count():
       raise ValueError(f"config.train.batch_size={config.train.batch_size} must divide over "
@@ -149,23 +149,23 @@ class TowerFeaturesInput:
                        f"split column)")
     return self.splits[split]
 
-  def eval_set(self, predict: Callable, split: str = "eval") -> retrieval.EvalSet:
+  def eval_set(self, predict: Callable, split: str = "eval") -> evaluation.EvalSet:
     s = self._split(split)
     inputs = tuple(self._split_batch(split, np.zeros(0, np.int64)))
-    # Each process embeds its share of the rows; every process gets all of them (retrieval.embed_table).
-    out = retrieval.embed_table(lambda rows: self._split_batch(split, rows), len(s), predict, self.place,
+    # Each process embeds its share of the rows; every process gets all of them (evaluation.embed_table).
+    out = evaluation.embed_table(lambda rows: self._split_batch(split, rows), len(s), predict, self.place,
                                 self.config.eval.batch_size, inputs)
-    return retrieval.EvalSet(ids=s.ids, labels=s.labels, kinds=s.kinds, titles=s.titles,
+    return evaluation.EvalSet(ids=s.ids, labels=s.labels, kinds=s.kinds, titles=s.titles,
                              query_emb=out["query"], doc_emb=out["doc"])
 
-  def frozen_eval_set(self, pooled: Callable | None = None, split: str = "eval") -> retrieval.EvalSet:
+  def frozen_eval_set(self, pooled: Callable | None = None, split: str = "eval") -> evaluation.EvalSet:
     del pooled  # the cache holds the frozen tower's pooled features already
     s = self._split(split)
     emb = _normalized(s.table.image_pooled)
-    return retrieval.EvalSet(ids=s.ids, labels=s.labels, kinds=s.kinds, titles=s.titles, query_emb=emb, doc_emb=emb)
+    return evaluation.EvalSet(ids=s.ids, labels=s.labels, kinds=s.kinds, titles=s.titles, query_emb=emb, doc_emb=emb)
 
   def images(self, ids: set, split: str = "eval") -> dict[str, np.ndarray]:
-    from oclear_jax.weights import feature_cache  # pylint: disable=g-import-not-at-top
+    from oclear_jax.features import feature_cache  # pylint: disable=g-import-not-at-top
     s, size = self._split(split), self.config.data.stored_image_size
     return {i: np.clip((feature_cache.load_image(p, size) + 1.0) * 127.5, 0, 255).astype(np.uint8)
             for i, p in zip(s.ids.tolist(), s.image_paths.tolist()) if i in ids}
@@ -191,9 +191,9 @@ class TrunkActivationsInput(TowerFeaturesInput):
   kinds and the frozen pretrained row come from the tower_features cache, as in that source.
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, prepared: datasets.PreparedData, place: Callable,
+  def __init__(self, config: ml_collections.ConfigDict, prepared: run_data.PreparedData, place: Callable,
                workdir: str, *, progress: bool = True):
-    from oclear_jax.weights import trunk_cache  # pylint: disable=g-import-not-at-top
+    from oclear_jax.features import trunk_cache  # pylint: disable=g-import-not-at-top
     super().__init__(config, prepared, place, workdir, progress=progress)
     self.num_views = int(config.data.trunk_views)
     paths, counts = [], []
@@ -237,7 +237,7 @@ class TrunkActivationsInput(TowerFeaturesInput):
     return self._split_batch("train", rows, views)
 
 
-def make_input(config: ml_collections.ConfigDict, prepared: datasets.PreparedData, place: Callable, workdir: str, *,
+def make_input(config: ml_collections.ConfigDict, prepared: run_data.PreparedData, place: Callable, workdir: str, *,
                progress: bool = True):
   """The input source `config.data.input` names."""
   if config.data.get("input", "records") == "tower_features":

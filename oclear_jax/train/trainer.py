@@ -4,7 +4,7 @@ mesh -> data -> model init (eval_shape + jit out_shardings) -> restore -> update
 evaluators -> loop. The backbone is replicated (or FSDP by rule) and data-parallel; the class
 centres are split by class over the mesh; the margin softmax never gathers full logits.
 
-Two input sources feed the same loop (`train_inputs`, `config.data.input`): records (images
+Two input sources feed the same loop (`train/input_sources`, `config.data.input`): records (images
 through the towers) or, with frozen pretrained towers, their cached outputs (`tower_features`).
 The state is the same model either way -- towers included, so a checkpoint of a run trained on
 cached features embeds raw images end to end -- only the loss reads another kind of batch.
@@ -26,20 +26,20 @@ import optax
 
 from oclear_jax import checkpoint as checkpoint_lib
 from oclear_jax import config_schema
-from oclear_jax import datasets
-from oclear_jax import metric_writers
-from oclear_jax import multihost
-from oclear_jax import paths
-from oclear_jax import pretrained_towers
+from oclear_jax import run_data
+from oclear_jax.train import metric_writers
+from oclear_jax.distributed import multihost
+from input_pipeline import paths
+from oclear_jax.train import pretrained_towers
 from oclear_jax import sharding
-from oclear_jax import train_eval
-from oclear_jax import train_inputs
-from oclear_jax.evaluators import plots
+from oclear_jax.train import evals
+from oclear_jax.train import input_sources
+from oclear_jax.retrieval import plots
 from oclear_jax.heads import center_optimizer
 from oclear_jax.heads import info_nce
 from oclear_jax.heads import margins
 from oclear_jax.heads import sharded_softmax
-from oclear_jax.heads import title_match
+from oclear_jax.heads import title_match_loss
 from oclear_jax.models import build_model
 from oclear_jax.models import TitleFeatures
 from oclear_jax.models import title_match as title_match_lib
@@ -166,7 +166,7 @@ class OclearTask:
       if self.model.title_match_dim:  # image parts to the loss below; title parts matched in the batch
         (queries, expected), (documents, titles) = (title_match_lib.split(e, self.model.embed_dim)
                                                     for e in (queries, documents))
-        title_loss = title_match.title_match_loss(expected, titles, self._present(batch), self.margin_fn)
+        title_loss = title_match_loss.title_match_loss(expected, titles, self._present(batch), self.margin_fn)
       if self.config.head.loss == "info_nce":  # row i's two views are each other's positive
         scale = info_nce.logit_scale(params["logit_scale_log"])
         loss, aux = info_nce.info_nce_loss(queries, documents, scale), {
@@ -263,7 +263,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
   logging.info("Mesh %s over %d devices", dict(mesh.shape), mesh.size)
 
   # == Data ======================================================================================
-  prepared = datasets.prepare_data(config.data, workdir, seed=config.seed, progress=progress)
+  prepared = run_data.prepare_data(config.data, workdir, seed=config.seed, progress=progress)
   logging.info("Records in %s: %d classes, skipped %s", prepared.records_dir, prepared.num_classes,
                prepared.summary.get("skipped", {}))
 
@@ -272,7 +272,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
                     title_special_ids=prepared.title_special_ids)
   place = lambda b: sharding.global_batch(b, mesh, task.rules)
   # Records, or the frozen towers' outputs of every catalogue row, computed once and cached.
-  inputs = train_inputs.make_input(config, prepared, place, workdir, progress=progress)
+  inputs = input_sources.make_input(config, prepared, place, workdir, progress=progress)
   abstract, shardings = task.abstract_state()
   sharding.check_sufficiently_sharded(abstract, shardings, int(config.sharding.max_replicated_mib * 2**20))
   store = checkpoint_lib.train_store(workdir, config.train)  # from here on, SIGTERM saves the step in flight
@@ -289,10 +289,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
 
   # == Evaluators ================================================================================
   writer = metric_writers.MetricWriter(workdir)
-  evaluate = functools.partial(train_eval.evaluate, task, inputs, workdir=workdir)
-  eval_history = train_eval.load_eval_history(workdir)
-  frozen = train_eval.frozen_row(task, inputs, state, shardings, workdir, fresh=start_step == 0)
-  select = train_eval.CheckpointSelection(task, inputs, workdir)
+  evaluate = functools.partial(evals.evaluate, task, inputs, workdir=workdir)
+  eval_history = evals.load_eval_history(workdir)
+  frozen = evals.frozen_row(task, inputs, state, shardings, workdir, fresh=start_step == 0)
+  select = evals.CheckpointSelection(task, inputs, workdir)
   if config.eval.at_start and start_step == 0 and 0 not in eval_history:
     eval_history[0] = evaluate(state["params"], step=0, artifacts=False)
     writer.write(0, {f"eval/{k}": v for k, v in eval_history[0].items()})
@@ -358,17 +358,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
 
 
 def restore_trained_state(config: ml_collections.ConfigDict, workdir: str, step: int | None = None, *,
-                          prepared: datasets.PreparedData | None = None, best: bool = False):
+                          prepared: run_data.PreparedData | None = None, best: bool = False):
   """(task, state, step) of the run in `workdir` (latest checkpoint by default), on this config's mesh.
 
   `prepared` skips re-reading the catalogue when the caller already has the run's records;
   `best` restores the checkpoint `config.eval.select_on` selected (eval/best.json) instead.
   """
-  prepared = prepared or datasets.prepare_data(config.data, workdir, seed=config.seed, progress=False)
+  prepared = prepared or run_data.prepare_data(config.data, workdir, seed=config.seed, progress=False)
   task = OclearTask(config, sharding.make_mesh(config.mesh.shape), num_classes=prepared.num_classes,
                     vocab_size=prepared.vocab_size, title_special_ids=prepared.title_special_ids)
   abstract, shardings = task.abstract_state()
-  directory = train_eval.best_checkpoint_dir(workdir) if best else os.path.join(workdir, "checkpoints")
+  directory = evals.best_checkpoint_dir(workdir) if best else os.path.join(workdir, "checkpoints")
   store = checkpoint_lib.CheckpointStore(directory)
   try:
     state, step = store.restore(checkpoint_lib.abstract_with_shardings(abstract, shardings), step)

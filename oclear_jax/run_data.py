@@ -20,8 +20,8 @@ from input_pipeline import catalogue as catalogue_lib
 from input_pipeline import records as records_lib
 from input_pipeline import synthetic_catalogue
 from input_pipeline import tokenizer as tokenizer_lib
-from oclear_jax import multihost
-from oclear_jax import paths
+from oclear_jax.distributed import multihost
+from input_pipeline import paths
 from oclear_jax import weights
 
 # Features that go to the device; ids and raw titles stay on the host.
@@ -73,7 +73,7 @@ def catalogue_paths(data: ml_collections.ConfigDict, workdir: str) -> tuple[str,
   return csv_path, records_dir
 
 
-# The curated catalogue of --mode=govern (oclear_jax/governance/command.py) and its columns.
+# The curated catalogue of --mode=govern (oclear_jax/commands/govern.py) and its columns.
 GOVERNED_COLUMNS = catalogue_lib.CatalogueColumns(kind="kind", split="split")
 
 

@@ -29,7 +29,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from oclear_jax import multihost
+from oclear_jax.distributed import multihost
 
 HostBatch = dict[str, np.ndarray]
 ROW = "row"  # the column of source row numbers in gathered results

@@ -36,10 +36,10 @@ from typing import Any
 
 import numpy as np
 
-from oclear_jax import paths
-from oclear_jax.evaluators import exact_search
-from oclear_jax.evaluators import metrics as metrics_lib
-from oclear_jax.evaluators import scann_search
+from input_pipeline import paths
+from oclear_jax.retrieval import exact_search
+from oclear_jax.retrieval import metrics as metrics_lib
+from oclear_jax.retrieval import scann_search
 
 BUILD_KEYS = ("num_leaves", "training_sample_size", "dims_per_block", "soar_lambda", "anisotropic_threshold",
               "spherical")
@@ -263,7 +263,7 @@ def single_setting(index: scann_search.ScannIndex, queries: np.ndarray, ground_t
 
 def write_frontier(tuned: Tuned, directory: str) -> tuple[str, str]:
   """frontier.json (every setting tried, the chosen one) and frontier.png (recall against q/s) in
-  directory, a local folder or a URL (both written as bytes through `oclear_jax.paths`)."""
+  directory, a local folder or a URL (both written as bytes through `input_pipeline.paths`)."""
   paths.makedirs(directory)
   json_path, png_path = paths.join(directory, "frontier.json"), paths.join(directory, "frontier.png")
   paths.write_bytes(json_path, json.dumps({

@@ -5,7 +5,7 @@ main.py's flags or from JAX's own cluster detection (TPU VM slices, SLURM, Open 
 plain machine single-process.
 
 `gather_objects` is the one way Python values cross processes (pickled bytes through
-`multihost_utils.process_allgather`): outcomes here, rows and shapes in `evaluators/host_gather.py`.
+`multihost_utils.process_allgather`): outcomes here, rows and shapes in `distributed/host_gather.py`.
 
 `raise_if_any_process_failed` and `run_on_process_zero` are for steps that can fail on one host
 (process 0 validating a catalogue and writing records, any host reading its share): every process

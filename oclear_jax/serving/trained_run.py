@@ -16,9 +16,9 @@ to `data.stored_image_size`, JPEG), then `data.eval_preprocess` through the regi
 preprocessing ops; for a run on cached tower outputs, through the caches' loader.
 Titles go through the tokenizer saved beside the run's records, padded to `data.max_title_len`.
 
-With N processes (a pod, or `oclear_jax.launch`) every process restores the model on the mesh
+With N processes (a pod, or `oclear_jax.distributed.launch`) every process restores the model on the mesh
 over all devices, and embedding is a collective: `embedder` takes the same batch on every
-process, `mesh_embedder` each process's own share (`evaluators.host_gather`).
+process, `mesh_embedder` each process's own share (`distributed.host_gather`).
 """
 from __future__ import annotations
 
@@ -39,8 +39,8 @@ import orbax.checkpoint as ocp
 
 from oclear_jax import checkpoint as checkpoint_lib
 from oclear_jax import config_schema
-from oclear_jax import datasets
-from oclear_jax import paths
+from oclear_jax import run_data
+from input_pipeline import paths
 from oclear_jax import sharding
 from oclear_jax.models import build_model
 
@@ -85,15 +85,15 @@ def _merge(node: ml_collections.ConfigDict, saved: dict, path: str, prefix: str)
       node[key] = _as_tuples(value)  # JSON has lists where the config has tuples
 
 
-def run_records(config: ml_collections.ConfigDict, workdir: str) -> datasets.PreparedData:
+def run_records(config: ml_collections.ConfigDict, workdir: str) -> run_data.PreparedData:
   """The records the run trained on, as they are (never re-prepared: the model was trained on them)."""
-  csv_path, records_dir = datasets.catalogue_paths(config.data, workdir)
+  csv_path, records_dir = run_data.catalogue_paths(config.data, workdir)
   summary_path = paths.join(records_dir, "records.json")
   if not paths.exists(summary_path):
     raise FileNotFoundError(f"{summary_path} not found: {workdir} holds no records of a trained run; train first "
                             f"(python -m oclear_jax.main --config=... --workdir={workdir})")
   with paths.open(summary_path) as f:
-    return datasets.PreparedData(records_dir=records_dir, catalogue_csv=csv_path, summary=json.load(f))
+    return run_data.PreparedData(records_dir=records_dir, catalogue_csv=csv_path, summary=json.load(f))
 
 
 # == Restore: params/encoder only ===================================================================
@@ -159,7 +159,7 @@ class TrainedModel:
   model: nn.Module
   params: Any  # the encoder's params (what the checkpoint holds under params/encoder)
   step: int
-  records: datasets.PreparedData
+  records: run_data.PreparedData
   _predict_fns: dict[str, Callable] = dataclasses.field(default_factory=dict, repr=False)
 
   @functools.cached_property
@@ -209,25 +209,25 @@ class TrainedModel:
     """`embed(host_batch) -> np.ndarray` for up to `batch_size` rows (default config.eval.batch_size):
     padded to the fixed batch (one compilation), placed on the mesh, padding cut off. On N
     processes a collective: every process passes the same batch and embeds its share of it."""
-    from oclear_jax.evaluators import export  # pylint: disable=g-import-not-at-top  (evaluators import inference)
+    from oclear_jax.serving import export  # pylint: disable=g-import-not-at-top  (evaluators import inference)
     return export.device_embedder(self.jit_predict(head), self.params, self.place,
                                   batch_size or self.config.eval.batch_size, head, inputs=HEADS[head])
 
   def mesh_embedder(self, head: str, batch_size: int | None = None):
     """A `host_gather.MeshEmbedder` of `head` for rows each process holds its own share of
     (`step(local_batch)` per global batch; `batch_size` default config.eval.batch_size)."""
-    from oclear_jax.evaluators import host_gather  # pylint: disable=g-import-not-at-top
+    from oclear_jax.distributed import host_gather  # pylint: disable=g-import-not-at-top
     predict = self.jit_predict(head)
     return host_gather.MeshEmbedder(lambda batch: predict(self.params, batch), self.place,
                                     batch_size or self.config.eval.batch_size, HEADS[head], outputs=(head,))
 
 
 def restore_trained_model(config: ml_collections.ConfigDict, workdir: str, step: int | None = None, *,
-                          records: datasets.PreparedData | None = None) -> TrainedModel:
+                          records: run_data.PreparedData | None = None) -> TrainedModel:
   """The run in `workdir` at checkpoint `step`, built from `config` on its mesh.
 
   Default step: the checkpoint the run selected on its validation split (checkpoints_best/, see
-  `train_eval.CheckpointSelection`) when it kept one, else the latest.
+  `train/evals.CheckpointSelection`) when it kept one, else the latest.
 
   The vocabulary size and title special ids come from the run's records (`run_records`), never
   from re-preparing data: the model was trained on those records.
@@ -286,7 +286,7 @@ def preprocess_image_files(paths: Sequence[str], config: ml_collections.ConfigDi
 
 
 def _cached_input_images(paths: Sequence[str], size: int) -> tuple[np.ndarray, list[int], list[tuple[int, str]]]:
-  from oclear_jax.weights import feature_cache  # pylint: disable=g-import-not-at-top
+  from oclear_jax.features import feature_cache  # pylint: disable=g-import-not-at-top
   images, kept, failed = [], [], []
   for i, path in enumerate(paths):
     try:

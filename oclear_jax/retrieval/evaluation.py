@@ -23,14 +23,14 @@ from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
-from oclear_jax import paths
-from oclear_jax.evaluators import exact_search
-from oclear_jax.evaluators import host_gather
-from oclear_jax.evaluators import metrics as metrics_lib
-from oclear_jax.evaluators import plots
-from oclear_jax.evaluators import product1m_metrics
-from oclear_jax.evaluators import scann_search
-from oclear_jax.evaluators import title_feedback
+from input_pipeline import paths
+from oclear_jax.retrieval import exact_search
+from oclear_jax.distributed import host_gather
+from oclear_jax.retrieval import metrics as metrics_lib
+from oclear_jax.retrieval import plots
+from oclear_jax.retrieval import product1m_metrics
+from oclear_jax.retrieval import scann_search
+from oclear_jax.retrieval import title_feedback
 
 QUERY, DOC = 1, 0
 

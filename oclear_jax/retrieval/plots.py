@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw, ImageFont
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from oclear_jax import paths
+from input_pipeline import paths
 
 # Tile border colours: relevant, irrelevant, query.
 _GREEN = (30, 160, 60)

@@ -42,7 +42,7 @@ from PIL import Image
 
 from oclear_jax.models import efficientnet
 from oclear_jax.weights import efficientnet_lite0
-from oclear_jax.weights import feature_cache
+from oclear_jax.features import feature_cache
 
 AUGMENT_VERSION = ("v0=" + feature_cache.PREPROCESS_VERSION + "|v>=1: pil resize(S), crop area[0.6,1] "
                    "aspect[3/4,4/3] bilinear resize(S), flip 1/2, rng=sha256(file bytes|view)|v1")

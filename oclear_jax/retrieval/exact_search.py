@@ -265,6 +265,6 @@ def fastest_exact_top_k(
     return exact_top_k(queries, gallery, k, exclude=exclude)
   queries = _check(queries, np.shape(gallery)[1], k)
   if searcher is None:
-    from oclear_jax.evaluators import scann_search  # pylint: disable=g-import-not-at-top  (loads TF)
+    from oclear_jax.retrieval import scann_search  # pylint: disable=g-import-not-at-top  (loads TF)
     searcher = scann_search.ScannIndex.build(gallery, k=k, brute_force=True)
   return searcher.search(queries, k, exclude=exclude, parallel=True)

@@ -33,7 +33,7 @@ from typing import Any, Iterator
 import ml_collections
 
 from input_pipeline import catalogue as catalogue_lib
-from oclear_jax import paths as paths_lib
+from input_pipeline import paths as paths_lib
 from oclear_jax.governance import curate
 from oclear_jax.governance import decisions as decisions_lib
 from oclear_jax.governance import executors
@@ -44,10 +44,10 @@ from oclear_jax.governance import settings as settings_lib
 
 def read_raw_catalogue(data: ml_collections.ConfigDict, workdir: str, seed: int, *, progress: bool = True):
   """The raw catalogue of `data` (generating the built-in one when configured)."""
-  from oclear_jax import datasets  # pylint: disable=g-import-not-at-top  (imports jax)
+  from oclear_jax import run_data  # pylint: disable=g-import-not-at-top  (imports jax)
   if data.source == "synthetic":
-    datasets.generate_builtin_catalogue(data, workdir, progress=progress)
-  csv_path, _ = datasets.catalogue_paths(data, workdir)
+    run_data.generate_builtin_catalogue(data, workdir, progress=progress)
+  csv_path, _ = run_data.catalogue_paths(data, workdir)
   columns = catalogue_lib.CatalogueColumns(**{k: (v or None) for k, v in data.columns.to_dict().items()})
   return csv_path, catalogue_lib.read_catalogue(csv_path, columns, eval_fraction=data.eval_fraction, split_seed=seed,
                                                 max_rows=data.max_rows or None)
@@ -108,11 +108,11 @@ def _output_folder(workdir: str, files: dict[str, str]) -> Iterator[str]:
 
 def write_curated_records(config: ml_collections.ConfigDict, workdir: str, progress: bool = True) -> str:
   """Records from the curated catalogue (`prepare_data` with data.governed); every process calls it."""
-  from oclear_jax import datasets  # pylint: disable=g-import-not-at-top  (imports jax and TensorFlow)
+  from oclear_jax import run_data  # pylint: disable=g-import-not-at-top  (imports jax and TensorFlow)
   data = config.data.copy_and_resolve_references()
   data.governed = True
   data.max_rows = 0  # The curated catalogue is already cut to max_rows per catalogue read.
-  return datasets.prepare_data(data, workdir, seed=config.seed, progress=progress).records_dir
+  return run_data.prepare_data(data, workdir, seed=config.seed, progress=progress).records_dir
 
 
 def run_products(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
@@ -121,8 +121,8 @@ def run_products(config: ml_collections.ConfigDict, workdir: str, *, progress: b
   settings = settings_lib.from_config(config.governance)
   data = config.data
   if data.source == "synthetic":
-    from oclear_jax import datasets  # pylint: disable=g-import-not-at-top  (imports jax)
-    datasets.generate_builtin_catalogue(data, workdir, progress=progress)
+    from oclear_jax import run_data  # pylint: disable=g-import-not-at-top  (imports jax)
+    run_data.generate_builtin_catalogue(data, workdir, progress=progress)
   root = data.root or paths_lib.join(workdir, "catalogue")
   csv_path = data.csv if os.path.isabs(data.csv) or paths_lib.is_remote(data.csv) else paths_lib.join(root, data.csv)
   columns = catalogue_lib.CatalogueColumns(**{k: (v or None) for k, v in data.columns.to_dict().items()})

@@ -29,14 +29,14 @@ deepen or shorten this one search; an exact (brute-force) index ignores them.
 
 Both run on the mesh of `config.mesh` over every process's devices (one process, or N launched
 as for training: each embeds its share, process 0 alone builds the ScaNN index, writes the files,
-searches the loaded index and prints), with the model's parameters only (`oclear_jax.inference`:
+searches the loaded index and prints), with the model's parameters only (`oclear_jax.serving.trained_run`:
 no class centres, no optimizer state). Both read the config the training run saved
 (`{workdir}/config.json`) unless one is passed. Problems a user can fix (missing files, a file
 that is not an image, no checkpoint, no index) raise ValueError / FileNotFoundError naming the
 file; `main` prints them as one `error: ...` line with exit code 2.
 
 The workdir may be a URL (gs://bucket/run): the index is read from and the contact sheet written to
-it through `oclear_jax.paths`, and query images may be URLs too.
+it through `input_pipeline.paths`, and query images may be URLs too.
 """
 from __future__ import annotations
 
@@ -52,11 +52,11 @@ import numpy as np
 from PIL import Image
 
 from oclear_jax import checkpoint as checkpoint_lib
-from oclear_jax import inference
-from oclear_jax import paths
-from oclear_jax.evaluators import gallery_index
-from oclear_jax.evaluators import host_gather
-from oclear_jax.evaluators import plots
+from oclear_jax.serving import trained_run
+from input_pipeline import paths
+from oclear_jax.serving import gallery_index
+from oclear_jax.distributed import host_gather
+from oclear_jax.retrieval import plots
 
 CONTACT_SHEET = os.path.join("search", "contact_sheet.png")
 
@@ -67,7 +67,7 @@ def build_index(workdir: str, config: ml_collections.ConfigDict | None = None, *
   returns the index manifest."""
   out = out or sys.stdout
   workdir = paths.resolve(workdir)  # gs://bucket/run stays a URL
-  config = config if config is not None else inference.load_run_config(workdir)
+  config = config if config is not None else trained_run.load_run_config(workdir)
   manifest = gallery_index.build(config, workdir, catalogue=catalogue, progress=progress)  # every process
   if jax.process_index() == 0:
     _print_built(manifest, workdir, out)
@@ -103,7 +103,7 @@ def load_query_images(files: list[str], config: ml_collections.ConfigDict) -> tu
   for path in files:
     if not paths.exists(path) or paths.isdir(path):
       raise FileNotFoundError(f"query image {path} not found")
-  inputs, _, failed = inference.preprocess_image_files(files, config)
+  inputs, _, failed = trained_run.preprocess_image_files(files, config)
   if failed:
     i, reason = failed[0]
     raise ValueError(f"query {files[i]} is not a usable image ({reason}); pass a photo (JPEG, PNG, WebP, ...)")
@@ -146,7 +146,7 @@ def _embed_queries(config, workdir: str, index: gallery_index.GalleryIndex, imag
   if not paths.isdir(ckpt):
     raise FileNotFoundError(f"the index in {index.root} was built with checkpoint step {index.step}, which is no "
                             f"longer in {os.path.dirname(ckpt)}; rebuild it: --mode=index --workdir={workdir}")
-  embed = inference.restore_trained_model(config, workdir, index.step).embedder("query")
+  embed = trained_run.restore_trained_model(config, workdir, index.step).embedder("query")
   batch_size = config.eval.batch_size
   return np.concatenate([embed({"image": images[s:s + batch_size]}) for s in range(0, len(images), batch_size)])
 
@@ -175,7 +175,7 @@ def search(workdir: str, queries: list[str], *, top_k: int = 10, output_format: 
   if not queries:
     raise ValueError("no query images: pass --query=IMAGE (repeat it for several)")
   workdir = paths.resolve(workdir)  # gs://bucket/run stays a URL
-  config = config if config is not None else inference.load_run_config(workdir)
+  config = config if config is not None else trained_run.load_run_config(workdir)
   images, shown = load_query_images(list(queries), config)  # bad files fail before anything slow
   index = gallery_index.GalleryIndex(workdir)
   latest = _latest_step(workdir)
@@ -206,7 +206,7 @@ def _answer(workdir: str, index: gallery_index.GalleryIndex, queries: list[str],
     payload["queries"].append({"query": paths.resolve(path), "results": results})
   sheet = paths.join(workdir, CONTACT_SHEET)
   paths.makedirs(os.path.dirname(sheet))
-  plots.contact_sheet(  # written through oclear_jax.paths: a URL workdir's sheet lands in the bucket
+  plots.contact_sheet(  # written through input_pipeline.paths: a URL workdir's sheet lands in the bucket
       shown, [[(_document_image(index.image_paths[r]), f"{_text(index.titles[r]) or _text(index.ids[r])} | "
                 f"{scores[q, rank]:.2f}", None) for rank, r in enumerate(rows[q]) if r >= 0]
               for q in range(len(queries))],

@@ -33,7 +33,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from oclear_jax.evaluators import labels as labels_lib
+from oclear_jax.retrieval import labels as labels_lib
 
 
 def relevance_matrix(

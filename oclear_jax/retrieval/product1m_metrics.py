@@ -45,7 +45,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from oclear_jax.evaluators import labels as labels_lib
+from oclear_jax.retrieval import labels as labels_lib
 
 
 def product1m_metrics(

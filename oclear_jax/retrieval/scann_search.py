@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from oclear_jax import paths
+from input_pipeline import paths
 
 MIN_POINTS_FOR_TREE = 1000
 _SIDECAR = "oclear_index.json"

@@ -25,7 +25,7 @@ On N processes every process reads the same batches and embeds its share of each
 them, which shards a previous run finished, so every process resumes from the same row.
 
 The directory may be a URL (gs://bucket/run/index/documents): every file goes through
-`oclear_jax.paths`, shards are serialized in memory and written whole, and reads memory-map
+`input_pipeline.paths`, shards are serialized in memory and written whole, and reads memory-map
 local files (as before) but load a URL's shard from its bytes (a shard check reads only the
 .npy header).
 """
@@ -40,9 +40,9 @@ import jax
 import numpy as np
 import tqdm
 
-from oclear_jax import multihost
-from oclear_jax import paths
-from oclear_jax.evaluators import host_gather
+from oclear_jax.distributed import multihost
+from input_pipeline import paths
+from oclear_jax.distributed import host_gather
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"

@@ -33,7 +33,7 @@ files and builds the ScaNN index, once, which `search` loads. Queries and docume
 from the same checkpoint, so `GalleryIndex.step` tells `search` which checkpoint to embed
 queries with.
 
-The workdir may be a URL (gs://bucket/run): every file above goes through `oclear_jax.paths`
+The workdir may be a URL (gs://bucket/run): every file above goes through `input_pipeline.paths`
 (the ScaNN folder is serialized locally and copied up, and copied down to load), and the
 checkpoint is looked up where orbax keeps it (`checkpoint.orbax_directory`).
 """
@@ -49,17 +49,17 @@ import ml_collections
 import numpy as np
 
 from oclear_jax import checkpoint as checkpoint_lib
-from oclear_jax import datasets
-from oclear_jax import inference
-from oclear_jax import multihost
-from oclear_jax import paths
-from oclear_jax.evaluators import exact_search
-from oclear_jax.evaluators import export
-from oclear_jax.evaluators import host_gather
-from oclear_jax.evaluators import index_tuning
-from oclear_jax.evaluators import metrics as metrics_lib
-from oclear_jax.evaluators import product1m_metrics
-from oclear_jax.evaluators import scann_search
+from oclear_jax import run_data
+from oclear_jax.serving import trained_run
+from oclear_jax.distributed import multihost
+from input_pipeline import paths
+from oclear_jax.retrieval import exact_search
+from oclear_jax.serving import export
+from oclear_jax.distributed import host_gather
+from oclear_jax.retrieval import index_tuning
+from oclear_jax.retrieval import metrics as metrics_lib
+from oclear_jax.retrieval import product1m_metrics
+from oclear_jax.retrieval import scann_search
 
 INDEX_DIR = "index"
 MANIFEST = "index.json"
@@ -86,7 +86,7 @@ def records_source(records_dir: str, parts: list[tuple[str, str]], batch_size: i
   return source, sum(n for _, _, n in counts)
 
 
-def _fingerprint(prepared: datasets.PreparedData, config: ml_collections.ConfigDict, workdir: str, step: int,
+def _fingerprint(prepared: run_data.PreparedData, config: ml_collections.ConfigDict, workdir: str, step: int,
                  head: str) -> str:
   ckpt = checkpoint_folder(workdir, step)
   # A folder's mtime locally; object stores have no folders, so there the step's metadata file's.
@@ -109,7 +109,7 @@ def _npy_bytes(array: np.ndarray) -> bytes:
   return buffer.getvalue()
 
 
-def _image_paths(config: ml_collections.ConfigDict, prepared: datasets.PreparedData, ids: np.ndarray) -> np.ndarray:
+def _image_paths(config: ml_collections.ConfigDict, prepared: run_data.PreparedData, ids: np.ndarray) -> np.ndarray:
   """Catalogue image path per document id, from the catalogue CSV ('' where unknown)."""
   from input_pipeline import catalogue as catalogue_lib  # pylint: disable=g-import-not-at-top
   try:
@@ -134,8 +134,8 @@ def build(config: ml_collections.ConfigDict, workdir: str, *, catalogue: str | N
 
   The gallery is the run's records (train and eval documents), or every readable row of `catalogue`.
   """
-  prepared = inference.run_records(config, workdir)
-  trained = inference.restore_trained_model(config, workdir, records=prepared)
+  prepared = trained_run.run_records(config, workdir)
+  trained = trained_run.restore_trained_model(config, workdir, records=prepared)
   step = trained.step
   root = paths.join(workdir, INDEX_DIR)
   if catalogue:
@@ -161,7 +161,7 @@ def build(config: ml_collections.ConfigDict, workdir: str, *, catalogue: str | N
                                    labelled=not catalogue or gallery_entries["labelled"])
 
 
-def _finish(config: ml_collections.ConfigDict, prepared: datasets.PreparedData, root: str, step: int,
+def _finish(config: ml_collections.ConfigDict, prepared: run_data.PreparedData, root: str, step: int,
             exports: dict, image_paths: np.ndarray | None, gallery_entries: dict, *, labelled: bool) -> dict:
   """Process 0's part of `build`: image_paths.npy, the tuned searcher, its frontier and metrics, index.json."""
   docs = exports["document"]
@@ -226,10 +226,10 @@ def _held_out_queries(config, docs: export.ExportedEmbeddings, queries: export.E
           "described": f"{len(rows)} documents querying the others (themselves excluded)"}
 
 
-def _export_catalogue(trained: inference.TrainedModel, csv_path: str, root: str, *,
+def _export_catalogue(trained: trained_run.TrainedModel, csv_path: str, root: str, *,
                       progress: bool) -> tuple[dict, np.ndarray, dict]:
   """({'document': export}, image paths, manifest entries) for every readable row of a catalogue CSV."""
-  from oclear_jax.evaluators import embed_command  # pylint: disable=g-import-not-at-top
+  from oclear_jax.commands import embed as embed_command  # pylint: disable=g-import-not-at-top
   config = trained.config
   csv_path = paths.resolve(csv_path)
   labelled = bool(config.data.columns.label) and config.data.columns.label in embed_command.csv_header(csv_path)

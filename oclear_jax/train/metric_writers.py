@@ -9,7 +9,7 @@ from collections.abc import Mapping
 
 import jax
 
-from oclear_jax import paths
+from input_pipeline import paths
 
 
 class MetricWriter:

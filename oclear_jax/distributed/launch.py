@@ -1,6 +1,6 @@
 r"""Runs one command as N local JAX processes: a pod's multi-host run, simulated on one machine.
 
-  python -m oclear_jax.launch --num_processes=2 --devices_per_process=4 -- \
+  python -m oclear_jax.distributed.launch --num_processes=2 --devices_per_process=4 -- \
       --config=configs/tiny.py --workdir=/tmp/tiny2
 
 starts `python -m oclear_jax.main <the arguments after -->` N times, process i with
@@ -9,7 +9,7 @@ and `XLA_FLAGS=--xla_force_host_platform_device_count=K`, so the run sees N*K CP
 processes exactly as a pod slice's hosts see theirs: cross-process collectives, one writer per
 file, per-host input shares. Each output line is prefixed with `[pI]`. The launcher exits 0 when
 every process does; when one fails it waits --grace_s for the others to end on their own (they
-should: an error on one host is an error on all, oclear_jax/multihost.py), then kills them, and
+should: an error on one host is an error on all, oclear_jax/distributed/multihost.py), then kills them, and
 exits with the first failure's code. Nothing is left hanging.
 
 On a real cluster there is no launcher: run the usual command on every host (TPU VM slices, SLURM
@@ -116,7 +116,7 @@ def launch(args: list[str], *, num_processes: int, devices_per_process: int, mod
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   own, rest = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
-  parser = argparse.ArgumentParser(prog="python -m oclear_jax.launch", description=__doc__.split("\n\n")[0],
+  parser = argparse.ArgumentParser(prog="python -m oclear_jax.distributed.launch", description=__doc__.split("\n\n")[0],
                                    epilog="Arguments after -- go to every process unchanged.")
   parser.add_argument("--num_processes", type=int, default=2)
   parser.add_argument("--devices_per_process", type=int, default=4,

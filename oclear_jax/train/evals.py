@@ -1,8 +1,8 @@
 """The trainer's evaluators: held-out retrieval, the "frozen pretrained" row, checkpoint selection.
 
-All three score with the same evaluator code (`evaluators.retrieval`: exact search as ground
+All three score with the same evaluator code (`retrieval.evaluation`: exact search as ground
 truth, ScaNN against it, Recall@K / MAP@R / Product1M metrics), on embeddings an input source
-(`train_inputs`) makes, whichever source the run trains on:
+(`train/input_sources`) makes, whichever source the run trains on:
 
 * `evaluate`: the eval split at a step -> eval/step_N.json (other splits: eval/<split>/step_N.json);
 * `frozen_row`: the pretrained image tower's own pooled features, cosine, queries and documents
@@ -12,12 +12,12 @@ truth, ScaNN against it, Recall@K / MAP@R / Product1M metrics), on embeddings an
   the last, and keeps the best step by MAP@R in checkpoints_best/ (beside the orbax step
   directory, so keep-N never deletes it) with eval/best.json.
 
-On N processes each embeds its share of the split (`evaluators.host_gather`); process 0 alone
+On N processes each embeds its share of the split (`distributed.host_gather`); process 0 alone
 searches, scores, builds the ScaNN index and writes the files, and every process gets its metrics,
 so all take the same decisions (checkpoint selection saves collectively).
 
 With `config.eval.title_feedback_docs` > 0, every score also re-ranks by the titles of each query's
-top results (`evaluators.title_feedback`) and reports those metrics under prf/ beside the plain ones.
+top results (`retrieval.title_feedback`) and reports those metrics under prf/ beside the plain ones.
 """
 from __future__ import annotations
 
@@ -33,13 +33,13 @@ import numpy as np
 
 from oclear_jax import checkpoint as checkpoint_lib
 from oclear_jax import models
-from oclear_jax import multihost
-from oclear_jax import paths
-from oclear_jax import pretrained_towers
-from oclear_jax.evaluators import host_gather
-from oclear_jax.evaluators import retrieval
-from oclear_jax.evaluators import scann_search
-from oclear_jax.evaluators import title_feedback
+from oclear_jax.distributed import multihost
+from input_pipeline import paths
+from oclear_jax.train import pretrained_towers
+from oclear_jax.distributed import host_gather
+from oclear_jax.retrieval import evaluation
+from oclear_jax.retrieval import scann_search
+from oclear_jax.retrieval import title_feedback
 
 FROZEN_FILE = "frozen.json"
 BEST_FILE = "best.json"
@@ -49,9 +49,9 @@ SELECT_METRIC = "map@r"
 best_checkpoint_dir = checkpoint_lib.best_checkpoint_dir
 
 
-def _search_and_score(config, eval_set: retrieval.EvalSet, *, use_scann: bool, scann_dir: str | None = None,
+def _search_and_score(config, eval_set: evaluation.EvalSet, *, use_scann: bool, scann_dir: str | None = None,
                       title_vectors: np.ndarray | None = None):
-  return retrieval.search_and_score(
+  return evaluation.search_and_score(
       eval_set, ks=tuple(config.eval.ks), use_scann=use_scann, scann_dir=scann_dir,
       cutoffs=tuple(config.eval.get("cutoffs", ())), scann_params=scann_search.params_from_config(config.index),
       title_vectors=title_vectors, feedback_docs=config.eval.get("title_feedback_docs", 0),
@@ -82,7 +82,7 @@ def _cached_tower_outputs(inputs) -> bool:
   return getattr(inputs, "splits", None) is not None
 
 
-def _title_vectors(config, inputs, eval_set: retrieval.EvalSet, split: str) -> np.ndarray | None:
+def _title_vectors(config, inputs, eval_set: evaluation.EvalSet, split: str) -> np.ndarray | None:
   """f32[N, T] per eval row (`title_feedback.title_vectors`), or None: no title feedback.
 
   Cached inputs: the cached frozen MiniLM titles, centred by the training rows' mean. Records: the
@@ -101,7 +101,7 @@ def _title_vectors(config, inputs, eval_set: retrieval.EvalSet, split: str) -> n
   if eval_set.title_pooled is None:  # embedded without the text tower (the frozen row of records)
     return None
   present = np.any(eval_set.title_pooled != 0, axis=1)
-  mean = title_feedback.title_mean(eval_set.title_pooled, present & (eval_set.kinds == retrieval.DOC))
+  mean = title_feedback.title_mean(eval_set.title_pooled, present & (eval_set.kinds == evaluation.DOC))
   return title_feedback.title_vectors(eval_set.title_pooled, present, mean)
 
 
@@ -120,7 +120,7 @@ def evaluate(task, inputs, params, *, workdir: str, step: int, artifacts: bool =
                                    artifacts=artifacts, split=split)
 
 
-def _score_and_write(task, inputs, eval_set: retrieval.EvalSet, *, workdir: str, step: int, artifacts: bool,
+def _score_and_write(task, inputs, eval_set: evaluation.EvalSet, *, workdir: str, step: int, artifacts: bool,
                      split: str) -> dict[str, float]:
   """Process 0's part of `evaluate`: search, score, save eval/step_N.json (+ ScaNN index, contact sheet)."""
   config = task.config
@@ -128,10 +128,10 @@ def _score_and_write(task, inputs, eval_set: retrieval.EvalSet, *, workdir: str,
                              scann_dir=os.path.join(workdir, "scann_index") if artifacts else None,
                              title_vectors=_title_vectors(config, inputs, eval_set, split))
   subdir = "eval" if split == "eval" else os.path.join("eval", split)
-  retrieval.save_metrics(os.path.join(workdir, subdir, f"step_{step}.json"), step, result.metrics)
+  evaluation.save_metrics(os.path.join(workdir, subdir, f"step_{step}.json"), step, result.metrics)
   if artifacts and config.eval.contact_sheet_queries > 0:
-    wanted = retrieval.contact_sheet_ids(eval_set, result, config.eval.contact_sheet_queries)
-    retrieval.write_contact_sheet(eval_set, result, inputs.images(wanted, split),
+    wanted = evaluation.contact_sheet_ids(eval_set, result, config.eval.contact_sheet_queries)
+    evaluation.write_contact_sheet(eval_set, result, inputs.images(wanted, split),
                                   os.path.join(workdir, "contact_sheet.png"), config.eval.contact_sheet_queries)
   return result.metrics
 
@@ -161,7 +161,7 @@ def frozen_row(task, inputs, state, shardings, workdir: str, *, fresh: bool) -> 
   return host_gather.computed_once(_score_frozen, config, inputs, eval_set, path)
 
 
-def _score_frozen(config, inputs, eval_set: retrieval.EvalSet, path: str) -> dict[str, float]:
+def _score_frozen(config, inputs, eval_set: evaluation.EvalSet, path: str) -> dict[str, float]:
   """Process 0's part of `frozen_row`: score and write eval/frozen.json."""
   result = _search_and_score(config, eval_set, use_scann=config.eval.scann,
                              title_vectors=_title_vectors(config, inputs, eval_set, "eval"))
