@@ -27,6 +27,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import tiny  # noqa: E402
+from oclear_jax import checkpoint  # noqa: E402
+from oclear_jax import sharding  # noqa: E402
+from oclear_jax.serving import trained_run  # noqa: E402
 from oclear_jax.train import trainer  # noqa: E402
 
 STEP_LINE = re.compile(r"^step (\d+)/")
@@ -48,6 +51,27 @@ def launch(workdir: str, args: list[str]) -> subprocess.Popen:
 def saved_steps(workdir: str) -> list[int]:
   ckpt = os.path.join(workdir, "checkpoints")
   return sorted(int(d) for d in os.listdir(ckpt) if d.isdigit()) if os.path.isdir(ckpt) else []
+
+
+def final_state(config, workdir: str):
+  """(state, step): the run's latest train state, whole (parameters and optimizer state), read-only.
+
+  Serving reads parameters alone (`trained_run.restore_trained_model`); this drill compares the
+  optimizer state too, so it restores the full state onto the task's own layout.
+  """
+  records = trained_run.run_records(config, workdir)
+  task = trainer.OclearTask(config, sharding.make_mesh(config.mesh.shape), num_classes=records.num_classes,
+                            vocab_size=records.vocab_size, title_special_ids=records.title_special_ids)
+  abstract, shardings = task.abstract_state()
+  store = checkpoint.CheckpointStore(os.path.join(workdir, "checkpoints"), read_only=True)
+  try:
+    state, step = store.restore(checkpoint.abstract_with_shardings(abstract, shardings))
+  finally:
+    store.close()
+  store.report_broken(step)
+  if state is None:
+    raise RuntimeError(f"no readable checkpoint in {workdir}/checkpoints")
+  return state, step
 
 
 def run_until(workdir: str, args: list[str], kill_at: int | None) -> tuple[int, int, float]:
@@ -103,8 +127,8 @@ def main():
 
   config = tiny.get_config()
   config.train.num_steps = args.num_steps
-  _, a, step_a = trainer.restore_trained_state(config, straight)
-  _, b, step_b = trainer.restore_trained_state(config, chaos)
+  a, step_a = final_state(config, straight)
+  b, step_b = final_state(config, chaos)
   diffs = [float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
            for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)]
   identical = all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))

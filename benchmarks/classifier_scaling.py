@@ -32,8 +32,8 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import text_table  # noqa: E402  (benchmarks/)
-from oclear_jax.heads import memory_analysis  # noqa: E402
-from oclear_jax.heads.memory_analysis import AXES, GIB, head_train_step  # noqa: E402
+import head_memory  # noqa: E402  (benchmarks/)
+from head_memory import AXES, GIB, head_train_step  # noqa: E402
 
 
 
@@ -101,7 +101,7 @@ def main():
         for chunk in (None, args.chunk):
           if chunk and (c // n) <= chunk:
             continue  # the shard is a single chunk already
-          rows.append(memory_analysis.head_memory(n, c, d, args.batch, chunk))
+          rows.append(head_memory.head_memory(n, c, d, args.batch, chunk))
           print(f"compiled N={n} C={c:,} d={d} chunk={chunk}: peak {rows[-1]['peak_gib']:.2f} GiB", flush=True)
   print("\nAll rows:")
   text_table.print_table(rows, columns)
@@ -118,13 +118,13 @@ def main():
     cfg = pod_100m.get_config()
     n = abs(int(np.prod(cfg.mesh.shape))) if -1 not in cfg.mesh.shape else 256
     print(f"\n== configs/pod_100m.py head on {n} devices ==")
-    pod = [memory_analysis.head_memory(n, pod_100m.NUM_CLASSES, cfg.model.embed_dim, cfg.train.batch_size, cfg.head.chunk_size,
+    pod = [head_memory.head_memory(n, pod_100m.NUM_CLASSES, cfg.model.embed_dim, cfg.train.batch_size, cfg.head.chunk_size,
                       cfg.head.dtype, cfg.head.param_dtype,
                       cfg.head.partial_fc_rate if cfg.head.partial_fc_rate < 1 else None)]
     text_table.print_table(pod, columns)
 
   if not args.skip_timing:
-    mesh = memory_analysis.mesh_of(8)
+    mesh = head_memory.mesh_of(8)
     host_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
     classes, replicated_gib = largest_fitting_classes(
         mesh, num_classes=args.time_classes, batch=args.time_batch, dim=args.time_dim, budget_gib=0.5 * host_gib)

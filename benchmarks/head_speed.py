@@ -37,8 +37,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 import text_table  # noqa: E402  (benchmarks/)
 from oclear_jax.heads import center_optimizer as co  # noqa: E402
-from oclear_jax.heads import margins, memory_analysis, partial_fc, sharded_softmax  # noqa: E402
-from oclear_jax.heads.memory_analysis import AXES, head_train_step  # noqa: E402
+import head_memory  # noqa: E402  (benchmarks/)
+from oclear_jax.heads import class_shards, margins, partial_fc, sharded_softmax  # noqa: E402
+from head_memory import AXES, head_train_step  # noqa: E402
 
 MARGIN = margins.make_margin("cosface", scale=64.0, margin=0.35)
 
@@ -116,7 +117,7 @@ def quality(mesh, *, steps, num_classes=2000, dim=64, in_dim=128, batch=256, lr=
   rng = np.random.default_rng(0)
   protos = rng.normal(size=(num_classes, in_dim)).astype(np.float32)
   sample = lambda labels: protos[labels] + 1.0 * rng.normal(size=(len(labels), in_dim)).astype(np.float32)
-  c_pad = sharded_softmax.pad_num_classes(num_classes, 8, chunk_size=64)
+  c_pad = class_shards.pad_num_classes(num_classes, 8, chunk_size=64)
   train_labels = [rng.integers(0, num_classes, batch).astype(np.int32) for _ in range(steps)]
   train_x = [sample(l) for l in train_labels]
   all_classes = np.arange(num_classes, dtype=np.int32)
@@ -177,7 +178,7 @@ def main():
   parser.add_argument("--quality_steps", type=int, default=400)
   args = parser.parse_args()
   sections = args.sections.split(",")
-  mesh = memory_analysis.mesh_of(8)
+  mesh = head_memory.mesh_of(8)
   cols = ["step", "s_per_step", "min_s", "vs_base"]  # losses differ: the variants train one shared state in turn
 
   if "chunk" in sections:
@@ -208,7 +209,7 @@ def main():
   if "memory" in sections:
     print("\n== 100M x 512, Adam, 32 devices, global batch 4096, chunk 8192, bf16 matmuls (compile only) ==",
           flush=True)
-    rows = [memory_analysis.head_memory(32, 100_000_000, 512, 4096, 8192, "bfloat16", pd, opt_state=o)
+    rows = [head_memory.head_memory(32, 100_000_000, 512, 4096, 8192, "bfloat16", pd, opt_state=o)
             for pd, o in (("float32", "f32"), ("bfloat16", "bf16"), ("bfloat16", "small"))]
     text_table.print_table(rows, ["N", "C", "d", "chunk", "dtype", "opt", "args_gib", "shard_gib", "temp_gib",
                                   "peak_gib", "ratio"])

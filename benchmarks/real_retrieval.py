@@ -39,12 +39,13 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import fashion_products  # noqa: E402
+from input_pipeline import images as images_lib  # noqa: E402
 from oclear_jax import run_data  # noqa: E402
 from oclear_jax.serving import trained_run  # noqa: E402
 from oclear_jax import models  # noqa: E402
 from oclear_jax.features import tower_features  # noqa: E402
 from oclear_jax.train import trainer  # noqa: E402
-from oclear_jax.commands import embed as embed_command  # noqa: E402
+from oclear_jax.serving import catalogue_embedding  # noqa: E402
 from oclear_jax.retrieval import exact_search  # noqa: E402
 from oclear_jax.retrieval import metrics as metrics_lib  # noqa: E402
 from oclear_jax.retrieval import title_feedback  # noqa: E402
@@ -205,7 +206,7 @@ def zero_shot(args, keys: list[str]) -> list[dict]:
     config.data.columns.update(dict(id=args.id_column, image=args.image_column, title=args.title_column,
                                     label=args.label_column))
     model = trained_run.restore_trained_model(config, row_workdir(args, key, 0))
-    embedded = embed_command.embed_catalogue(model, args.catalogue, with_label=True, progress=False)
+    embedded = catalogue_embedding.embed_catalogue(model, args.catalogue, with_label=True, progress=False)
     ids, labels = np.asarray(embedded.ids), {args.label_column: np.asarray(embedded.labels)}
     if not rows:  # the frozen tower and the title vectors, on exactly the rows the models embedded
       paths = list(embedded.image_paths)
@@ -229,7 +230,7 @@ def _image_only_documents(model: trained_run.TrainedModel, paths: list[str]) -> 
   """The same model's documents of these (readable) images with every title removed."""
   embed, size, out = model.embedder("doc"), model.config.eval.batch_size, []
   for start in range(0, len(paths), size):
-    images, kept, _ = trained_run.preprocess_image_files(paths[start:start + size], model.config, first_index=start)
+    images, kept, _ = images_lib.preprocess_image_files(paths[start:start + size], model.config.data, first_index=start)
     out.append(embed({"image": images, "title_tokens": model.tokenize([""] * len(kept))}))
   return np.concatenate(out)
 

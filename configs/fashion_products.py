@@ -31,53 +31,21 @@ Why these choices (benchmarks/real_retrieval.py measures them):
 
 Scale up on an accelerator by overrides, e.g. `--config.data.input=records
 --config.model.freeze_image_tower=False` fine-tunes the whole tower end to end on the records.
-`fashion_products.py:ROOT` reads another copy of the two folders' parent directory.
+`fashion_products.py:ROOT` reads another copy of the two folders' parent directory. The recipe
+itself is `configs/catalogue.py` (any retailer's CSV); this file points it at the Myntra folders.
 """
 import os
 
-from oclear_jax import config_schema
+from configs import catalogue
 
 DATA = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data"))
-IMAGE_SIZE = 224
 
 
 def get_config(arg: str | None = None):
   data_root = arg or DATA
-  c = config_schema.base_config()
-  # == Catalogue -> product categories (governance) -> records ==
-  d = c.data
-  d.source, d.root, d.csv = "csv", os.path.join(data_root, "fashion_small12k"), "meta.csv"
-  d.columns.update(dict(id="id", image="image", title="productDisplayName", label="articleType",
-                        kind="", split="", colour="baseColour"))
-  d.governed = True
-  d.balanced_sampling = False  # not with cached features; the categories are small and many already
+  c = catalogue.get_config(os.path.join(data_root, "fashion_small12k", "meta.csv"))
+  c.data.columns.update(dict(title="productDisplayName", label="articleType", colour="baseColour"))
   g = c.governance
-  g.categories = "product"
   g.extra_catalogues = (os.path.join(data_root, "fashion_thumbs32k", "meta.csv"),)
   g.eval_sources = ("fashion_small12k",)  # full resolution only: the thumbnails are 60x80
-  g.val_fraction, g.eval_fraction = 0.1, 0.2
-  g.executor = "in_process"
-  d.tokenizer, d.max_title_len = "minilm", 16
-  d.stored_image_size = IMAGE_SIZE
-  d.eval_preprocess = f"decode|resize({IMAGE_SIZE})|value_range(-1, 1)"
-  d.train_preprocess = f"decode|random_resized_crop({IMAGE_SIZE})|flip_lr|value_range(-1, 1)"
-  d.input = "tower_features"
-  # == Model: frozen pretrained towers, identity-started heads, bounded title term ==
-  m = c.model
-  m.image_tower, m.text_tower = "efficientnet_lite0", "minilm"
-  m.image_pretrained = m.text_pretrained = m.freeze_image_tower = m.freeze_text_tower = True
-  m.head, m.embed_dim = "identity_linear", 1280
-  m.shared_heads = True  # queries and documents are the same kind of photo here
-  m.fusion, m.title_dropout = "bounded", 0.5
-  m.title_match_dim, m.title_match_weight = 256, 0.5
-  # == Learning by classification ==
-  c.head.margin, c.head.scale, c.head.margin_value = "cosface", 30.0, 0.2
-  c.train.batch_size, c.train.num_steps = 512, 600
-  c.train.checkpoint_every, c.train.log_every = 100, 50
-  c.optimizer.learning_rate, c.optimizer.warmup_steps = 1e-3, 50
-  # == Evaluation: checkpoint chosen on training products' val split ==
-  c.eval.select_on, c.eval.every = "val", 100
-  c.eval.batch_size = 256
-  # Titles at search time too: the titles of each query's top 3 results re-rank the rest (prf/ rows).
-  c.eval.title_feedback_docs = 3
   return c

@@ -23,7 +23,7 @@ stochastic rounding: `oclear_jax.heads.center_optimizer.center_adam`, 5.97 GiB o
 GiB peak per device (compile-only, `python benchmarks/head_speed.py --sections=memory`; the chunked
 head's custom backward keeps the centres' gradient in bf16 and its temporaries O(rows x chunk)).
 Its quality cost on a small problem is in `--sections=quality`. The variant sets
-`optimizer.centres_state='small'`: trainer.make_optimizer gives `class_centers` to `center_adam`
+`optimizer.centres_state='small'`: train/optimizer.make_optimizer gives `class_centers` to `center_adam`
 (optax.partition) and every other parameter to AdamW as usual.
 """
 from oclear_jax import config_schema

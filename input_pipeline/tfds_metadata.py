@@ -24,7 +24,7 @@ KIND_NAMES = ("doc", "query")  # the order of records.KIND_IDS
 
 def features():
   """The records' tf.train.Example layout as TFDS feature connectors."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top  (TF is heavy; only when writing)
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (slow import, only when writing)
   return tfds.features.FeaturesDict({
       "id": tfds.features.Text(),
@@ -39,7 +39,7 @@ def features():
 
 def write_metadata(record_dir: str | os.PathLike, shard_lengths: dict[str, list[int]]) -> None:
   """dataset_info.json and features.json for the shards of `shard_lengths` ({split: examples per shard})."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (slow import, only when writing)
   record_dir = pathlib.Path(record_dir)
   template = tfds.core.ShardedFileTemplate(data_dir=record_dir, template=FILENAME_TEMPLATE,
                                            dataset_name=DATASET_NAME, filetype_suffix="tfrecord")

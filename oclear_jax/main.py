@@ -4,6 +4,7 @@ r"""Command-line entry point.
   python -m oclear_jax.main --config=configs/tiny.py --workdir=/tmp/t --config.train.num_steps=100
   python -m oclear_jax.main --mode=prepare --config=configs/fashion.py --workdir=workdirs/fashion
   python -m oclear_jax.main --mode=govern --config=configs/demo.py --workdir=workdirs/demo
+  python -m oclear_jax.main --mode=evaluate --workdir=workdirs/demo [--catalogue=DIR/meta.csv --split=all]
   python -m oclear_jax.main --mode=index --workdir=workdirs/demo [--config.index.target_recall=0.9]
   python -m oclear_jax.main --mode=search --workdir=workdirs/demo --query=photo.jpg [--query=...] \
       [--search.leaves=N --search.reorder=M]
@@ -16,6 +17,8 @@ Modes, in the order data flows:
   govern   raw catalogue -> curated categories, decision log and report (oclear_jax.governance);
   prepare  catalogue -> records only;
   train    (default) prepare data, train or resume, evaluate, print the results table;
+  evaluate the frozen towers and the run on a labelled catalogue (the run's own eval split, or
+           --catalogue=CSV), each with title feedback: a table, evaluate.json, a contact sheet;
   index    embed the whole document gallery (the run's records, or --catalogue=CSV) with the run's
            checkpoint (the one selected on val, else the latest) and build the ScaNN index, tuned
            to config.index.target_recall (exact search for small galleries);
@@ -46,9 +49,10 @@ from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for records, checkpoints, metrics and plots.")
-_MODE = flags.DEFINE_enum("mode", "train", ["govern", "prepare", "train", "index", "search", "embed"],
+_MODE = flags.DEFINE_enum("mode", "train", ["govern", "prepare", "train", "evaluate", "index", "search", "embed"],
                           "What to run.")
-_QUERY = flags.DEFINE_multi_string("query", [], "search: query image file(s).")
+_QUERY = flags.DEFINE_multi_string("query", [], "search: query image file(s), or a CSV of query images "
+                                   "(column config.data.columns.image).")
 _TOP_K = flags.DEFINE_integer("top_k", 10, "search: documents to return per query.")
 _OUTPUT_FORMAT = flags.DEFINE_enum("output_format", "table", ["table", "json"], "search: how to print results.")
 # One-off search depth (absl accepts dotted flag names; `--config.*` stays the config's namespace).
@@ -58,7 +62,11 @@ _SEARCH_REORDER = flags.DEFINE_integer("search.reorder", None, "search: candidat
                                        "search (default: the tuned depth).", lower_bound=1)
 _CATALOGUE = flags.DEFINE_string("catalogue", None, "embed, index: a catalogue CSV (image paths relative to its "
                                  "folder); columns named by config.data.columns.")
-_OUTPUT = flags.DEFINE_string("output", None, "embed: output folder for queries.npz, documents.npz, manifest.json.")
+_OUTPUT = flags.DEFINE_string("output", None, "embed: output folder for queries.npz, documents.npz, manifest.json; "
+                              "evaluate: for evaluate.json and contact_sheet.png (default W/evaluate/NAME); "
+                              "search: FILE.jsonl, one line of results per query.")
+_SPLIT = flags.DEFINE_string("split", None, "evaluate: the rows of this split only (default: 'eval' of the run's "
+                             "own catalogue, every row of --catalogue; 'all': every row).")
 # Several processes (hosts) as one run: jax.distributed.initialize's arguments (oclear_jax/distributed/multihost.py).
 _DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
                                  "auto: join other processes when --coordinator_address/--num_processes/--process_id "
@@ -70,7 +78,7 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "How many processes
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0..num_processes-1.", lower_bound=0)
 
 # Modes that can run on the config a training run saved in --workdir.
-SAVED_CONFIG_MODES = ("index", "search", "embed")
+SAVED_CONFIG_MODES = ("evaluate", "index", "search", "embed")
 # `--config.x.y=v` overrides given without --config=FILE, taken out of argv by `run` (absl would
 # refuse them as unknown flags) and applied to the saved config in `main`.
 _SAVED_CONFIG_OVERRIDES: list[str] = []
@@ -124,57 +132,47 @@ def apply_config_overrides(config, overrides: list[str]):
   return config
 
 
-def results_table(history: dict[int, dict[str, float]], ks=(1, 5, 10), *,
-                  frozen: dict[str, float] | None = None, selected_step: int | None = None) -> str:
-  """A plain-text table: the frozen pretrained tower (eval/frozen.json), untrained (step 0), trained.
-
-  `selected_step` marks the step `config.eval.select_on` chose (eval/best.json). Where the eval
-  re-ranked by title feedback (`eval.title_feedback_docs`), each row is followed by its prf/ row.
-  """
-  columns = [f"Recall@{k}" for k in ks] + ["mAP@R", "ScaNN R@10 vs exact"]
-  rows = []
-  named = ([("frozen pretrained (pooled, cosine)", frozen)] if frozen else []) + [
-      ("untrained (step 0)" if step == 0 else
-       f"trained (step {step}{', selected on val' if step == selected_step else ''})", history[step])
-      for step in sorted(history)]
-  with_feedback = []
-  for name, m in named:
-    with_feedback.append((name, m))
-    if "prf/map@r" in m:
-      with_feedback.append(("  + title feedback re-ranking", {k[len("prf/"):]: v for k, v in m.items()
-                                                              if k.startswith("prf/")}))
-  for name, m in with_feedback:
-    values = [m.get(f"recall@{k}", float("nan")) for k in ks] + [m.get("map@r", float("nan")),
-                                                                 m.get("scann/recall_vs_exact@10", float("nan"))]
-    rows.append([name] + [f"{v:.3f}" for v in values])
-  header = ["model"] + columns
-  widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
-  fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-  return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows])
-
-
 def main(argv):
   del argv
   if not flags.FLAGS["verbosity"].present:  # progress lines are printed; library INFO chatter is not
     logging.set_verbosity(logging.WARNING)
-  if _WORKDIR.value is None or (_CONFIG.value is None and _MODE.value not in SAVED_CONFIG_MODES):
+  frozen_only = _MODE.value == "evaluate" and _WORKDIR.value is None and _CONFIG.value is not None
+  if not frozen_only and (_WORKDIR.value is None or (_CONFIG.value is None and _MODE.value not in SAVED_CONFIG_MODES)):
     raise app.UsageError("--config and --workdir are required, e.g. --config=configs/demo.py --workdir=workdirs/demo")
   if _SAVED_CONFIG_OVERRIDES and _MODE.value not in SAVED_CONFIG_MODES:
     raise app.UsageError(f"{_SAVED_CONFIG_OVERRIDES[0]} needs --config=FILE in --mode={_MODE.value}")
-  # Imports after flag parsing: they load jax and TensorFlow.
-  from oclear_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  from oclear_jax.distributed import multihost  # pylint: disable=g-import-not-at-top
+  if _MODE.value == "search" and not _QUERY.value:
+    raise app.UsageError("--mode=search needs at least one --query=IMAGE")
+  if _MODE.value == "embed" and (not _CATALOGUE.value or not _OUTPUT.value):
+    raise app.UsageError("--mode=embed needs --catalogue=DIR/meta.csv and --output=FOLDER")
+  # The one function-local import block: everything below loads jax and TensorFlow (seconds), which
+  # a usage error or --help should not wait for.
   from input_pipeline import paths  # pylint: disable=g-import-not-at-top
+  from oclear_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from oclear_jax.commands import embed, evaluate, govern, prepare, search, train  # pylint: disable=g-import-not-at-top
+  from oclear_jax.distributed import multihost  # pylint: disable=g-import-not-at-top
   from oclear_jax.distributed import preemption  # pylint: disable=g-import-not-at-top
+  from oclear_jax.serving import trained_run  # pylint: disable=g-import-not-at-top
 
-  config, workdir = _CONFIG.value, paths.resolve(_WORKDIR.value)  # gs://bucket/run stays a URL
+  config = _CONFIG.value
+  workdir = None if frozen_only else paths.resolve(_WORKDIR.value)  # gs://bucket/run stays a URL
   try:
     multihost.initialize_distributed(_DISTRIBUTED.value, coordinator_address=_COORDINATOR_ADDRESS.value,
                                      num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
     if config is None:  # a mode of SAVED_CONFIG_MODES on the run's own config
-      from oclear_jax.serving import trained_run  # pylint: disable=g-import-not-at-top
       config = apply_config_overrides(trained_run.load_run_config(workdir), _SAVED_CONFIG_OVERRIDES)
-    _MODES[_MODE.value](config, workdir)
+    modes = {
+        "govern": govern.run_mode,
+        "prepare": prepare.run,
+        "train": train.run,
+        "index": lambda c, w: search.build_index(w, config=c, catalogue=_CATALOGUE.value),
+        "search": lambda c, w: search.search(w, _QUERY.value, top_k=_TOP_K.value, output_format=_OUTPUT_FORMAT.value,
+                                             config=c, leaves_to_search=_SEARCH_LEAVES.value,
+                                             reorder=_SEARCH_REORDER.value, output=_OUTPUT.value),
+        "embed": lambda c, w: embed.run(c, w, _CATALOGUE.value, _OUTPUT.value),
+        "evaluate": lambda c, w: evaluate.run(c, w, _CATALOGUE.value, output=_OUTPUT.value, split=_SPLIT.value),
+    }
+    modes[_MODE.value](config, workdir)
   except preemption.Preempted as e:  # saved and stopped on SIGTERM: not an error, a run to resume
     print(str(e), file=sys.stderr, flush=True)
     sys.exit(preemption.PREEMPTED_EXIT_CODE)
@@ -183,63 +181,6 @@ def main(argv):
     logging.error("%s: %s", type(e).__name__, e)
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-
-
-def _govern(config, workdir):
-  from oclear_jax.distributed import multihost  # pylint: disable=g-import-not-at-top
-  from oclear_jax.commands import govern  # pylint: disable=g-import-not-at-top
-  # One process governs (it writes the shared governance/ files and uses no device); its outcome
-  # reaches every process, which then all join the records step (a collective of its own).
-  multihost.run_on_process_zero(govern.run, config, workdir, write_records=False)
-  govern.write_curated_records(config, workdir)
-
-
-def _prepare(config, workdir):
-  from oclear_jax import run_data  # pylint: disable=g-import-not-at-top
-  prepared = run_data.prepare_data(config.data, workdir, seed=config.seed)
-  print(f"records: {prepared.records_dir}\n{prepared.summary}")
-
-
-def _train(config, workdir):
-  from oclear_jax import run_data  # pylint: disable=g-import-not-at-top
-  from oclear_jax.train import trainer  # pylint: disable=g-import-not-at-top
-  from input_pipeline import paths  # pylint: disable=g-import-not-at-top
-  if config.data.governed and not paths.exists(run_data.governed_catalogue_path(workdir)):
-    # One command from a raw catalogue to a trained model: govern first (what --mode=govern does).
-    print(f"{run_data.governed_catalogue_path(workdir)} does not exist: governing the catalogue first")
-    _govern(config, workdir)
-  result = trainer.train_and_evaluate(config, workdir)
-  selected = (result.get("best") or {}).get("step")
-  history = {s: m for s, m in result["eval"].items() if s in (0, result["final_step"], selected)}
-  ks = tuple(k for k in config.eval.ks if k in (1, 5, 10))
-  print("\nImage queries -> image+title documents (held-out products, exact search):")
-  print(results_table(history, ks, frozen=result.get("frozen"), selected_step=selected))
-  print(f"\nEverything is under {workdir}: config.json, metrics.jsonl, tensorboard/, checkpoints/, eval/, "
-        f"recall_at_k.png, contact_sheet.png, scann_index/")
-
-
-def _index(config, workdir):
-  from oclear_jax.commands import search as search_command  # pylint: disable=g-import-not-at-top
-  search_command.build_index(workdir, config=config, catalogue=_CATALOGUE.value)
-
-
-def _search(config, workdir):
-  from oclear_jax.commands import search as search_command  # pylint: disable=g-import-not-at-top
-  if not _QUERY.value:
-    raise app.UsageError("--mode=search needs at least one --query=IMAGE")
-  search_command.search(workdir, _QUERY.value, top_k=_TOP_K.value, output_format=_OUTPUT_FORMAT.value,
-                        config=config, leaves_to_search=_SEARCH_LEAVES.value, reorder=_SEARCH_REORDER.value)
-
-
-def _embed(config, workdir):
-  from oclear_jax.commands import embed as embed_command  # pylint: disable=g-import-not-at-top
-  if not _CATALOGUE.value or not _OUTPUT.value:
-    raise app.UsageError("--mode=embed needs --catalogue=DIR/meta.csv and --output=FOLDER")
-  embed_command.run(config, workdir, _CATALOGUE.value, _OUTPUT.value)
-
-
-_MODES = {"govern": _govern, "prepare": _prepare, "train": _train, "index": _index, "search": _search,
-          "embed": _embed}
 
 
 def run():

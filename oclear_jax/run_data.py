@@ -1,7 +1,9 @@
-"""The trainer's data section: raw catalogue -> records -> batches placed on the mesh.
+"""A run's data: its catalogue (built in, raw or governed), its records and their tokenizer.
 
-Wraps `input_pipeline` (which knows nothing of JAX) with what the trainer needs: one call that
-makes the records once (idempotent), and iterators of global `jax.Array` batches.
+`prepare_data` makes the records once (idempotent) on process 0 and tells every process where
+they are (`PreparedData`: classes, vocabulary, the tokenizer's special ids). It is the one place
+that turns `config.data` and a workdir into paths; `input_pipeline` (which knows nothing of JAX
+or configs) does the reading and writing, and `train/input_sources.py` the batches.
 """
 from __future__ import annotations
 
@@ -9,12 +11,9 @@ import dataclasses
 import json
 import logging
 import os
-from collections.abc import Iterator
 from typing import Any
 
-import jax
 import ml_collections
-import numpy as np
 
 from input_pipeline import catalogue as catalogue_lib
 from input_pipeline import records as records_lib
@@ -23,9 +22,6 @@ from input_pipeline import tokenizer as tokenizer_lib
 from oclear_jax.distributed import multihost
 from input_pipeline import paths
 from oclear_jax import weights
-
-# Features that go to the device; ids and raw titles stay on the host.
-DEVICE_FEATURES = ("image", "title_tokens", "label", "kind")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,7 +106,7 @@ def prepare_data(data: ml_collections.ConfigDict, workdir: str, *, seed: int = 0
   hosts, never a hang (multihost.run_on_process_zero).
   """
   csv_path, records_dir = catalogue_paths(data, workdir)
-  governed = data.get("governed", False)
+  governed = data.governed
   if governed:  # Train on governance's output; the raw catalogue above is governance's input.
     csv_path = governed_catalogue_path(workdir)
   multihost.run_on_process_zero(_write_prepared_records, data, workdir, csv_path, records_dir,
@@ -142,24 +138,3 @@ def _write_prepared_records(data: ml_collections.ConfigDict, workdir: str, csv_p
   with paths.open(paths.join(records_dir, "catalogue_counts.json"), "w") as f:
     json.dump(read.counts, f, indent=2)
   _install_class_weights(records_dir, os.path.join(workdir, "governance", "class_weights.json") if governed else "")
-
-
-def to_device_batch(batch: dict[str, np.ndarray], place) -> dict[str, jax.Array]:
-  return place({k: batch[k] for k in DEVICE_FEATURES})
-
-
-def train_batches(prepared: PreparedData, data: ml_collections.ConfigDict, *, global_batch_size: int,
-                  seed: int, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
-  """An endless iterator of this process's share of each global training batch (numpy).
-
-  Global batch k (0-based) is a function of (seed, k) whatever the process count, and each process
-  reads only its rows of it (`pipeline.make_train_dataset`): a run resumed from the checkpoint of
-  step k starts at batch k of the uninterrupted run without reading the batches before it.
-  """
-  from input_pipeline import pipeline  # pylint: disable=g-import-not-at-top  (imports TF)
-  ds = pipeline.make_train_dataset(
-      prepared.records_dir, "train", global_batch_size=global_batch_size, preprocess=data.train_preprocess,
-      seed=seed, start_step=start_step, process_index=jax.process_index(), process_count=jax.process_count(),
-      class_weights=(pipeline.read_class_weights(prepared.records_dir, "train")
-                     if data.get("balanced_sampling", True) else None))
-  return ds.as_numpy_iterator()

@@ -5,9 +5,13 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from configs import tiny
 from oclear_jax import heads
+from oclear_jax import sharding
 from oclear_jax.heads import center_optimizer as co
 from oclear_jax.heads import partial_fc
+from oclear_jax.train import optimizer
+from oclear_jax.train import trainer
 
 BOTH = ("data", "model")
 NUM_CLASSES, BATCH, DIM = 150, 16, 12
@@ -134,9 +138,6 @@ def test_stochastic_rounding_is_unbiased():
 def test_trainer_gives_the_centres_the_small_state_and_everything_else_adamw():
   """optimizer.centres_state='small': class_centers get center_adam, other parameters optax AdamW
   exactly as with 'adamw'; the factored second moment's row is sharded by class like the centres."""
-  from configs import tiny  # pylint: disable=g-import-not-at-top
-  from oclear_jax import sharding  # pylint: disable=g-import-not-at-top
-  from oclear_jax.train import trainer  # pylint: disable=g-import-not-at-top
   config = tiny.get_config()
   config.optimizer.update(centres_state="small", warmup_steps=0, grad_clip_norm=0.0, learning_rate=1e-2)
   rng = np.random.default_rng(0)
@@ -144,11 +145,11 @@ def test_trainer_gives_the_centres_the_small_state_and_everything_else_adamw():
                         "b": jnp.asarray(rng.standard_normal(5), jnp.float32)},
             "class_centers": jnp.asarray(rng.standard_normal((40, 5)), jnp.float32)}
   grads = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), jnp.float32), params)
-  small = trainer.make_optimizer(config.optimizer, 10)
+  small = optimizer.make_optimizer(config.optimizer, 10)
   updates, _ = small.update(grads, small.init(params), params)
   plain_config = config.optimizer.copy_and_resolve_references()
   plain_config.centres_state = "adamw"
-  plain = trainer.make_optimizer(plain_config, 10)
+  plain = optimizer.make_optimizer(plain_config, 10)
   want, _ = plain.update(grads, plain.init(params), params)
   jax.tree.map(np.testing.assert_array_equal, updates["encoder"], want["encoder"])
   reference = co.center_adam(1e-2, weight_decay=config.optimizer.weight_decay)  # step 0 of a 0-warmup cosine: lr

@@ -78,3 +78,28 @@ def test_state_saved_on_four_devices_restores_onto_eight(tmp_path):
       _target(sharding.make_mesh((1, 8)), P(("data", "model"), None)))
   assert len(restored["params"]["class_centers"].sharding.device_set) == 8
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), restored, saved)
+
+
+def test_params_only_restore_skips_a_torn_step_in_place_and_equals_the_full_restore(tmp_path, capsys):
+  mesh = sharding.make_mesh((8, 1))
+  encoder = {"kernel": jax.device_put(jnp.arange(8 * 6, dtype=jnp.float32).reshape(8, 6), NamedSharding(mesh, P()))}
+  first = {**_state(mesh), "params": {**_state(mesh)["params"], "encoder": encoder}}
+  store = checkpoint_lib.CheckpointStore(tmp_path / "ckpt", async_save=False)
+  store.save(1, first)
+  store.save(2, jax.tree.map(lambda x: x + 1, first))
+  store.close()
+  for path in [p for p in (tmp_path / "ckpt" / "2").rglob("*") if p.is_file() and p.stat().st_size > 64]:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+  target = checkpoint_lib.abstract_with_shardings(jax.eval_shape(lambda: encoder), {"kernel": NamedSharding(mesh, P())})
+  params, step = checkpoint_lib.restore_model_params(str(tmp_path / "ckpt"), target)
+  assert step == 1 and jax.tree.structure(params) == jax.tree.structure(encoder)
+  assert "checkpoint step 2" in capsys.readouterr().err
+  # A reader moves nothing: the torn step stays for the training run that owns the directory.
+  assert (tmp_path / "ckpt" / "2").is_dir() and not (tmp_path / "ckpt.broken").exists()
+  full_target = checkpoint_lib.abstract_with_shardings(
+      jax.eval_shape(lambda: first), jax.tree.map(lambda a: a.sharding, first))
+  full, full_step = checkpoint_lib.CheckpointStore(tmp_path / "ckpt", read_only=True).restore(full_target)
+  assert full_step == 1
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params,
+               full["params"]["encoder"])
+  np.testing.assert_array_equal(np.asarray(params["kernel"]), np.asarray(encoder["kernel"]))

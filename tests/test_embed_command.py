@@ -18,12 +18,16 @@ import numpy as np
 import pytest
 
 from configs import tiny
+from input_pipeline import images as images_lib
+from oclear_jax import checkpoint as checkpoint_lib
 from oclear_jax.serving import trained_run
 from oclear_jax import sharding
 from oclear_jax.train import trainer
 from oclear_jax.commands import embed as embed_command
+from oclear_jax.serving import catalogue_embedding
 from oclear_jax.serving import export
 from oclear_jax.commands import search as search_command
+import trained_state
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -72,8 +76,8 @@ def test_only_encoder_params_are_read_so_other_labels_embed(run, tmp_path, monke
   config = trained_run.load_run_config(run)
   trained = trained_run.restore_trained_model(config, run)
   # The checkpoint holds class centres for the run's N classes (and Adam moments for them) ...
-  store = trained_run._checkpoint_manager(os.path.join(run, "checkpoints"))  # pylint: disable=protected-access
-  saved = store.item_metadata(4).tree
+  store = checkpoint_lib.CheckpointStore(os.path.join(run, "checkpoints"), read_only=True)
+  saved = store.item_metadata(4)
   store.close()
   num_classes = saved["params"]["class_centers"].shape[0]
   assert num_classes >= 8 and "opt_state" in saved
@@ -89,8 +93,8 @@ def test_only_encoder_params_are_read_so_other_labels_embed(run, tmp_path, monke
                           [[r["id"], image(r), r["title"], f"new-{i}"] for i, r in enumerate(rows)])
   unlabelled = _write_csv(tmp_path / "no_labels.csv", ["id", "image", "title"],
                           [[r["id"], image(r), r["title"]] for r in rows])
-  a = embed_command.embed_catalogue(trained, relabelled, progress=False)
-  b = embed_command.embed_catalogue(trained, unlabelled, progress=False)
+  a = catalogue_embedding.embed_catalogue(trained, relabelled, progress=False)
+  b = catalogue_embedding.embed_catalogue(trained, unlabelled, progress=False)
   assert a.ids == b.ids == [r["id"] for r in rows]
   np.testing.assert_array_equal(a.documents, b.documents)
   assert a.queries.shape == (6, config.model.embed_dim + config.model.title_match_dim)
@@ -117,7 +121,7 @@ def test_embed_equals_the_eval_path(run, tmp_path):
     assert json.load(f)["config"]["model"]["fusion"] == config.model.fusion
 
   # The eval path: the trainer's full state, its predict function, the records' eval split.
-  task, state, step = trainer.restore_trained_state(config, run)
+  task, state, step = trained_state.restore_trained_state(config, run)
   assert step == 4
   place = lambda b: sharding.global_batch(b, task.mesh, task.rules)
   embedders = {head: export.device_embedder(task.jit_predict(), state["params"], place, config.eval.batch_size, head)
@@ -168,7 +172,7 @@ def test_command_line_skips_corrupt_images_and_reads_renamed_columns(run, tmp_pa
   # The untitled row's document is its image alone: what the model gives with an all-padding title.
   config = trained_run.load_run_config(run)
   trained = trained_run.restore_trained_model(config, run)
-  images, kept, failed = trained_run.preprocess_image_files([image(r) for r in (untitled, titled[0])], config)
+  images, kept, failed = images_lib.preprocess_image_files([image(r) for r in (untitled, titled[0])], config.data)
   assert kept == [0, 1] and not failed
   padding = np.zeros((2, config.data.max_title_len), np.int32)
   image_only = trained.embedder("doc")({"image": images, "title_tokens": padding})

@@ -3,6 +3,7 @@ import json
 import os
 
 from configs import fashion
+from input_pipeline import pipeline
 from oclear_jax import run_data
 
 
@@ -19,5 +20,6 @@ def test_fashion_config_reads_200_real_rows(fashion_dir, tmp_path):
     labels = json.load(f)
   # Class-disjoint split: no articleType is both trained on and held out.
   assert not set(labels["train"]) & set(labels["eval"])
-  batch = next(run_data.train_batches(prepared, config.data, global_batch_size=8, seed=0))
+  batch = next(pipeline.make_train_dataset(prepared.records_dir, "train", global_batch_size=8,
+                                           preprocess=config.data.train_preprocess, seed=0).as_numpy_iterator())
   assert batch["image"].shape == (8, 64, 64, 3) and batch["title_tokens"].shape == (8, config.data.max_title_len)

@@ -4,6 +4,7 @@ The features source must be the same input as records when the towers are frozen
 same loss), resume exactly, pass the head options through, train the info_nce objective, give
 the "frozen pretrained" row and select the checkpoint on validation rows.
 """
+import copy
 import csv
 import json
 import os
@@ -14,18 +15,28 @@ import numpy as np
 import pytest
 
 from configs import tiny
+from input_pipeline import images as images_lib
 from oclear_jax import config_schema
 from oclear_jax import run_data
-from oclear_jax import main as main_lib
+from oclear_jax.commands import train as train_command
 from oclear_jax.train import pretrained_towers
 from oclear_jax import sharding
 from oclear_jax.features import tower_features
-from oclear_jax.train import evals
+from oclear_jax.train.evaluators import scoring
+from oclear_jax.train import batch_formats
 from oclear_jax.train import input_sources
 from oclear_jax.train import trainer
 from oclear_jax.retrieval import evaluation
 from oclear_jax.heads import info_nce
 from oclear_jax.features import feature_cache
+import trained_state
+
+
+def _records_task(task):
+  """The same task reading records batches (raw images and title ids): the independent reference."""
+  records = copy.copy(task)
+  records.batch_format = batch_formats.RecordsFormat(task.config, task.model)
+  return records
 
 
 def _config(fusion="image_only", **head):
@@ -130,12 +141,12 @@ def test_features_loss_equals_the_records_loss_of_the_same_state(tmp_path):
   rows = np.arange(8)
   tokenizer = run_data.title_tokenizer(config.data, [])
   records_batch = dict(
-      image=np.stack([feature_cache.load_image(p, config.data.stored_image_size) for p in train.image_paths[rows]]),
+      image=np.stack([images_lib.load_image(p, config.data.stored_image_size) for p in train.image_paths[rows]]),
       title_tokens=np.asarray(tokenizer.encode_batch(train.titles[rows].tolist(), config.data.max_title_len)),
       label=train.labels[rows], kind=train.kinds[rows])
   assert train.table.present[rows].any()  # titles take part
   from_features = setup.loss(setup.state["params"], setup.features_batch(rows))
-  from_records = setup.loss(setup.state["params"], records_batch)
+  from_records = setup.loss(setup.state["params"], records_batch, _records_task(setup.task))
   assert np.isfinite(from_features)
   np.testing.assert_allclose(from_features, from_records, rtol=2e-5)
 
@@ -212,7 +223,7 @@ def test_batches_are_epochs_of_permutations_indexed_by_step():
 
 
 def _final_state(config, workdir, **kwargs):
-  _, state, step = trainer.restore_trained_state(config, workdir, **kwargs)
+  _, state, step = trained_state.restore_trained_state(config, workdir, **kwargs)
   return step, jax.device_get(state)
 
 
@@ -241,7 +252,7 @@ def test_features_training_resumes_exactly_with_head_options(tmp_path):
   with open(tmp_path / "straight" / "eval" / "frozen.json", encoding="utf-8") as f:
     assert json.load(f)["metrics"] == pytest.approx(want)
   assert straight["frozen"] == pytest.approx(want)
-  table = main_lib.results_table({8: straight["eval"][8]}, (1, 5), frozen=straight["frozen"])
+  table = train_command.results_table({8: straight["eval"][8]}, (1, 5), frozen=straight["frozen"])
   assert "frozen pretrained" in table.splitlines()[2] and f"{want['recall@1']:.3f}" in table.splitlines()[2]
 
 
@@ -268,7 +279,7 @@ def test_checkpoint_selection_keeps_the_best_validation_step(tmp_path, monkeypat
   config.data.source, config.data.root = "csv", str(source)
 
   planted = {0: 0.1, 2: 0.2, 4: 0.9, 6: 0.3, 8: 0.5}
-  real_evaluate = evals.evaluate
+  real_evaluate = scoring.evaluate
   seen = []
 
   def evaluate(*args, split="eval", **kwargs):
@@ -277,7 +288,7 @@ def test_checkpoint_selection_keeps_the_best_validation_step(tmp_path, monkeypat
       seen.append(kwargs["step"])
       metrics = {**metrics, "map@r": planted[kwargs["step"]]}
     return metrics
-  monkeypatch.setattr(evals, "evaluate", evaluate)
+  monkeypatch.setattr(scoring, "evaluate", evaluate)
   workdir = str(tmp_path / "run")
   result = trainer.train_and_evaluate(config, workdir, progress=False)
   assert seen == [0, 2, 4, 6, 8]  # step 0, every eval.every steps and the last
@@ -330,7 +341,7 @@ def test_served_embeddings_equal_the_cached_features_path(tmp_path):
   s = tower_features.load_feature_splits(config, run_data.prepare_data(config.data, str(tmp_path), progress=False),
                                          str(tmp_path), progress=False)["eval"]
   model = trained_run.restore_trained_model(config, str(tmp_path))
-  images, kept, failed = trained_run.preprocess_image_files(list(s.image_paths), config)
+  images, kept, failed = images_lib.preprocess_image_files(list(s.image_paths), config.data)
   assert not failed and kept == list(range(len(s)))
   served = model.embedder("query", batch_size=-(-len(s) // 8) * 8)({"image": images, "title_tokens": model.tokenize([""] * len(s))})
   want = np.asarray(model.model.apply({"params": model.params}, s.table.image_pooled, method="queries_from_features"))

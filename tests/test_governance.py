@@ -18,7 +18,7 @@ from oclear_jax.governance import planted_noise
 from oclear_jax.governance import quality
 from oclear_jax.governance import settings as settings_lib
 
-PIXELS = settings_lib.GovernanceSettings(image_features="pixels", executor="in_process")
+PIXELS = settings_lib.defaults(image_features="pixels", executor="in_process")
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from oclear_jax.governance import settings as settings_lib
 # Noisier than the default so that every step has work; small chunks so Beam runs many elements.
 SPEC = synthetic_catalogue.CatalogueSpec(num_products=40, image_size=32, wrong_label_fraction=0.1,
                                          split_product_fraction=0.15, near_duplicate_fraction=0.1)
-SETTINGS = settings_lib.GovernanceSettings(image_features="pixels", chunk_size=40, executor="in_process")
+SETTINGS = settings_lib.defaults(image_features="pixels", chunk_size=40, executor="in_process")
 
 
 @pytest.fixture(scope="module")

@@ -56,7 +56,7 @@ def catalogue(tmp_path_factory):
 @pytest.fixture(scope="module")
 def curated(catalogue):
   rows, _, _ = catalogue
-  settings = settings_lib.GovernanceSettings(image_features="pixels", executor="in_process", max_category_size=CAP)
+  settings = settings_lib.defaults(image_features="pixels", executor="in_process", max_category_size=CAP)
   return curate.curate_categories(rows, settings, executors.InProcessExecutor(progress=False))
 
 

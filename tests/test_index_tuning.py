@@ -18,6 +18,7 @@ from oclear_jax.retrieval import index_tuning
 from oclear_jax.retrieval import recall_against_exact
 from oclear_jax.retrieval import scann_search
 from oclear_jax.commands import search as search_command
+from oclear_jax.serving import gallery_index
 
 from top_k_reference import numpy_top_k
 
@@ -107,12 +108,13 @@ def test_search_depth_flags_change_the_result(tuned_run, tmp_path):
   _, exact = exact_search.fastest_exact_top_k(fresh, gallery, 5)
   ids = np.array([f"doc{i}".encode() for i in range(len(gallery))])
   index = types.SimpleNamespace(searcher=tuned.index, ids=ids, titles=ids, image_paths=np.full(len(ids), b""),
-                                step=1)
+                                step=1, title_vectors=None)
+  index.search = lambda *args, **kwargs: gallery_index.GalleryIndex.search(index, *args, **kwargs)
 
   def answer(**depth):
-    payload = search_command._answer(str(tmp_path), index, ["q"] * len(fresh), [np.zeros((8, 8, 3), np.uint8)] *
-                                     len(fresh), fresh, top_k=5, output_format="json", out=open(os.devnull, "w"),
-                                     depth=depth)
+    payload = search_command._answer(str(tmp_path), config_schema.base_config(), index, ["q"] * len(fresh),
+                                     [np.zeros((8, 8, 3), np.uint8)] * len(fresh), fresh, top_k=5,
+                                     output_format="json", out=open(os.devnull, "w"), depth=depth)
     return payload, np.array([[int(r["id"][3:]) for r in q["results"]] for q in payload["queries"]])
 
   _, tuned_rows = answer()

@@ -25,10 +25,11 @@ from oclear_jax.serving import trained_run
 from oclear_jax.distributed import launch
 from oclear_jax.train import pretrained_towers
 from oclear_jax import sharding
-from oclear_jax.train import evals
+from oclear_jax.train.evaluators import scoring
 from oclear_jax.train import input_sources
 from oclear_jax.train import trainer
 from oclear_jax.commands import embed as embed_command
+import trained_state
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TIMEOUT_S = 180  # a hang would otherwise stall the suite: JAX's own timeouts are minutes
@@ -71,7 +72,7 @@ def _one_process_metrics(workdir, step, scratch):
   config = _config()
   prepared = trained_run.run_records(config, workdir)
   if step:
-    task, state, _ = trainer.restore_trained_state(config, str(workdir), step, prepared=prepared)
+    task, state, _ = trained_state.restore_trained_state(config, str(workdir), step, prepared=prepared)
   else:
     task = trainer.OclearTask(config, sharding.make_mesh(config.mesh.shape), num_classes=prepared.num_classes,
                               vocab_size=prepared.vocab_size, title_special_ids=prepared.title_special_ids)
@@ -80,7 +81,7 @@ def _one_process_metrics(workdir, step, scratch):
         task.init_state(jax.random.key(config.seed), shardings), shardings, config.model)
   inputs = input_sources.make_input(config, prepared, lambda b: sharding.global_batch(b, task.mesh, task.rules),
                                    str(workdir), progress=False)
-  return evals.evaluate(task, inputs, state["params"], workdir=str(scratch), step=step)
+  return scoring.evaluate(task, inputs, state["params"], workdir=str(scratch), step=step)
 
 
 def test_two_processes_train_and_evaluate_as_one_process_scores_the_same_parameters(run, tmp_path):
@@ -150,8 +151,8 @@ def test_two_processes_train_the_parameters_one_process_trains(run, tmp_path):
   config.data.root, config.data.records_dir = str(workdir / "catalogue"), str(workdir / "records")  # same records
   config.eval.at_start, config.eval.scann = False, False  # evaluation does not touch the parameters
   trainer.train_and_evaluate(config, str(one_dir), progress=False)
-  _, one, _ = trainer.restore_trained_state(config, str(one_dir), STEPS)
-  _, two, _ = trainer.restore_trained_state(_config(), str(workdir), STEPS)
+  _, one, _ = trained_state.restore_trained_state(config, str(one_dir), STEPS)
+  _, two, _ = trained_state.restore_trained_state(_config(), str(workdir), STEPS)
   assert _train_loss(one_dir, STEPS) == pytest.approx(_train_loss(workdir, STEPS), rel=1e-6)
   differences = {jax.tree_util.keystr(path): float(np.max(np.abs(np.asarray(a) - np.asarray(b)), initial=0.0))
                  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(one["params"]),

@@ -25,6 +25,7 @@ from oclear_jax import checkpoint
 from oclear_jax.distributed import launch
 from oclear_jax.distributed import preemption
 from oclear_jax.train import trainer
+import trained_state
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TIMEOUT_S = 120  # a hang would otherwise stall the suite
@@ -72,7 +73,7 @@ def _sigterm_after_step(workdir, step: int) -> tuple[int, list[int], str]:
 
 
 def _leaves(config, workdir):
-  _, state, step = trainer.restore_trained_state(config, str(workdir))
+  _, state, step = trained_state.restore_trained_state(config, str(workdir))
   return step, jax.tree.leaves(state)
 
 

@@ -14,6 +14,7 @@ from oclear_jax import checkpoint as checkpoint_lib
 from oclear_jax import config_schema
 from oclear_jax.train import pretrained_towers
 from oclear_jax import sharding
+from oclear_jax.train import optimizer
 from oclear_jax.train import trainer
 
 NUM_CLASSES, VOCAB, BATCH = 12, 300, 8
@@ -97,7 +98,7 @@ def test_frozen_tower_gets_no_gradient(frozen):
 def test_nothing_frozen_keeps_the_plain_optimizer():
   config = _config()
   assert pretrained_towers.frozen_towers(config.model) == ()
-  tx = trainer.make_optimizer(config.optimizer, 10)
+  tx = optimizer.make_optimizer(config.optimizer, 10)
   assert pretrained_towers.freeze_towers(tx, ()) is tx
 
 
@@ -154,6 +155,7 @@ def test_validate_refuses_impossible_tower_switches(model, message):
   config = _config(**model)
   with pytest.raises(ValueError, match=message):
     config_schema.validate(config)
+    pretrained_towers.check_shipped(config.model)  # what the trainer checks next
 
 
 def test_image_only_ignores_the_text_switches():

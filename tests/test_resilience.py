@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from oclear_jax import run_data
+from oclear_jax.train import input_sources
 from oclear_jax.train import trainer
+import trained_state
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -24,7 +25,7 @@ def _config(**train):
 
 
 def _final_params(config, workdir):
-  _, state, step = trainer.restore_trained_state(config, workdir)
+  _, state, step = trained_state.restore_trained_state(config, workdir)
   return step, state
 
 
@@ -52,20 +53,20 @@ def test_interrupted_runs_end_bitwise_equal_to_an_uninterrupted_one(tmp_path):
 def test_nan_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
   config = _config(checkpoint_every=2)
   calls = {"n": 0}
-  real = run_data.to_device_batch
+  real = input_sources.RecordsInput.to_device
 
-  def poisoned(batch, place):
+  def poisoned(self, batch):
     calls["n"] += 1
     if calls["n"] == 3:  # step 3
       batch = dict(batch, image=np.full_like(batch["image"], np.nan))
       poisoned.ids = [i.decode() for i in batch["id"]]
-    return real(batch, place)
-  monkeypatch.setattr(run_data, "to_device_batch", poisoned)
+    return real(self, batch)
+  monkeypatch.setattr(input_sources.RecordsInput, "to_device", poisoned)
   with pytest.raises(FloatingPointError, match=r"not finite at step 3.*after step 2"):
     trainer.train_and_evaluate(config, str(tmp_path), progress=False)
   report = json.loads((tmp_path / "nonfinite" / "step_3.json").read_text())
   assert report["step"] == 3 and report["ids"] == poisoned.ids and not np.isfinite(report["loss"])
-  monkeypatch.setattr(run_data, "to_device_batch", real)
+  monkeypatch.setattr(input_sources.RecordsInput, "to_device", real)
   assert _final_params(config, str(tmp_path))[0] == 2  # nothing past the last good step was saved
 
 

@@ -8,7 +8,8 @@ import pytest
 from configs import tiny
 from oclear_jax import config_schema
 from oclear_jax import sharding
-from oclear_jax.train import evals
+from oclear_jax.train import input_sources
+from oclear_jax.train.evaluators import scoring
 from oclear_jax.train import trainer
 from oclear_jax.retrieval import metrics as metrics_lib
 from oclear_jax.retrieval import product1m_metrics
@@ -174,23 +175,28 @@ def _features(rng, n, present):
       text_pooled=rng.normal(size=(n, 6)).astype(np.float32) + 3.0, present=present))
 
 
-def test_tower_features_title_vectors_are_centred_by_the_training_titles():
+def test_tower_features_title_vectors_are_centred_by_the_gallerys_own_titles():
+  """As a search over that gallery centres them (serving.gallery_index): the titled documents' mean, not the
+  training split's nor the queries'."""
   config = tiny.get_config()
   config.data.input, config.model.fusion = "tower_features", "gated"
   config.eval.title_feedback_docs = 3
   rng = np.random.default_rng(0)
   splits = {"train": _features(rng, 20, rng.random(20) > 0.3), "eval": _features(rng, 7, np.arange(7) != 2)}
-  inputs = types.SimpleNamespace(splits=splits)
-  got = evals._title_vectors(config, inputs, None, "eval")
-  train = splits["train"].table
-  mean = train.text_pooled[train.present].mean(axis=0)
-  np.testing.assert_allclose(got[np.arange(7) != 2], _unit(splits["eval"].table.text_pooled - mean)[np.arange(7) != 2],
-                             rtol=1e-5)
+  inputs = input_sources.TowerFeaturesInput.__new__(input_sources.TowerFeaturesInput)
+  inputs.splits = splits  # the cached tables alone: what title_vectors reads
+  kinds = np.asarray([evaluation.QUERY, evaluation.DOC, evaluation.DOC, evaluation.DOC, evaluation.QUERY,
+                      evaluation.DOC, evaluation.DOC])
+  got = scoring.title_vectors(config, inputs, types.SimpleNamespace(kinds=kinds), "eval")
+  rows = splits["eval"].table
+  gallery = (kinds == evaluation.DOC) & rows.present
+  mean = rows.text_pooled[gallery].mean(axis=0)
+  np.testing.assert_allclose(got[np.arange(7) != 2], _unit(rows.text_pooled - mean)[np.arange(7) != 2], rtol=1e-5)
   np.testing.assert_array_equal(got[2], 0.0)
   config.model.fusion = "image_only"  # no text tower: no feedback
-  assert evals._title_vectors(config, inputs, None, "eval") is None
+  assert scoring.title_vectors(config, inputs, None, "eval") is None
   config.model.fusion, config.eval.title_feedback_docs = "gated", 0
-  assert evals._title_vectors(config, inputs, None, "eval") is None
+  assert scoring.title_vectors(config, inputs, None, "eval") is None
 
 
 def test_records_titles_come_from_the_text_tower_and_are_zero_without_a_title():
@@ -205,7 +211,7 @@ def test_records_titles_come_from_the_text_tower_and_are_zero_without_a_title():
   ids[:, 0], ids[:, 1:5], ids[:, 5] = 2, rng.integers(4, 300, (8, 4)), 3
   ids[3] = 0  # no title
   batch = sharding.global_batch({"title_tokens": ids}, task.mesh, task.rules)
-  pooled = np.asarray(evals._jit_title_pooled(task, params)(batch))
+  pooled = np.asarray(scoring.jit_title_pooled(task, params)(batch))
   _, expected, _ = task.model.apply({"params": jax.device_get(params["encoder"])}, ids,
                                     method=lambda m, x: m.text_encoder(x, train=False))
   keep = np.arange(8) != 3
@@ -216,7 +222,7 @@ def test_records_titles_come_from_the_text_tower_and_are_zero_without_a_title():
   es = evaluation.EvalSet(ids=np.arange(8).astype(str), labels=np.arange(8) % 3, kinds=np.zeros(8, np.int32),
                          titles=np.asarray(["t"] * 8), query_emb=np.zeros((8, 2)), doc_emb=np.zeros((8, 2)),
                          title_pooled=pooled)
-  got = evals._title_vectors(config, None, es, "eval")
+  got = scoring.title_vectors(config, input_sources.RecordsInput(config, None, None), es, "eval")
   mean = pooled[keep].mean(axis=0)  # the gallery's own titles
   np.testing.assert_allclose(got[keep], _unit(pooled[keep] - mean), rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(got[3], 0.0)

@@ -5,6 +5,7 @@ put while the others train, at optimizer.pretrained_lr_scale times the learning 
 source is the same input as records when the views are the eval view; runs resume exactly; the
 cache is reused while its key holds and recomputed when k or the views change.
 """
+import copy
 import os
 
 import flax.linen as nn
@@ -14,19 +15,30 @@ import numpy as np
 import pytest
 
 from configs import tiny
+from input_pipeline import images as images_lib
 from oclear_jax import config_schema
 from oclear_jax import run_data
 from oclear_jax.train import pretrained_towers
 from oclear_jax import sharding
+from oclear_jax.train import batch_formats
 from oclear_jax.train import input_sources
+from oclear_jax.train import optimizer
 from oclear_jax.train import trainer
 from oclear_jax.models import efficientnet
 from oclear_jax.weights import efficientnet_lite0
 from oclear_jax.features import feature_cache
 from oclear_jax.features import trunk_cache
+import trained_state
 
 SIZE = 64
 K = 14  # blocks 14, 15 and the head conv train (the map at 64 px is 2x2x192)
+
+
+def _records_task(task):
+  """The same task reading records batches (raw images and title ids): the independent reference."""
+  records = copy.copy(task)
+  records.batch_format = batch_formats.RecordsFormat(task.config, task.model)
+  return records
 
 
 def _config(k=K, views=2, **optimizer):
@@ -61,13 +73,14 @@ class _Setup:
   def place(self, batch):
     return sharding.global_batch(batch, self.task.mesh, self.task.rules)
 
-  def loss(self, params, batch):
-    with jax.set_mesh(self.task.mesh), nn.logical_axis_rules(self.task.rules):
-      return float(jax.jit(self.task.loss_fn)(params, self.place(batch), jax.random.key(3))[0])
+  def loss(self, params, batch, task=None):
+    task = task or self.task
+    with jax.set_mesh(task.mesh), nn.logical_axis_rules(task.rules):
+      return float(jax.jit(task.loss_fn)(params, self.place(batch), jax.random.key(3))[0])
 
   def records_batch(self, rows):
     train = self.inputs.splits["train"]
-    return dict(image=np.stack([feature_cache.load_image(p, SIZE) for p in train.image_paths[rows]]),
+    return dict(image=np.stack([images_lib.load_image(p, SIZE) for p in train.image_paths[rows]]),
                 title_tokens=np.zeros((len(rows), self.config.data.max_title_len), np.int32),
                 label=train.labels[rows], kind=train.kinds[rows])
 
@@ -124,7 +137,7 @@ def test_pretrained_lr_scale_scales_the_towers_first_adam_update(tmp_path):
   updates = {}
   for scale in (1.0, 0.5, 0.0):  # 0: the pretrained layers held still
     config = _config(pretrained_lr_scale=scale)
-    tx = pretrained_towers.tower_optimizer(trainer.make_optimizer(config.optimizer, 4), config)
+    tx = pretrained_towers.tower_optimizer(optimizer.make_optimizer(config.optimizer, 4), config)
     updates[scale] = _leaves(jax.jit(lambda g, p, tx=tx: tx.update(g, tx.init(p), p)[0])(grads, params))
   for path, full in updates[1.0].items():
     if "'image_encoder'" not in path:  # class centres: the full rate either way
@@ -143,7 +156,7 @@ def test_trunk_loss_equals_the_records_loss_of_the_same_state(tmp_path):
   setup = _Setup(_config(), tmp_path)
   rows = np.arange(16)
   params = setup.state["params"]
-  from_records = setup.loss(params, setup.records_batch(rows))
+  from_records = setup.loss(params, setup.records_batch(rows), _records_task(setup.task))
   cached = setup.inputs._split_batch("train", rows)  # pylint: disable=protected-access  (view 0)
   # The trunk in float32 (no storage rounding): the same numbers as the records path.
   model = efficientnet.EfficientNetLite0()
@@ -167,7 +180,8 @@ def test_trunk_training_resumes_exactly(tmp_path):
   broken = str(tmp_path / "broken")
   assert trainer.train_and_evaluate(config, broken, progress=False, stop_at_step=2)["final_step"] == 2
   resumed = trainer.train_and_evaluate(config, broken, progress=False)
-  states = [jax.device_get(trainer.restore_trained_state(config, w)[1]) for w in (str(tmp_path / "straight"), broken)]
+  states = [jax.device_get(trained_state.restore_trained_state(config, w)[1])
+            for w in (str(tmp_path / "straight"), broken)]
   assert int(states[0]["step"]) == int(states[1]["step"]) == 4
   for a, b in zip(jax.tree.leaves(states[0]), jax.tree.leaves(states[1])):
     np.testing.assert_array_equal(a, b)
@@ -204,7 +218,7 @@ def test_cache_hits_and_misses(tmp_path):
   # View 0 is the eval preprocessing's trunk; view 1 a reproducible crop and flip, not view 0.
   model = efficientnet.EfficientNetLite0()
   params = jax.tree.map(jnp.asarray, efficientnet_lite0.load_params())
-  images = np.stack([feature_cache.load_image(p, SIZE) for p in paths[:5]])
+  images = np.stack([images_lib.load_image(p, SIZE) for p in paths[:5]])
   want = model.apply({"params": params}, images, 12, method="trunk")
   # (another batch size: float32 sums may round to a neighbouring float16 now and then)
   np.testing.assert_allclose(np.asarray(first.activations[good], np.float32), want, rtol=1e-3, atol=1e-3)
@@ -212,7 +226,7 @@ def test_cache_hits_and_misses(tmp_path):
   views = [trunk_cache.load_views(paths[0], SIZE, [0, 1, 2]) for _ in range(2)]
   for a, b in zip(*views):
     np.testing.assert_array_equal(a, b)
-  np.testing.assert_array_equal(views[0][0], feature_cache.load_image(paths[0], SIZE))
+  np.testing.assert_array_equal(views[0][0], images_lib.load_image(paths[0], SIZE))
   assert not any(name.endswith(".tmp-" + str(os.getpid())) for name in os.listdir(tmp_path / "cache"))
 
 

@@ -34,6 +34,8 @@ import ml_collections
 
 from input_pipeline import catalogue as catalogue_lib
 from input_pipeline import paths as paths_lib
+from oclear_jax import run_data
+from oclear_jax.distributed import multihost
 from oclear_jax.governance import curate
 from oclear_jax.governance import decisions as decisions_lib
 from oclear_jax.governance import executors
@@ -44,7 +46,6 @@ from oclear_jax.governance import settings as settings_lib
 
 def read_raw_catalogue(data: ml_collections.ConfigDict, workdir: str, seed: int, *, progress: bool = True):
   """The raw catalogue of `data` (generating the built-in one when configured)."""
-  from oclear_jax import run_data  # pylint: disable=g-import-not-at-top  (imports jax)
   if data.source == "synthetic":
     run_data.generate_builtin_catalogue(data, workdir, progress=progress)
   csv_path, _ = run_data.catalogue_paths(data, workdir)
@@ -108,7 +109,6 @@ def _output_folder(workdir: str, files: dict[str, str]) -> Iterator[str]:
 
 def write_curated_records(config: ml_collections.ConfigDict, workdir: str, progress: bool = True) -> str:
   """Records from the curated catalogue (`prepare_data` with data.governed); every process calls it."""
-  from oclear_jax import run_data  # pylint: disable=g-import-not-at-top  (imports jax and TensorFlow)
   data = config.data.copy_and_resolve_references()
   data.governed = True
   data.max_rows = 0  # The curated catalogue is already cut to max_rows per catalogue read.
@@ -121,7 +121,6 @@ def run_products(config: ml_collections.ConfigDict, workdir: str, *, progress: b
   settings = settings_lib.from_config(config.governance)
   data = config.data
   if data.source == "synthetic":
-    from oclear_jax import run_data  # pylint: disable=g-import-not-at-top  (imports jax)
     run_data.generate_builtin_catalogue(data, workdir, progress=progress)
   root = data.root or paths_lib.join(workdir, "catalogue")
   csv_path = data.csv if os.path.isabs(data.csv) or paths_lib.is_remote(data.csv) else paths_lib.join(root, data.csv)
@@ -175,3 +174,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
           f"report: {paths['markdown']}\ncurated catalogue: {paths['curated_catalogue.csv']}\n"
           f"train on it: --config.data.governed=True --workdir={workdir}")
   return {"counts": result.counts, "paths": paths, "result": result}
+
+
+def run_mode(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """`--mode=govern` on every process of a run."""
+  # One process governs (it writes the shared governance/ files and uses no device); its outcome
+  # reaches every process, which then all join the records step (a collective of its own).
+  multihost.run_on_process_zero(run, config, workdir, write_records=False)
+  write_curated_records(config, workdir)

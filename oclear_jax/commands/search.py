@@ -4,6 +4,7 @@ r"""`--mode=index` and `--mode=search`: the trained model as a product search en
   python -m oclear_jax.main --mode=index --workdir=workdirs/demo --config.index.target_recall=0.9
   python -m oclear_jax.main --mode=search --workdir=workdirs/demo --query=photo.jpg [--query=...] \
       [--top_k=10] [--output_format=json] [--search.leaves=N] [--search.reorder=M]
+  python -m oclear_jax.main --mode=search --workdir=workdirs/demo --query=queries.csv --output=results.jsonl
 
 `index` embeds every document of the run's catalogue (train and eval splits: a shopper
 searches the whole catalogue) with the latest checkpoint and writes `{workdir}/index/`
@@ -21,6 +22,11 @@ says to run `--mode=index`. Query files are turned into model inputs exactly as 
 are: re-encoded like the records (`input_pipeline.records.encode_image`: RGB, shrunk to
 `data.stored_image_size`, JPEG) and then `config.data.eval_preprocess`. Queries are embedded
 with the checkpoint the index was built from (never a newer one: the two heads must match).
+Where the index holds its documents' title vectors (built with `eval.title_feedback_docs` > 0 and a
+text tower), the searcher's top candidates are re-ranked by the titles of each query's top results
+exactly as the eval's prf/ rows measured (`gallery_index.GalleryIndex.search`;
+`--config.eval.title_feedback_docs=0` turns it off). A `--query` CSV stands for the images of its rows
+(unreadable ones skipped and listed); `--output=FILE.jsonl` writes one line of results per query.
 It prints the top-K documents per query (rank, id, title, score) as a table or as JSON on
 stdout, and writes a contact sheet to `{workdir}/search/contact_sheet.png` (queries framed
 blue, results grey: a user's search has no ground truth). The index's tuned search depth is used
@@ -40,6 +46,7 @@ it through `input_pipeline.paths`, and query images may be URLs too.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -51,6 +58,9 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from input_pipeline import images as images_lib
+from oclear_jax.serving import catalogue_embedding
+from oclear_jax.serving import composition as composition_lib
 from oclear_jax import checkpoint as checkpoint_lib
 from oclear_jax.serving import trained_run
 from input_pipeline import paths
@@ -59,6 +69,7 @@ from oclear_jax.distributed import host_gather
 from oclear_jax.retrieval import plots
 
 CONTACT_SHEET = os.path.join("search", "contact_sheet.png")
+MAX_SHEET_QUERIES = 16  # a batch of queries (a CSV) draws its first ones
 
 
 def build_index(workdir: str, config: ml_collections.ConfigDict | None = None, *, catalogue: str | None = None,
@@ -97,13 +108,31 @@ def _print_built(manifest: dict, workdir: str, out: TextIO) -> None:
     print("no retrieval metrics: the catalogue has no label column (config.data.columns.label)", file=out)
 
 
+def expand_queries(queries: list[str], config: ml_collections.ConfigDict) -> tuple[list[str], list[dict]]:
+  """(query image files, skipped rows): image files as given; a `.csv` stands for the images of its rows
+  (column config.data.columns.image, relative to the CSV's folder; rows whose image is unreadable are skipped
+  with their reason, the rest searched)."""
+  files, skipped = [], []
+  for query in queries:
+    if not query.lower().endswith(".csv"):
+      files.append(query)
+      continue
+    columns = catalogue_embedding.catalogue_columns(config)
+    read = catalogue_embedding.read_rows(config, query, columns=dataclasses.replace(columns, title=None))
+    paths_in_csv = [row.image_path for row in read.rows]
+    _, kept, failed = images_lib.preprocess_image_files(paths_in_csv, config.data)
+    files += [paths_in_csv[i] for i in kept]
+    skipped += list(read.skipped) + [{"image": paths_in_csv[i], "reason": reason} for i, reason in failed]
+  return files, skipped
+
+
 def load_query_images(files: list[str], config: ml_collections.ConfigDict) -> tuple[np.ndarray, list[np.ndarray]]:
   """(model inputs f32[Q, H, W, 3] exactly like eval queries, display images uint8) for image files
   (local paths or URLs)."""
   for path in files:
     if not paths.exists(path) or paths.isdir(path):
       raise FileNotFoundError(f"query image {path} not found")
-  inputs, _, failed = trained_run.preprocess_image_files(files, config)
+  inputs, _, failed = images_lib.preprocess_image_files(files, config.data)
   if failed:
     i, reason = failed[0]
     raise ValueError(f"query {files[i]} is not a usable image ({reason}); pass a photo (JPEG, PNG, WebP, ...)")
@@ -146,7 +175,9 @@ def _embed_queries(config, workdir: str, index: gallery_index.GalleryIndex, imag
   if not paths.isdir(ckpt):
     raise FileNotFoundError(f"the index in {index.root} was built with checkpoint step {index.step}, which is no "
                             f"longer in {os.path.dirname(ckpt)}; rebuild it: --mode=index --workdir={workdir}")
-  embed = trained_run.restore_trained_model(config, workdir, index.step).embedder("query")
+  trained = trained_run.restore_trained_model(config, workdir, index.step)
+  trained.composition = composition_lib.from_manifest(index.manifest.get("composition"))  # as the documents were
+  embed = trained.embedder("query")
   batch_size = config.eval.batch_size
   return np.concatenate([embed({"image": images[s:s + batch_size]}) for s in range(0, len(images), batch_size)])
 
@@ -159,10 +190,13 @@ def _latest_step(workdir: str) -> int | None:
 
 def search(workdir: str, queries: list[str], *, top_k: int = 10, output_format: str = "table",
            config: ml_collections.ConfigDict | None = None, out: TextIO | None = None,
-           leaves_to_search: int | None = None, reorder: int | None = None) -> dict[str, Any]:
+           leaves_to_search: int | None = None, reorder: int | None = None,
+           output: str | None = None) -> dict[str, Any]:
   """Prints the top-K documents of each query image; returns the results as a dict (the JSON output).
 
-  `leaves_to_search` / `reorder` override the index's tuned search depth for this search (None: keep it).
+  `queries`: image files, or CSVs of query images (`expand_queries`). `leaves_to_search` / `reorder`
+  override the index's tuned search depth for this search (None: keep it). `output` (FILE.jsonl): one
+  JSON line per query written there, and only a summary printed.
   """
   out = out or sys.stdout
   if top_k < 1:
@@ -174,9 +208,14 @@ def search(workdir: str, queries: list[str], *, top_k: int = 10, output_format: 
     raise ValueError(f"--output_format={output_format!r}: use 'table' or 'json'")
   if not queries:
     raise ValueError("no query images: pass --query=IMAGE (repeat it for several)")
+  if output and not output.endswith(".jsonl"):
+    raise ValueError(f"--output={output}: search writes JSON lines; name a FILE.jsonl")
   workdir = paths.resolve(workdir)  # gs://bucket/run stays a URL
   config = config if config is not None else trained_run.load_run_config(workdir)
-  images, shown = load_query_images(list(queries), config)  # bad files fail before anything slow
+  files, skipped = expand_queries(list(queries), config)
+  if not files:
+    raise ValueError(f"no readable query image among {queries} ({len(skipped)} skipped, e.g. {skipped[:1]})")
+  images, shown = load_query_images(files, config)  # bad files fail before anything slow
   index = gallery_index.GalleryIndex(workdir)
   latest = _latest_step(workdir)
   if latest is not None and latest > index.step and jax.process_index() == 0:
@@ -184,21 +223,22 @@ def search(workdir: str, queries: list[str], *, top_k: int = 10, output_format: 
           f"--mode=index to search with it", file=sys.stderr)
   vectors = _embed_queries(config, workdir, index, images)  # every process embeds a share of the queries
   # One searcher answers, prints and draws the contact sheet (process 0); every process gets the results.
-  return host_gather.computed_once(_answer, workdir, index, list(queries), shown, vectors, top_k=top_k,
-                                   output_format=output_format, out=out, depth={"leaves_to_search": leaves_to_search,
-                                                                              "reorder": reorder})
+  depth = {"leaves_to_search": leaves_to_search, "reorder": reorder}
+  return host_gather.computed_once(_answer, workdir, config, index, files, shown, vectors, top_k=top_k,
+                                   output_format=output_format, out=out, depth=depth, output=output,
+                                   skipped=skipped)
 
 
-def _answer(workdir: str, index: gallery_index.GalleryIndex, queries: list[str], shown: list[np.ndarray],
-            vectors: np.ndarray, *, top_k: int, output_format: str, out: TextIO,
-            depth: dict | None = None) -> dict[str, Any]:
-  """Searches the loaded ScaNN index, writes the contact sheet, prints the results; returns them."""
+def _answer(workdir: str, config, index: gallery_index.GalleryIndex, queries: list[str], shown: list[np.ndarray],
+            vectors: np.ndarray, *, top_k: int, output_format: str, out: TextIO, depth: dict | None = None,
+            output: str | None = None, skipped: list[dict] | None = None) -> dict[str, Any]:
+  """Searches the loaded index (title feedback as configured), writes the contact sheet and the results."""
   searcher = index.searcher
   if depth and any(depth.values()) and searcher.params["mode"] != "brute_force":
     searcher = searcher.with_search_params(**depth)  # one search deeper or shallower; the index is unchanged
-  scores, rows = searcher.search(vectors, top_k)
+  scores, rows, reranked = index.search(vectors, top_k, config, searcher=searcher)
   payload = {"workdir": workdir, "checkpoint_step": index.step, "num_documents": len(index.ids),
-             "searcher": searcher.description, "queries": []}
+             "searcher": searcher.description, "title_feedback": reranked, "skipped": skipped or [], "queries": []}
   for q, path in enumerate(queries):
     results = [{"rank": rank + 1, "id": _text(index.ids[r]), "title": _text(index.titles[r]),
                 "score": round(float(scores[q, rank]), 6)}
@@ -206,13 +246,19 @@ def _answer(workdir: str, index: gallery_index.GalleryIndex, queries: list[str],
     payload["queries"].append({"query": paths.resolve(path), "results": results})
   sheet = paths.join(workdir, CONTACT_SHEET)
   paths.makedirs(os.path.dirname(sheet))
+  drawn = range(min(len(queries), MAX_SHEET_QUERIES))
+  caption = lambda q, rank, r: f"{_text(index.titles[r]) or _text(index.ids[r])} | {scores[q, rank]:.2f}"
   plots.contact_sheet(  # written through input_pipeline.paths: a URL workdir's sheet lands in the bucket
-      shown, [[(_document_image(index.image_paths[r]), f"{_text(index.titles[r]) or _text(index.ids[r])} | "
-                f"{scores[q, rank]:.2f}", None) for rank, r in enumerate(rows[q]) if r >= 0]
-              for q in range(len(queries))],
-      sheet, query_captions=[os.path.basename(p) for p in queries])
+      [shown[q] for q in drawn], [[(_document_image(index.image_paths[r]), caption(q, rank, r), None)
+                                   for rank, r in enumerate(rows[q]) if r >= 0] for q in drawn],
+      sheet, query_captions=[os.path.basename(queries[q]) for q in drawn])
   payload["contact_sheet"] = sheet
-  if output_format == "json":
+  if output:
+    lines = "".join(json.dumps(q, ensure_ascii=False) + "\n" for q in payload["queries"])
+    paths.write_bytes(paths.resolve(output), lines.encode("utf-8"))
+    print(f"{len(queries)} queries searched ({len(payload['skipped'])} skipped), top {top_k} each"
+          f"{', re-ranked by title feedback' if reranked else ''} -> {output}; contact sheet: {sheet}", file=out)
+  elif output_format == "json":
     print(json.dumps(payload, indent=2, ensure_ascii=False), file=out)
   else:
     print(format_table(payload), file=out)
@@ -222,7 +268,7 @@ def _answer(workdir: str, index: gallery_index.GalleryIndex, queries: list[str],
 def format_table(payload: dict[str, Any]) -> str:
   """Plain-text results: one block per query, then where the contact sheet went."""
   lines = [f"{payload['num_documents']} documents, checkpoint step {payload['checkpoint_step']}, "
-           f"{payload['searcher']}"]
+           f"{payload['searcher']}{', re-ranked by title feedback' if payload.get('title_feedback') else ''}"]
   for q in payload["queries"]:
     lines.append(f"\nquery: {q['query']}")
     id_width = max([len("id")] + [len(r["id"]) for r in q["results"]])

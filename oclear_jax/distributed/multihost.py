@@ -47,7 +47,7 @@ def detected_cluster() -> str | None:
   if os.environ.get("JAX_COORDINATOR_ADDRESS"):
     return "JAX_COORDINATOR_ADDRESS"
   try:  # JAX's detectors: exactly the environments `initialize()` understands, in its order.
-    from jax._src import clusters  # pylint: disable=g-import-not-at-top
+    from jax._src import clusters  # pylint: disable=g-import-not-at-top  (private, optional: guarded)
     cluster_types = [c for c in clusters.ClusterEnv._cluster_types  # pylint: disable=protected-access
                      if not c.opt_in_only_method]
   except (ImportError, AttributeError):  # a JAX that moved them: the environment variables they read

@@ -28,13 +28,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import tqdm
-from PIL import Image
 
+from input_pipeline import images as images_lib
 from oclear_jax.models import efficientnet
 from oclear_jax.weights import efficientnet_lite0
-
-PREPROCESS_VERSION = "pil-rgb|resize-bilinear-square|value_range(-1,1)|v1"
-
 
 @functools.lru_cache(maxsize=1 << 18)
 def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
@@ -66,21 +63,10 @@ def cache_key(paths: Sequence[str], *, image_size: int, token_grid: int) -> str:
       "weights_sha256": file_fingerprint(weights),
       "image_size": int(image_size),
       "token_grid": int(token_grid),
-      "preprocess": PREPROCESS_VERSION,
+      "preprocess": images_lib.PREPROCESS_VERSION,
       "files": [(p, file_fingerprint(p)) for p in sorted(set(paths))],
   }
   return hashlib.sha256(json.dumps(payload).encode()).hexdigest()
-
-
-def load_image(path: str, image_size: int) -> np.ndarray:
-  """One file -> f32[S, S, 3] in [-1, 1]; raises OSError/ValueError naming the file if unreadable."""
-  try:
-    with Image.open(path) as image:
-      image = image.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
-      pixels = np.asarray(image, np.float32)
-  except Exception as e:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError, ...).
-    raise ValueError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from e
-  return pixels / 127.5 - 1.0
 
 
 def adaptive_pool_matrix(size: int, grid: int) -> np.ndarray:
@@ -124,7 +110,7 @@ def _compute(paths: list[str], image_size: int, batch_size: int, token_grid: int
     batch = np.zeros((batch_size, image_size, image_size, 3), np.float32)  # Fixed shape: one compile.
     for row, path in enumerate(paths[start:start + batch_size]):
       try:
-        batch[row] = load_image(path, image_size)
+        batch[row] = images_lib.load_image(path, image_size)
         ok[start + row] = True
       except ValueError as e:
         failures.append(str(e))

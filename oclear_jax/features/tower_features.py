@@ -2,7 +2,7 @@
 
 With `config.data.input='tower_features'` the towers are frozen, so their outputs are a fixed
 function of each row: the trainer computes them once per catalogue row (images:
-`weights.feature_cache.extract_features`, EfficientNet-Lite0 at `data.stored_image_size`; titles:
+`features.feature_cache.extract_features`, EfficientNet-Lite0 at `data.stored_image_size`; titles:
 `title_features`, the MiniLM-L6 text tower) and trains the heads, fusion and class centres on them
 through `OclearModel.queries_from_features` / `documents_from_features`. Both caches are keyed by
 the weights, the settings and the inputs, so a changed file, title or size never reuses stale
@@ -31,8 +31,12 @@ import numpy as np
 
 from input_pipeline import catalogue as catalogue_lib
 from input_pipeline import records as records_lib
-from oclear_jax import run_data
+from input_pipeline import tokenizer as tokenizer_lib
 from oclear_jax import models
+from oclear_jax import run_data
+from oclear_jax import weights
+from oclear_jax.features import feature_cache
+from oclear_jax.weights import minilm
 
 TOKEN_GRID = 4  # fusion='concept_attention': image tokens per side (adaptive average pooling)
 SPLITS = ("train", "eval", "val")
@@ -79,10 +83,6 @@ def title_features(titles: Sequence[str], cache_dir: str | os.PathLike, *, max_l
   pool=pool)`, inference mode) as the model's 'minilm' text tower. Cached in `cache_dir` under a
   key of the titles, `max_len`, `pool` and the weights file's content hash.
   """
-  from input_pipeline import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
-  from oclear_jax import weights  # pylint: disable=g-import-not-at-top
-  from oclear_jax.features import feature_cache  # pylint: disable=g-import-not-at-top
-  from oclear_jax.weights import minilm  # pylint: disable=g-import-not-at-top
   titles = [str(t) for t in titles]
   tokenizer = tokenizer_lib.TitleTokenizer.load(weights.tokenizer_dir("minilm"))
   ids = tokenizer.encode_batch(titles, max_len)
@@ -136,13 +136,13 @@ def token_grid(config: ml_collections.ConfigDict) -> int:
 
 
 def cache_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
-  return config.data.get("feature_cache") or os.path.join(workdir, "tower_features")
+  return config.data.feature_cache or os.path.join(workdir, "tower_features")
 
 
 def catalogue_rows(config: ml_collections.ConfigDict, prepared: run_data.PreparedData) -> list:
   """The prepared catalogue's rows, read as `run_data.prepare_data` read them."""
   data = config.data
-  if data.get("governed", False):
+  if data.governed:
     columns = run_data.GOVERNED_COLUMNS
   else:
     columns = catalogue_lib.CatalogueColumns(**{k: (v or None) for k, v in data.columns.to_dict().items()})
@@ -153,7 +153,6 @@ def catalogue_rows(config: ml_collections.ConfigDict, prepared: run_data.Prepare
 def load_feature_splits(config: ml_collections.ConfigDict, prepared: run_data.PreparedData, workdir: str, *,
                         progress: bool = True) -> dict[str, FeatureSplit]:
   """{split: FeatureSplit} for every split with rows; unreadable images are dropped and logged."""
-  from oclear_jax.features import feature_cache  # pylint: disable=g-import-not-at-top
   rows = catalogue_rows(config, prepared)
   directory = cache_dir(config, workdir)
   grid = token_grid(config)

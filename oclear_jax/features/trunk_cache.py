@@ -5,7 +5,7 @@ blocks k..15 and the head conv of the image tower; the stem and blocks 0..k-1 ar
 output is a fixed function of the (augmented) pixels. On a 2-core CPU the trunk costs nearly all
 of a forward pass, so it runs once per (image, view) and training reads the maps back.
 
-Views: view 0 is the eval preprocessing (`feature_cache.load_image`: decode, square resize to
+Views: view 0 is the eval preprocessing (`input_pipeline.images.load_image`: decode, square resize to
 `image_size`, value_range(-1, 1)), so the eval rows' view 0 gives the eval path's numbers (up to the
 float16 storage); view v >= 1 is a random-resized crop (area 0.6-1, aspect 3/4-4/3, as the records'
 `random_resized_crop`) of that resized image, resized back (bilinear) and flipped with p=1/2, its
@@ -40,11 +40,12 @@ import numpy as np
 import tqdm
 from PIL import Image
 
+from input_pipeline import images as images_lib
 from oclear_jax.models import efficientnet
 from oclear_jax.weights import efficientnet_lite0
 from oclear_jax.features import feature_cache
 
-AUGMENT_VERSION = ("v0=" + feature_cache.PREPROCESS_VERSION + "|v>=1: pil resize(S), crop area[0.6,1] "
+AUGMENT_VERSION = ("v0=" + images_lib.PREPROCESS_VERSION + "|v>=1: pil resize(S), crop area[0.6,1] "
                    "aspect[3/4,4/3] bilinear resize(S), flip 1/2, rng=sha256(file bytes|view)|v1")
 CROP_AREA, CROP_ASPECT = (0.6, 1.0), (3 / 4, 4 / 3)
 
@@ -118,7 +119,7 @@ def load_views(path: str, image_size: int, views: Sequence[int]) -> list[np.ndar
   except Exception as e:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError, ...).
     raise ValueError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from e
   for view in views:
-    # View 0 is feature_cache.load_image's arithmetic on the same resized pixels: the eval path.
+    # View 0 is images.load_image's arithmetic on the same resized pixels: the eval path.
     out.append(np.asarray(resized, np.float32) / 127.5 - 1.0 if view == 0 else
                augmented_view(resized, hashlib.sha256(content).digest(), view))
   return out

@@ -2,13 +2,16 @@
 
 Beam pickles whatever a pass needs onto its workers; a small frozen dataclass travels better than
 a ConfigDict and cannot be changed half-way through a run. Validation happens once, here, and
-names the config key to fix.
+names the config key to fix. The fields have no defaults: every value comes from a config, whose
+defaults live in `config_schema.base_config()` alone (`from_config`; `defaults` for the schema's).
 """
 from __future__ import annotations
 
 import dataclasses
 
 import ml_collections
+
+from oclear_jax import config_schema
 
 IMAGE_FEATURES = ("efficientnet_lite0", "pixels")
 EXECUTORS = ("beam", "in_process")
@@ -17,48 +20,48 @@ CATEGORIES = ("raw", "product")
 
 @dataclasses.dataclass(frozen=True)
 class GovernanceSettings:
-  """See `config_schema.base_config()` (section `governance`) for what each field means."""
-  splits: tuple[str, ...] = ("train",)
-  kinds: tuple[str, ...] = ("doc",)
-  image_features: str = "efficientnet_lite0"
-  image_size: int = 64
-  batch_size: int = 64
-  feature_cache: str = ""
-  title_features: bool = True
-  pca_dims: int = 128
-  shrinkage: float = 0.1
-  rounds: int = 3
-  executor: str = "beam"
-  beam_runner: str = "DirectRunner"
-  beam_options: str = ""
-  chunk_size: int = 1024
-  dedupe: bool = True
-  phash_max_bits: int = 4
-  dup_min_cosine: float = 0.85
-  dup_title_jaccard: float = 0.9
-  split: bool = True
-  split_min_part: int = 2
-  split_min_effect: float = 0.25
-  split_max_parts: int = 4
-  split_max_items: int = 2000
-  merge: bool = True
-  merge_neighbours: int = 10
-  merge_max_distance: float = 2.0
-  outliers: bool = True
-  outlier_margin: float = 0.2
-  outlier_max_distance: float = 4.0
-  long_tail: bool = True
-  min_category_size: int = 2
-  max_category_size: int = 0
-  balance_power: float = 0.5
-  report_examples: int = 8
-  categories: str = "raw"
-  extra_catalogues: tuple[str, ...] = ()
-  eval_sources: tuple[str, ...] = ()
-  val_fraction: float = 0.1
-  eval_fraction: float = 0.2
-  variant_min_tokens: int = 2
-  heldout_min_rows: int = 1
+  """`config.governance`, field for field; `config_schema.base_config()` documents and sets each one."""
+  splits: tuple[str, ...]
+  kinds: tuple[str, ...]
+  image_features: str
+  image_size: int
+  batch_size: int
+  feature_cache: str
+  title_features: bool
+  pca_dims: int
+  shrinkage: float
+  rounds: int
+  executor: str
+  beam_runner: str
+  beam_options: str
+  chunk_size: int
+  dedupe: bool
+  phash_max_bits: int
+  dup_min_cosine: float
+  dup_title_jaccard: float
+  split: bool
+  split_min_part: int
+  split_min_effect: float
+  split_max_parts: int
+  split_max_items: int
+  merge: bool
+  merge_neighbours: int
+  merge_max_distance: float
+  outliers: bool
+  outlier_margin: float
+  outlier_max_distance: float
+  long_tail: bool
+  min_category_size: int
+  max_category_size: int
+  balance_power: float
+  report_examples: int
+  categories: str
+  extra_catalogues: tuple[str, ...]
+  eval_sources: tuple[str, ...]
+  val_fraction: float
+  eval_fraction: float
+  variant_min_tokens: int
+  heldout_min_rows: int
 
   def __post_init__(self):
     for name in ("splits", "kinds", "extra_catalogues", "eval_sources"):
@@ -92,10 +95,18 @@ class GovernanceSettings:
         raise ValueError(f"config.governance.{message}")
 
 
-def from_config(governance: ml_collections.ConfigDict) -> GovernanceSettings:
-  values = governance.to_dict()
+def from_config(governance: ml_collections.ConfigDict, **overrides) -> GovernanceSettings:
+  """`config.governance` (every field, as a config merged onto the schema has), with `overrides`."""
+  values = {**governance.to_dict(), **overrides}
   known = {f.name for f in dataclasses.fields(GovernanceSettings)}
-  unknown = sorted(set(values) - known)
+  unknown, missing = sorted(set(values) - known), sorted(known - set(values))
   if unknown:
     raise ValueError(f"config.governance has unknown fields {unknown}; known: {sorted(known)}")
+  if missing:
+    raise ValueError(f"config.governance lacks fields {missing}: build it from config_schema.base_config()")
   return GovernanceSettings(**values)
+
+
+def defaults(**overrides) -> GovernanceSettings:
+  """The schema's defaults (`config_schema.base_config().governance`) with `overrides`, e.g. in tests."""
+  return from_config(config_schema.base_config().governance, **overrides)

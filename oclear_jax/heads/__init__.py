@@ -7,9 +7,9 @@ from oclear_jax.heads.margins import cosface
 from oclear_jax.heads.margins import make_margin
 from oclear_jax.heads.margins import MarginFn
 from oclear_jax.heads.sharded_softmax import margin_softmax_loss
-from oclear_jax.heads.sharded_softmax import num_class_shards
+from oclear_jax.heads.class_shards import num_class_shards
 from oclear_jax.heads.partial_fc import num_sampled_classes
-from oclear_jax.heads.sharded_softmax import pad_num_classes
+from oclear_jax.heads.class_shards import pad_num_classes
 from oclear_jax.heads.partial_fc import sample_class_rows
 from oclear_jax.heads.partial_fc import sample_classes
 

@@ -17,7 +17,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from oclear_jax.heads.partial_fc import num_chunks
+from oclear_jax.heads.class_shards import num_chunks
 
 # Padding logit: exp(_NEG - max) underflows to exactly 0, and unlike -inf it
 # never produces inf - inf = nan in the online max updates.

@@ -142,3 +142,10 @@ def make_margin(name: str, **kwargs: float) -> MarginFn:
   except TypeError as e:
     raise TypeError(f"Bad arguments {kwargs} for margin {key!r}: {e}") from e
   return functools.partial(fn, **kwargs)
+
+
+def from_config(head) -> MarginFn:
+  """The margin `config.head` names (`head.margin`, its scale and margin values)."""
+  if head.margin.lower() == "combined":
+    return make_margin("combined", scale=head.scale, m1=head.m1, m2=head.m2, m3=head.m3)
+  return make_margin(head.margin, scale=head.scale, margin=head.margin_value)

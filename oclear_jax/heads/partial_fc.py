@@ -17,11 +17,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
-
-def num_chunks(c_local: int, chunk_size: int | None) -> int:
-  return 1 if not chunk_size or chunk_size >= c_local else -(-c_local // chunk_size)
-
-
+from oclear_jax.heads import class_shards
+from oclear_jax.heads.class_shards import num_chunks
 
 
 def num_sampled_classes(c_local: int, rows: int, rate: float,
@@ -62,7 +59,6 @@ def sample_classes(key: jax.Array, labels: jax.Array, offset: jax.Array,
   return jnp.sort(idx).astype(jnp.int32)
 
 
-
 def sample_class_rows(key: jax.Array, labels: jax.Array, *, num_classes: int, c_pad: int, rate: float,
                       mesh: Mesh, batch_axes: Sequence[str], class_axes: Sequence[str],
                       chunk_size: int | None = None) -> tuple[jax.Array, jax.Array]:
@@ -72,9 +68,8 @@ def sample_class_rows(key: jax.Array, labels: jax.Array, *, num_classes: int, c_
   indices into each shard (for gathering centres and moments) and the global class ids of those rows
   (``margin_softmax_loss(..., class_ids=...)``). Same key, same sample as the in-loss path.
   """
-  from oclear_jax.heads import sharded_softmax as ss  # pylint: disable=g-import-not-at-top
   batch_axes, class_axes = tuple(batch_axes), tuple(class_axes)
-  n_shards = ss.num_class_shards(mesh, class_axes)
+  n_shards = class_shards.num_class_shards(mesh, class_axes)
   c_local = c_pad // n_shards
   shared = tuple(a for a in batch_axes if a in class_axes)
   group_rows = labels.shape[0] // math.prod(mesh.shape[a] for a in batch_axes)
@@ -84,7 +79,7 @@ def sample_class_rows(key: jax.Array, labels: jax.Array, *, num_classes: int, c_
   def local(lab, k):
     if shared:
       lab = jax.lax.all_gather(lab, shared, axis=0, tiled=True)
-    shard = ss._linear_axis_index(class_axes, mesh)  # pylint: disable=protected-access
+    shard = class_shards.linear_axis_index(class_axes, mesh)
     offset = shard * c_local
     idx = sample_classes(jax.random.fold_in(k, shard), lab, offset, c_local, num_classes, num_sampled)
     # Rows outside the class group's batch axes saw other labels: every device of a class shard

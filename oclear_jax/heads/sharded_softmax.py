@@ -44,38 +44,11 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 from oclear_jax.heads import chunk_stats
+from oclear_jax.heads import class_shards
 from oclear_jax.heads.margins import MarginFn
-from oclear_jax.heads.partial_fc import num_chunks
+from oclear_jax.heads.class_shards import num_chunks
 from oclear_jax.heads.partial_fc import num_sampled_classes
 from oclear_jax.heads.partial_fc import sample_classes
-
-
-
-def num_class_shards(mesh: Mesh, class_axes: Sequence[str]) -> int:
-  """Number of shards of the class dimension: product of the axis sizes."""
-  return math.prod(mesh.shape[a] for a in class_axes)
-
-
-def pad_num_classes(num_classes: int,
-                    num_class_shards: int,
-                    chunk_size: int | None = None) -> int:
-  """Smallest C_pad >= num_classes that splits evenly into shards (and chunks).
-
-  With ``chunk_size`` (the *largest* chunk), each shard of ``ceil(C / shards)``
-  classes is cut into ``n = ceil(shard / chunk_size)`` equal chunks, so the
-  padding is under ``n`` classes per shard rather than up to a whole chunk:
-  10^6 classes on 8 shards in chunks of at most 8,192 pad to 1,000,064, not
-  1,048,576.
-
-  Args:
-    num_classes: real number of classes.
-    num_class_shards: see :func:`num_class_shards`.
-    chunk_size: if set, the largest chunk ``margin_softmax_loss(...,
-      chunk_size=...)`` will use.
-  """
-  local = -(-num_classes // num_class_shards)
-  n_chunks = num_chunks(local, chunk_size)
-  return -(-local // n_chunks) * n_chunks * num_class_shards
 
 
 def _psum(x, axes):
@@ -84,15 +57,6 @@ def _psum(x, axes):
 
 def _pmax(x, axes):
   return jax.lax.pmax(x, axes) if axes else x
-
-
-def _linear_axis_index(axes: Sequence[str], mesh: Mesh) -> jax.Array:
-  """Shard index of a dim sharded as P(axes): first axis is the major one."""
-  idx = jnp.int32(0)
-  for a in axes:
-    idx = idx * mesh.shape[a] + jax.lax.axis_index(a)
-  return idx
-
 
 
 def margin_softmax_loss(
@@ -148,7 +112,7 @@ def margin_softmax_loss(
   """
   batch_axes, class_axes = tuple(batch_axes), tuple(class_axes)
   c_pad = centers.shape[0]
-  n_shards = num_class_shards(mesh, class_axes)
+  n_shards = class_shards.num_class_shards(mesh, class_axes)
   if (class_ids is None and c_pad < num_classes) or c_pad % n_shards:
     raise ValueError(
         f"centers has {c_pad} rows; need >= num_classes={num_classes} and a "
@@ -185,7 +149,7 @@ def margin_softmax_loss(
     if shared:  # Every device of a class group now scores the same rows.
       emb, lab = (jax.lax.all_gather(x, shared, axis=0, tiled=True)
                   for x in (emb, lab))
-    shard = _linear_axis_index(class_axes, mesh)
+    shard = class_shards.linear_axis_index(class_axes, mesh)
     offset = shard * c_local
     gidx = ids if given_ids else offset  # contiguous: ids made per chunk
     if num_sampled is not None:
@@ -205,7 +169,7 @@ def margin_softmax_loss(
       # Each device reduces only the rows it owned before the gather, so the
       # batch-axes psum counts every row once (and its weight needs no
       # gather); autodiff routes the other rows' cotangents back via psum.
-      start = _linear_axis_index(shared, mesh) * rows
+      start = class_shards.linear_axis_index(shared, mesh) * rows
       row_loss, correct = (jax.lax.dynamic_slice_in_dim(x, start, rows)
                            for x in (row_loss, correct))
     loss = _psum(jnp.sum(w * row_loss), batch_axes)

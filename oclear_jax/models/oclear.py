@@ -27,6 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from oclear_jax import config_schema
 from oclear_jax.models import accelerator
 from oclear_jax.models import fusion as fusion_lib
 from oclear_jax.models.fusion import l2_normalize
@@ -35,44 +36,51 @@ from oclear_jax.models import title_match as title_match_lib
 from oclear_jax.models import vit
 
 
+# The defaults' one home is `config_schema.base_config()`; these dataclasses read theirs from it.
+_SCHEMA = config_schema.base_config().model
+
+
 @dataclasses.dataclass(frozen=True)
 class TextConfig:
-  width: int = 128
-  depth: int = 2
-  num_heads: int = 4
-  mlp_dim: int = 256
-  pool: str = "mean"
+  """`config.model.text`."""
+  width: int = _SCHEMA.text.width
+  depth: int = _SCHEMA.text.depth
+  num_heads: int = _SCHEMA.text.num_heads
+  mlp_dim: int = _SCHEMA.text.mlp_dim
+  pool: str = _SCHEMA.text.pool
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """The `config.model` section; defaults match `oclear_jax.config_schema`."""
-  image_tower: str = "vit"
-  vit: Any = "mu"  # a VIT_PRESETS name, or {width, depth, num_heads, mlp_dim}
-  patch_size: int = 8
-  vit_pool: str = "mean"
-  dropout: float = 0.0
-  text_tower: str = "transformer"
+  """The `config.model` section the model reads; each default is the schema's (`config_schema.py`)."""
+  image_tower: str = _SCHEMA.image_tower
+  vit: Any = _SCHEMA.vit  # a VIT_PRESETS name, or {width, depth, num_heads, mlp_dim}
+  patch_size: int = _SCHEMA.patch_size
+  text_tower: str = _SCHEMA.text_tower
   text: TextConfig = dataclasses.field(default_factory=TextConfig)
-  embed_dim: int = 128
-  head_hidden: int = 256
-  head: str = "mlp"
-  fusion: str = "gated"
-  title_dropout: float = 0.1
-  shared_heads: bool = False
-  title_special_ids: tuple[int, ...] = fusion_lib.DEFAULT_SPECIAL_IDS
-  concept_slots: int = 16
-  concept_heads: int = 4
-  title_match_dim: int = 0  # > 0: query and document embeddings gain a title-matching part (models/title_match.py)
-  title_match_weight: float = 0.5
-  freeze_image_tower: bool = False
-  freeze_text_tower: bool = False
+  embed_dim: int = _SCHEMA.embed_dim
+  head_hidden: int = _SCHEMA.head_hidden
+  head: str = _SCHEMA.head
+  fusion: str = _SCHEMA.fusion
+  title_dropout: float = _SCHEMA.title_dropout
+  shared_heads: bool = _SCHEMA.shared_heads
+  concept_slots: int = _SCHEMA.concept_slots
+  concept_heads: int = _SCHEMA.concept_heads
+  title_match_dim: int = _SCHEMA.title_match_dim  # > 0: a title-matching part (models/title_match.py)
+  title_match_weight: float = _SCHEMA.title_match_weight
+  freeze_image_tower: bool = _SCHEMA.freeze_image_tower
+  freeze_text_tower: bool = _SCHEMA.freeze_text_tower
   # Per-backend choices (models/accelerator.py), which the tower builders pass to the towers; none of
   # them changes the parameters. 'auto': bfloat16 and XLA's convolutions on GPU/TPU, float32 and the
   # CPU convolution tricks on CPU.
-  dtype: str = "auto"  # the towers' compute dtype: auto | float32 | bfloat16 (parameters stay float32)
-  remat: str = "none"  # none | blocks: recompute each tower block in the backward pass
-  conv_impl: str = "auto"  # convolutional towers: auto | xla | cpu_tricks
+  dtype: str = _SCHEMA.dtype  # the towers' compute dtype: auto | float32 | bfloat16 (parameters stay float32)
+  remat: str = _SCHEMA.remat  # none | blocks: recompute each tower block in the backward pass
+  conv_impl: str = _SCHEMA.conv_impl  # convolutional towers: auto | xla | cpu_tricks
+  # Not config keys (the schema has none of them): fixed ViT pooling and tower dropout, and the
+  # tokenizer's [CLS], [SEP] ids, which build_model(title_special_ids=...) takes from the records.
+  vit_pool: str = "mean"
+  dropout: float = 0.0
+  title_special_ids: tuple[int, ...] = fusion_lib.DEFAULT_SPECIAL_IDS
 
   def __post_init__(self):
     accelerator.check_dtype(self.dtype)
@@ -91,7 +99,7 @@ class ModelConfig:
 
   @classmethod
   def from_config(cls, config: Any) -> ModelConfig:
-    """From a ModelConfig, a mapping or an ml_collections ConfigDict; absent fields keep defaults."""
+    """From a ModelConfig, a mapping or an ml_collections ConfigDict; absent fields keep the schema's defaults."""
     if isinstance(config, cls):
       return config
     values = {f.name: _get(config, f.name) for f in dataclasses.fields(cls)}
@@ -149,24 +157,27 @@ HEADS = ("mlp", "identity_linear")
 
 
 class OclearModel(nn.Module):
-  """Query and document embeddings (unit norm, f32[B, embed_dim]); see the module docstring."""
+  """Query and document embeddings (unit norm, f32[B, embed_dim]); see the module docstring.
+
+  No defaults: `build_model` passes every field from `config.model` (defaults: `config_schema.py`).
+  """
   image_encoder: nn.Module
   text_encoder: nn.Module | None
   embed_dim: int
   head_hidden: int
-  head: str = "mlp"
-  fusion: str = "gated"
-  title_dropout: float = 0.0
-  shared_heads: bool = False
-  title_special_ids: tuple[int, ...] = fusion_lib.DEFAULT_SPECIAL_IDS
-  concept_slots: int = 16
-  concept_heads: int = 4
-  title_match_dim: int = 0
-  title_match_weight: float = 0.5
+  head: str
+  fusion: str
+  title_dropout: float
+  shared_heads: bool
+  title_special_ids: tuple[int, ...]
+  concept_slots: int
+  concept_heads: int
+  title_match_dim: int
+  title_match_weight: float
   # A frozen tower runs in inference mode behind stop_gradient: no backward pass through it (the
   # trainer's optimizer also leaves its parameters untouched, weight decay included).
-  freeze_image_tower: bool = False
-  freeze_text_tower: bool = False
+  freeze_image_tower: bool
+  freeze_text_tower: bool
 
   def setup(self):
     if self.fusion != "image_only" and self.text_encoder is None:
@@ -239,6 +250,19 @@ class OclearModel(nn.Module):
     title = self._title_features(title_tokens, train)
     return (self.queries_from_features(pooled),
             self.documents_from_features(tokens, pooled, title, train=train))
+
+  def views_and_towers(self, images: jax.Array, title_tokens: jax.Array | None) -> dict[str, jax.Array]:
+    """Inference, one tower pass: both views, the document of the image alone, the image tower's pooled f32[B, W]
+    and, with a text tower, its pooled titles f32[B, T] (zero rows: untitled): what `--mode=evaluate` scores."""
+    tokens, pooled = self._image_features(images, False)
+    title = self._title_features(title_tokens, False)
+    out = {"query": self.queries_from_features(pooled), "doc": self.documents_from_features(tokens, pooled, title),
+           "pooled": pooled}
+    if title is None:
+      return {**out, "doc_image": out["doc"]}
+    untitled = title._replace(present=jnp.zeros_like(title.present))  # the document of the image alone
+    return {**out, "doc_image": self.documents_from_features(tokens, pooled, untitled),
+            "title": jnp.where(title.present[:, None], title.pooled, 0.0)}
 
   # == From tower features: the same heads and fusion over precomputed (frozen) tower outputs ====
   def queries_from_features(self, image_pooled: jax.Array) -> jax.Array:
@@ -370,19 +394,7 @@ def build_model(model_config: Any, *, vocab_size: int, max_title_len: int,
   image_encoder = IMAGE_TOWERS[config.image_tower](config)
   for tower in (image_encoder, text_encoder):
     _check_tower_options(tower, config)
-  return OclearModel(
-      image_encoder=image_encoder,
-      text_encoder=text_encoder,
-      embed_dim=config.embed_dim,
-      head_hidden=config.head_hidden,
-      head=config.head,
-      fusion=config.fusion,
-      title_dropout=config.title_dropout,
-      shared_heads=config.shared_heads,
-      title_special_ids=config.title_special_ids,
-      concept_slots=config.concept_slots,
-      concept_heads=config.concept_heads,
-      title_match_dim=config.title_match_dim,
-      title_match_weight=config.title_match_weight,
-      freeze_image_tower=config.freeze_image_tower,
-      freeze_text_tower=config.freeze_text_tower)
+  # Every OclearModel field but the towers is a ModelConfig field of the same name.
+  towers = ("image_encoder", "text_encoder", "parent", "name")
+  fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(OclearModel) if f.name not in towers}
+  return OclearModel(image_encoder=image_encoder, text_encoder=text_encoder, **fields)

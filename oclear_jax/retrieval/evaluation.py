@@ -155,6 +155,15 @@ def search_and_score(es: EvalSet, *, ks=(1, 5, 10), use_scann: bool = True, max_
                       retrieved=retrieved, scores=scores)
 
 
+def search_and_score_as_configured(config, es: EvalSet, *, use_scann: bool, scann_dir: str | None = None,
+                                   title_vectors: np.ndarray | None = None) -> SearchResult:
+  """`search_and_score` with config.eval's depths and title feedback and config.index's ScaNN knobs."""
+  return search_and_score(
+      es, ks=tuple(config.eval.ks), use_scann=use_scann, scann_dir=scann_dir, cutoffs=tuple(config.eval.cutoffs),
+      scann_params=scann_search.params_from_config(config.index), title_vectors=title_vectors,
+      feedback_docs=config.eval.title_feedback_docs, feedback_weight=config.eval.title_feedback_weight)
+
+
 def write_contact_sheet(es: EvalSet, sr: SearchResult, images_by_id: dict[str, np.ndarray], path: str,
                         num_queries: int, top: int = 5) -> None:
   """Query -> top-`top` documents with titles; green = same category, red = not."""

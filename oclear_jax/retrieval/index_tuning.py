@@ -269,8 +269,8 @@ def write_frontier(tuned: Tuned, directory: str) -> tuple[str, str]:
   paths.write_bytes(json_path, json.dumps({
       "target_recall": tuned.target_recall, "k": tuned.k, "exact_queries/s": tuned.exact_qps,
       "chosen": tuned.chosen, "settings": tuned.frontier}, indent=1).encode("utf-8"))
-  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
-  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top  (plots only)
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top  (plots only)
   fig = Figure(figsize=(8, 5.5), dpi=100)
   FigureCanvasAgg(fig)
   ax = fig.add_subplot()

@@ -38,7 +38,7 @@ _SIDECAR = "oclear_index.json"
 
 
 def _scann_ops():
-  from scann.scann_ops.py import scann_ops_pybind  # pylint: disable=g-import-not-at-top
+  from scann.scann_ops.py import scann_ops_pybind  # pylint: disable=g-import-not-at-top  (loads TF)
   return scann_ops_pybind
 
 
@@ -54,7 +54,7 @@ def params_from_config(index_cfg) -> dict[str, Any]:
       "min_points_for_tree": index_cfg.min_points_for_tree,
       "soar_lambda": index_cfg.soar_lambda or None,
       "spherical": index_cfg.spherical,
-      "exact_max_documents": index_cfg.get("exact_max_documents", 0),
+      "exact_max_documents": index_cfg.exact_max_documents,
   }
 
 

@@ -64,6 +64,17 @@ def title_vectors(pooled: np.ndarray, present: np.ndarray, mean: np.ndarray | No
   return np.where(keep, x / np.maximum(norm, 1e-12), 0.0).astype(np.float32)
 
 
+def gallery_title_vectors(pooled: np.ndarray, in_gallery: np.ndarray) -> np.ndarray:
+  """`title_vectors` of every row, centred by the mean of the gallery's titled rows (zero rows: untitled).
+
+  The gallery's own mean, not a training split's: what a search over this gallery can compute, on
+  any catalogue (another retailer's titles share another common direction).
+  """
+  pooled = np.asarray(pooled, np.float32)
+  present = np.any(pooled != 0, axis=1)
+  return title_vectors(pooled, present, title_mean(pooled, present & np.asarray(in_gallery, bool)))
+
+
 def rerank(query_scores: np.ndarray, candidates: np.ndarray, gallery_titles: np.ndarray, *,
            feedback_docs: int = 3, weight: float = 0.4,
            temperature: float = 0.1) -> tuple[np.ndarray, np.ndarray]:

@@ -33,6 +33,14 @@ files and builds the ScaNN index, once, which `search` loads. Queries and docume
 from the same checkpoint, so `GalleryIndex.step` tells `search` which checkpoint to embed
 queries with.
 
+What the index serves is the run weighed on this gallery (`serving.composition`): for a run with a
+pretrained image tower, `composition.choose` picks, on up to 2,000 of its documents (the held-out
+split's where the records have one) and without labels, how much of the trained image part and of
+the title parts the gallery's own titles vouch for; documents are embedded so, `index.json` records
+the choice and its evidence, and `search` embeds queries the same way. With title feedback on
+(`eval.title_feedback_docs`), the documents' title vectors (`title_vectors.npy`, f16, centred by the
+gallery's mean) are kept for `GalleryIndex.search` to re-rank with.
+
 The workdir may be a URL (gs://bucket/run): every file above goes through `input_pipeline.paths`
 (the ScaNN folder is serialized locally and copied up, and copied down to load), and the
 checkpoint is looked up where orbax keeps it (`checkpoint.orbax_directory`).
@@ -48,28 +56,33 @@ from collections.abc import Callable, Iterator
 import ml_collections
 import numpy as np
 
+from input_pipeline import catalogue as catalogue_lib
+from input_pipeline import paths
+from input_pipeline import pipeline
 from oclear_jax import checkpoint as checkpoint_lib
 from oclear_jax import run_data
-from oclear_jax.serving import trained_run
-from oclear_jax.distributed import multihost
-from input_pipeline import paths
-from oclear_jax.retrieval import exact_search
-from oclear_jax.serving import export
 from oclear_jax.distributed import host_gather
+from oclear_jax.distributed import multihost
+from oclear_jax.retrieval import exact_search
 from oclear_jax.retrieval import index_tuning
 from oclear_jax.retrieval import metrics as metrics_lib
 from oclear_jax.retrieval import product1m_metrics
 from oclear_jax.retrieval import scann_search
+from oclear_jax.retrieval import title_feedback
+from oclear_jax.serving import catalogue_embedding
+from oclear_jax.serving import composition as composition_lib
+from oclear_jax.serving import export
+from oclear_jax.serving import trained_run
 
 INDEX_DIR = "index"
 MANIFEST = "index.json"
+TITLE_VECTORS = "title_vectors.npy"
 DOC_COLUMNS = ("id", "title", "label", "split")
 
 
 def records_source(records_dir: str, parts: list[tuple[str, str]], batch_size: int,
                    preprocess: str) -> tuple[Callable[[int], Iterator[dict]], int]:
   """(`source(start_row)`, total) over the (split, kind) parts of the records, in that order."""
-  from input_pipeline import pipeline  # pylint: disable=g-import-not-at-top  (imports TF)
   counts = [(split, kind, pipeline.count_examples(records_dir, split, kind)) for split, kind in parts]
 
   def source(start: int) -> Iterator[dict]:
@@ -111,7 +124,6 @@ def _npy_bytes(array: np.ndarray) -> bytes:
 
 def _image_paths(config: ml_collections.ConfigDict, prepared: run_data.PreparedData, ids: np.ndarray) -> np.ndarray:
   """Catalogue image path per document id, from the catalogue CSV ('' where unknown)."""
-  from input_pipeline import catalogue as catalogue_lib  # pylint: disable=g-import-not-at-top
   try:
     columns = catalogue_lib.CatalogueColumns(**{k: (v or None) for k, v in config.data.columns.to_dict().items()})
     rows = catalogue_lib.read_catalogue(prepared.catalogue_csv, columns, eval_fraction=config.data.eval_fraction,
@@ -128,6 +140,12 @@ def _label_keys(labels: np.ndarray, splits: np.ndarray) -> np.ndarray:
   return np.char.add(np.char.add(splits.astype(bytes), b":"), labels.astype(bytes))
 
 
+def title_feedback_on(config: ml_collections.ConfigDict) -> bool:
+  """Does search re-rank by the titles of the top results (config.eval.title_feedback_*; a text tower)?"""
+  return (config.eval.title_feedback_docs > 0 and config.eval.title_feedback_weight > 0
+          and config.model.fusion != "image_only")
+
+
 def build(config: ml_collections.ConfigDict, workdir: str, *, catalogue: str | None = None,
           progress: bool = True) -> dict:
   """Embeds the gallery with the latest checkpoint, builds + saves ScaNN, measures it; returns index.json.
@@ -141,21 +159,27 @@ def build(config: ml_collections.ConfigDict, workdir: str, *, catalogue: str | N
   if catalogue:
     exports, image_paths, gallery_entries = _export_catalogue(trained, catalogue, root, progress=progress)
   else:
+    evidence = _weigh_on_records(trained, prepared)
     exports = {}
-    for what, folder, parts, head in (("document", "documents", [("train", "doc"), ("eval", "doc")], "doc"),
-                                      ("query", "queries", [("eval", "query")], "query")):
+    documents = [("train", "doc"), ("eval", "doc")]
+    for what, folder, parts, head in (("document", "documents", documents, "doc"),
+                                      ("query", "queries", [("eval", "query")], "query"),
+                                      ("title", "titles", documents if title_feedback_on(config) else [], "title")):
       source, total = records_source(prepared.records_dir, parts, config.eval.batch_size,
                                      config.data.eval_preprocess)
       if total == 0:
+        if what == "title":
+          continue
         if what == "document":
           raise ValueError(f"the records in {prepared.records_dir} hold no documents (kind=doc): nothing to index")
         continue
       exports[what] = export.export_embeddings(
           paths.join(root, folder), source, total, trained.embedder(head),
           columns=DOC_COLUMNS, shard_size=config.index.shard_size,
-          fingerprint=_fingerprint(prepared, config, workdir, step, head), what=what, progress=progress)
+          fingerprint=_fingerprint(prepared, config, workdir, step, f"{head}|{trained.composition}"), what=what,
+          progress=progress)
     image_paths = None  # read from the catalogue by process 0 (_finish)
-    gallery_entries = {"gallery": "every document of the records (train and eval splits)"}
+    gallery_entries = {"gallery": "every document of the records (train and eval splits)", "composition": evidence}
   # The ScaNN index is built, measured and written once, by process 0; every process gets index.json.
   return host_gather.computed_once(_finish, config, prepared, root, step, exports, image_paths, gallery_entries,
                                    labelled=not catalogue or gallery_entries["labelled"])
@@ -170,16 +194,21 @@ def _finish(config: ml_collections.ConfigDict, prepared: run_data.PreparedData, 
   paths.write_bytes(paths.join(root, "image_paths.npy"), _npy_bytes(image_paths))
   gallery = docs.vectors()
   held_out = _held_out_queries(config, docs, exports.get("query"), gallery)
-  ks, cutoffs = tuple(config.eval.ks), tuple(config.eval.get("cutoffs", ()))
+  ks, cutoffs = tuple(config.eval.ks), tuple(config.eval.cutoffs)
   _, exact = exact_search.fastest_exact_top_k(held_out["vectors"], gallery, max(ks + cutoffs + (10,)),
                                               exclude=held_out["exclude"])
   tuned = _searcher(config, gallery, held_out, exact[:, :10])
+  feedback = {}
+  if "title" in exports:  # the documents' title vectors, centred by the gallery's mean: what search re-ranks with
+    vectors = title_feedback.gallery_title_vectors(exports["title"].vectors(), np.ones(docs.num_rows, bool))
+    paths.write_bytes(paths.join(root, TITLE_VECTORS), _npy_bytes(vectors.astype(np.float16)))
+    feedback = {"title_vectors": TITLE_VECTORS, "title_dim": int(vectors.shape[1])}
   tuned.index.save(paths.join(root, "scann"))
   index_tuning.write_frontier(tuned, root)
   manifest = {"step": int(step), "num_documents": int(docs.num_rows), "dim": docs.dim, **gallery_entries,
               "searcher": tuned.index.description, "scann_params": tuned.index.params,
               "recall_queries": held_out["described"], "scann_recall_vs_exact@10": tuned.chosen["recall@10"],
-              "chosen": tuned.chosen, "frontier": "frontier.json"}
+              "chosen": tuned.chosen, "frontier": "frontier.json", **feedback}
   if labelled:
     manifest["catalogue_metrics"] = _catalogue_metrics(config, docs, held_out, exact)
   paths.write_bytes(paths.join(root, MANIFEST), json.dumps(manifest, indent=2).encode("utf-8"))
@@ -226,42 +255,75 @@ def _held_out_queries(config, docs: export.ExportedEmbeddings, queries: export.E
           "described": f"{len(rows)} documents querying the others (themselves excluded)"}
 
 
+def _weigh(trained: trained_run.TrainedModel, outputs: dict[str, np.ndarray]) -> dict | None:
+  """Sets `trained.composition` to what `composition.weigh` picks on these documents' outputs; its evidence."""
+  trained.composition, evidence = composition_lib.weigh(trained.config.model, outputs, seed=trained.config.seed)
+  return evidence
+
+
+def _weigh_on_records(trained: trained_run.TrainedModel, prepared: run_data.PreparedData,
+                      max_rows: int = 2000) -> dict | None:
+  """`_weigh` on up to `max_rows` documents of the held-out (eval) split, else of the training split."""
+  if not trained.config.model.image_pretrained:
+    return None
+  config = trained.config
+  for parts in ([("eval", "doc")], [("train", "doc")]):
+    source, total = records_source(prepared.records_dir, parts, config.eval.batch_size, config.data.eval_preprocess)
+    if total:
+      break
+  embedder, chunks, n = trained.mesh_embedder("views_and_towers"), [], 0
+  for batch in source(0):  # every process reads the same batches: a collective per batch
+    chunks.append(embedder.batch({k: batch[k] for k in ("image", "title_tokens")}))
+    n += len(batch["id"])
+    if n >= max_rows:
+      break
+  return _weigh(trained, {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]})
+
+
 def _export_catalogue(trained: trained_run.TrainedModel, csv_path: str, root: str, *,
                       progress: bool) -> tuple[dict, np.ndarray, dict]:
-  """({'document': export}, image paths, manifest entries) for every readable row of a catalogue CSV."""
-  from oclear_jax.commands import embed as embed_command  # pylint: disable=g-import-not-at-top
+  """({'document': export[, 'title': export]}, image paths, manifest entries) for every readable row of a CSV."""
   config = trained.config
   csv_path = paths.resolve(csv_path)
-  labelled = bool(config.data.columns.label) and config.data.columns.label in embed_command.csv_header(csv_path)
-  embedded = embed_command.embed_catalogue(trained, csv_path, heads=("doc",), with_label=labelled,
-                                           progress=progress)
+  labelled = bool(config.data.columns.label) and config.data.columns.label in catalogue_embedding.csv_header(csv_path)
+  read = catalogue_embedding.read_rows(config, csv_path,
+                                       columns=catalogue_embedding.catalogue_columns(config, with_label=labelled))
+  embedded = catalogue_embedding.embed_rows(trained, read, "views_and_towers", progress=progress)
+  evidence = _weigh(trained, embedded.outputs)
+  embedded.outputs["doc"] = composition_lib.served_vectors(config.model, embedded.outputs, trained.composition)[1]
   n = len(embedded.ids)
   if n == 0:
     raise ValueError(f"catalogue {csv_path} has no row with a readable image: nothing to index "
                      f"({embedded.counts['skipped']} skipped, e.g. {embedded.skipped[:1]})")
   rows = {"id": embedded.ids, "title": embedded.titles, "label": embedded.labels, "split": ["catalogue"] * n,
-          "vectors": embedded.documents}
+          "vectors": embedded.documents, "title_vectors": embedded.outputs.get("title")}
   batch_size = config.eval.batch_size
-  source = lambda start: ({k: v[s:s + batch_size] for k, v in rows.items()} for s in range(start, n, batch_size))
+  source = lambda start: ({k: v[s:s + batch_size] for k, v in rows.items() if v is not None}
+                          for s in range(start, n, batch_size))
   size, mtime = paths.size_and_mtime(csv_path) or (0, 0)
   fingerprint = hashlib.sha256(json.dumps({
       "catalogue": csv_path, "csv_size": size, "csv_mtime": mtime, "step": trained.step,
       "preprocess": config.data.eval_preprocess, "columns": config.data.columns.to_dict(),
-      "model": config.model.to_json_best_effort()}, sort_keys=True).encode()).hexdigest()
-  docs = export.export_embeddings(paths.join(root, "documents"), source, n, lambda b: b["vectors"],
-                                  columns=DOC_COLUMNS, shard_size=config.index.shard_size,
-                                  fingerprint=fingerprint, what="document", progress=False)
+      "model": config.model.to_json_best_effort(), "composition": str(trained.composition)},
+      sort_keys=True).encode()).hexdigest()
+  exports = {}
+  for what, folder, key in (("document", "documents", "vectors"), ("title", "titles", "title_vectors")):
+    if rows[key] is not None and (what == "document" or title_feedback_on(config)):
+      exports[what] = export.export_embeddings(
+          paths.join(root, folder), source, n, lambda b, key=key: b[key], columns=DOC_COLUMNS,
+          shard_size=config.index.shard_size, fingerprint=f"{fingerprint}/{key}", what=what, progress=False)
   stale_queries = paths.join(root, "queries")  # the run's eval photos do not belong to this gallery
   if paths.isdir(stale_queries):
     multihost.run_on_process_zero(paths.rmtree, stale_queries)
   described = {"gallery": f"every readable row of {csv_path}", "catalogue": csv_path, "labelled": labelled,
+               "composition": evidence,
                "catalogue_counts": embedded.counts, "skipped": embedded.skipped}
-  return {"document": docs}, np.asarray([p.encode("utf-8") for p in embedded.image_paths], dtype=bytes), described
+  return exports, np.asarray([p.encode("utf-8") for p in embedded.image_paths], dtype=bytes), described
 
 
 def _catalogue_metrics(config, docs: export.ExportedEmbeddings, held_out: dict, exact: np.ndarray) -> dict:
   """Exact-search metrics of the held-out queries over the whole catalogue (labelled galleries only)."""
-  ks, cutoffs = tuple(config.eval.ks), tuple(config.eval.get("cutoffs", ()))
+  ks, cutoffs = tuple(config.eval.ks), tuple(config.eval.cutoffs)
   exclude = held_out["exclude"]
   ids_kw = {"query_ids": exclude[0], "gallery_ids": exclude[1]} if exclude is not None else {}
   out = metrics_lib.retrieval_metrics(exact, held_out["keys"], held_out["doc_keys"], ks=ks, **ids_kw)
@@ -288,6 +350,28 @@ class GalleryIndex:
     if self.searcher.n != len(self.ids):
       raise ValueError(f"the ScaNN index in {self.root}/scann holds {self.searcher.n} vectors but the documents "
                        f"export {len(self.ids)}: rebuild it with --mode=index")
+    # f32[N, T] unit title vectors of the documents (zero rows: untitled), where the index was built with them.
+    name = self.manifest.get("title_vectors")
+    self.title_vectors = (np.load(io.BytesIO(paths.read_bytes(paths.join(self.root, name)))).astype(np.float32)
+                          if name else None)
+
+  def search(self, queries: np.ndarray, top_k: int, config: ml_collections.ConfigDict, *,
+             searcher: scann_search.ScannIndex | None = None) -> tuple[np.ndarray, np.ndarray, bool]:
+    """(scores f32[Q, top_k], document rows int[Q, top_k] (-1: none), re-ranked?) of query vectors.
+
+    With title vectors in the index and title feedback on in `config` (eval.title_feedback_docs and
+    _weight, as the eval measured it), the searcher's top max(top_k, eval depth) candidates are re-ranked
+    by the titles of their top results (`title_feedback.rerank`) before the first `top_k` are kept.
+    """
+    searcher = searcher or self.searcher
+    if self.title_vectors is None or not title_feedback_on(config):
+      return (*searcher.search(queries, top_k), False)
+    depth = max(top_k, *config.eval.ks, *config.eval.cutoffs)
+    scores, rows = searcher.search(queries, min(depth, len(self.ids)))
+    scores, rows = title_feedback.rerank(np.asarray(scores), np.asarray(rows), self.title_vectors,
+                                         feedback_docs=config.eval.title_feedback_docs,
+                                         weight=config.eval.title_feedback_weight)
+    return scores[:, :top_k], rows[:, :top_k], True
 
   @property
   def step(self) -> int:

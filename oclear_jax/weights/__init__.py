@@ -14,12 +14,12 @@ from typing import Any
 
 
 def _efficientnet_lite0() -> dict[str, Any]:
-  from oclear_jax.weights import efficientnet_lite0  # pylint: disable=g-import-not-at-top
+  from oclear_jax.weights import efficientnet_lite0  # pylint: disable=g-import-not-at-top  (imports models, jax)
   return efficientnet_lite0.load_params()
 
 
 def _minilm() -> dict[str, Any]:
-  from oclear_jax.weights import minilm  # pylint: disable=g-import-not-at-top
+  from oclear_jax.weights import minilm  # pylint: disable=g-import-not-at-top  (only when MiniLM is asked for)
   return minilm.load_params()
 
 
@@ -36,7 +36,7 @@ def load_pretrained(tower_name: str) -> dict[str, Any]:
 
 
 def _minilm_dir() -> pathlib.Path:
-  from oclear_jax.weights import minilm  # pylint: disable=g-import-not-at-top
+  from oclear_jax.weights import minilm  # pylint: disable=g-import-not-at-top  (only when MiniLM is asked for)
   return minilm.model_dir()
 
 

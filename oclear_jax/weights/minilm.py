@@ -109,8 +109,8 @@ def _to_float32(tree: Any) -> Any:
 
 def load_params(path: pathlib.Path | None = None) -> dict[str, Any]:
   """The `params` of BertEncoder(MINILM_L6) as a nested dict of float32 numpy arrays."""
-  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-  from oclear_jax.models import bert  # pylint: disable=g-import-not-at-top
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top  (only when loading)
+  from oclear_jax.models import bert  # pylint: disable=g-import-not-at-top  (models import jax/flax)
   path = path or model_dir()
   check_config(path)
   weights = load_file(str(path / "model.safetensors"))

@@ -3,7 +3,8 @@
 `head_memory(...)` compiles the head's whole train step (margin-softmax loss, gradients w.r.t.
 embeddings and centres, AdamW on the centres, donated state) for abstract inputs and reads
 `compile().memory_analysis()`: nothing is allocated, so 10^8 classes on 256 simulated CPU devices
-compile on a laptop. Used by benchmarks/classifier_scaling.py and colab/sharding.ipynb.
+compile on a laptop. Used by benchmarks/classifier_scaling.py, benchmarks/head_speed.py and colab/sharding.ipynb
+(`from benchmarks import head_memory` from the repository root).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from oclear_jax.heads import center_optimizer
+from oclear_jax.heads import class_shards
 from oclear_jax.heads import margins
 from oclear_jax.heads import sharded_softmax
 
@@ -42,8 +44,8 @@ def head_train_step(mesh, *, num_classes, batch, dim, chunk, class_axes, compute
                     partial_fc_rate=None, opt_state="f32"):
   """(jitted step, abstract args) for the head alone: loss + grads + AdamW on the centres."""
   batch_axes = AXES
-  n_shards = sharded_softmax.num_class_shards(mesh, class_axes)
-  c_pad = sharded_softmax.pad_num_classes(num_classes, n_shards, chunk_size=chunk)
+  n_shards = class_shards.num_class_shards(mesh, class_axes)
+  c_pad = class_shards.pad_num_classes(num_classes, n_shards, chunk_size=chunk)
   tx = make_center_tx(opt_state)
   margin = margins.make_margin("cosface", scale=64.0, margin=0.35)
 
