@@ -42,6 +42,7 @@ from oclear_jax.retrieval import evaluation
 from oclear_jax.retrieval import tables
 from oclear_jax.serving import catalogue_embedding
 from oclear_jax.serving import catalogue_eval
+from oclear_jax.serving import composition
 from oclear_jax.serving import trained_run
 from oclear_jax.train import pretrained_towers
 
@@ -110,7 +111,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | None, catalogue: str |
     if _frozen_in_run(config.model):
       models.append(("frozen pretrained (pooled, cosine)", embedded, "frozen"))
     models.append((f"trained (step {trained.step})", embedded, "trained"))
-    if config.model.image_pretrained:  # the frozen tower to weigh the run's parts against
+    if composition.has_frozen_tower(config.model):  # the frozen tower to weigh the run's parts against
       models.append(("trained, weighed on this catalogue", embedded, "composed"))
   if config.model.image_pretrained and not (trained is not None and _frozen_in_run(config.model)):
     titles = [r.title for r in read.rows]
@@ -120,7 +121,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | None, catalogue: str |
     models.insert(0, ("frozen pretrained (pooled, cosine)", frozen, "frozen"))
   reference = models[-1][1]
   choice = None
-  if trained is not None and config.model.image_pretrained:
+  if trained is not None and composition.has_frozen_tower(config.model):
     choice = catalogue_eval.composed(config, reference)
   counts.update(embedded=reference.counts["embedded"], skipped_unreadable=reference.counts["skipped"]
                 - len(read.skipped), empty_titles=reference.counts["empty_titles"])

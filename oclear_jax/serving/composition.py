@@ -114,12 +114,17 @@ def choose(outputs: dict[str, np.ndarray], titles: np.ndarray | None, *, embed_d
   return chosen, evidence
 
 
+def has_frozen_tower(model_config) -> bool:
+  """Are the run's image tower's pooled features the pretrained tower's own (pretrained and frozen)?"""
+  return bool(model_config.image_pretrained and model_config.freeze_image_tower)
+
+
 def weigh(model_config, outputs: dict[str, np.ndarray], *, documents: np.ndarray | None = None,
           seed: int = 0) -> tuple[Composition | None, dict | None]:
   """`choose` on a catalogue's embedded rows (`documents`: bool mask of the gallery rows, default all), with
-  their text tower's titles centred by the gallery's mean; (None, None) without a pretrained image tower (no
-  frozen tower to weigh against: the run as trained)."""
-  if not model_config.image_pretrained:
+  their text tower's titles centred by the gallery's mean; (None, None) unless the run's image tower is the
+  pretrained one, frozen (else its pooled features are no frozen tower to weigh against: the run as trained)."""
+  if not has_frozen_tower(model_config):
     return None, None
   documents = np.ones(len(outputs["pooled"]), bool) if documents is None else np.asarray(documents, bool)
   outputs = {k: np.asarray(v)[documents] for k, v in outputs.items()}
