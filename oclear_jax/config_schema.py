@@ -385,10 +385,8 @@ def _validate_fine_tuning(config: ml_collections.ConfigDict) -> None:
 def _validate_towers(model: ml_collections.ConfigDict) -> None:
   """Frozen switches that cannot work, and concept-fusion sizes (which pretrained weights ship is
   `train/pretrained_towers.check_shipped`'s to say: the schema imports nothing of the package)."""
-  # fusion='image_only' builds no text tower: its text switches are ignored (so that the fusion
-  # alone flips an ablation), not refused.
-  sides = (("image", "image_tower"),) + ((("text", "text_tower"),) if model.fusion != "image_only" else ())
-  for side, _ in sides:
+  # fusion='image_only' builds no text tower: its text switches are ignored (the fusion alone flips an ablation).
+  for side in ("image",) + (("text",) if model.fusion != "image_only" else ()):
     pretrained, frozen = model[f"{side}_pretrained"], model[f"freeze_{side}_tower"]
     if frozen and not pretrained:
       raise ValueError(f"config.model.freeze_{side}_tower=True with config.model.{side}_pretrained=False would "

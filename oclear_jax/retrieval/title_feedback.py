@@ -64,6 +64,13 @@ def title_vectors(pooled: np.ndarray, present: np.ndarray, mean: np.ndarray | No
   return np.where(keep, x / np.maximum(norm, 1e-12), 0.0).astype(np.float32)
 
 
+def configured(config) -> bool:
+  """Is title feedback on in `config` (eval.title_feedback_docs and _weight > 0, and a text tower to read titles)?
+  The one switch the training eval, the index and search all read."""
+  return (config.eval.title_feedback_docs > 0 and config.eval.title_feedback_weight > 0
+          and config.model.fusion != "image_only")
+
+
 def gallery_title_vectors(pooled: np.ndarray, in_gallery: np.ndarray) -> np.ndarray:
   """`title_vectors` of every row, centred by the mean of the gallery's titled rows (zero rows: untitled).
 

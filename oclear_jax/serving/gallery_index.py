@@ -140,12 +140,6 @@ def _label_keys(labels: np.ndarray, splits: np.ndarray) -> np.ndarray:
   return np.char.add(np.char.add(splits.astype(bytes), b":"), labels.astype(bytes))
 
 
-def title_feedback_on(config: ml_collections.ConfigDict) -> bool:
-  """Does search re-rank by the titles of the top results (config.eval.title_feedback_*; a text tower)?"""
-  return (config.eval.title_feedback_docs > 0 and config.eval.title_feedback_weight > 0
-          and config.model.fusion != "image_only")
-
-
 def build(config: ml_collections.ConfigDict, workdir: str, *, catalogue: str | None = None,
           progress: bool = True) -> dict:
   """Embeds the gallery with the latest checkpoint, builds + saves ScaNN, measures it; returns index.json.
@@ -161,10 +155,10 @@ def build(config: ml_collections.ConfigDict, workdir: str, *, catalogue: str | N
   else:
     evidence = _weigh_on_records(trained, prepared)
     exports = {}
-    documents = [("train", "doc"), ("eval", "doc")]
+    documents, feedback = [("train", "doc"), ("eval", "doc")], title_feedback.configured(config)
     for what, folder, parts, head in (("document", "documents", documents, "doc"),
                                       ("query", "queries", [("eval", "query")], "query"),
-                                      ("title", "titles", documents if title_feedback_on(config) else [], "title")):
+                                      ("title", "titles", documents if feedback else [], "title")):
       source, total = records_source(prepared.records_dir, parts, config.eval.batch_size,
                                      config.data.eval_preprocess)
       if total == 0:
@@ -308,7 +302,7 @@ def _export_catalogue(trained: trained_run.TrainedModel, csv_path: str, root: st
       sort_keys=True).encode()).hexdigest()
   exports = {}
   for what, folder, key in (("document", "documents", "vectors"), ("title", "titles", "title_vectors")):
-    if rows[key] is not None and (what == "document" or title_feedback_on(config)):
+    if rows[key] is not None and (what == "document" or title_feedback.configured(config)):
       exports[what] = export.export_embeddings(
           paths.join(root, folder), source, n, lambda b, key=key: b[key], columns=DOC_COLUMNS,
           shard_size=config.index.shard_size, fingerprint=f"{fingerprint}/{key}", what=what, progress=False)
@@ -364,7 +358,7 @@ class GalleryIndex:
     by the titles of their top results (`title_feedback.rerank`) before the first `top_k` are kept.
     """
     searcher = searcher or self.searcher
-    if self.title_vectors is None or not title_feedback_on(config):
+    if self.title_vectors is None or not title_feedback.configured(config):
       return (*searcher.search(queries, top_k), False)
     depth = max(top_k, *config.eval.ks, *config.eval.cutoffs)
     scores, rows = searcher.search(queries, min(depth, len(self.ids)))

@@ -25,14 +25,10 @@ from input_pipeline import paths
 from oclear_jax import models
 from oclear_jax.distributed import host_gather
 from oclear_jax.retrieval import evaluation
+from oclear_jax.retrieval import title_feedback
 
 
 # == Title feedback: unit title vectors of the eval rows =========================================
-def title_feedback_on(config) -> bool:
-  return (config.eval.title_feedback_docs > 0 and config.eval.title_feedback_weight > 0
-          and config.model.fusion != "image_only")
-
-
 def jit_title_pooled(task, params):
   """device_batch -> the model's text tower pooled titles f32[B, T], zero rows for rows without a title."""
   def pooled(p, ids):
@@ -51,7 +47,7 @@ def title_vectors(config, inputs, eval_set: evaluation.EvalSet, split: str) -> n
   if config.eval.title_feedback_docs > 0 and config.model.fusion == "image_only":
     logging.warning("config.eval.title_feedback_docs=%d but model.fusion='image_only' has no text tower: "
                     "no title feedback, no prf/ metrics", config.eval.title_feedback_docs)
-  if not title_feedback_on(config):
+  if not title_feedback.configured(config):
     return None
   return inputs.title_vectors(eval_set, split)
 
@@ -62,7 +58,7 @@ def evaluate(task, inputs, params, *, workdir: str, step: int, artifacts: bool =
   """Embeds `split` with `params`, searches, scores and saves the metrics; artifacts: index + contact sheet."""
   predict = task.jit_predict()
   # Records embed the text tower's titles in the same pass; cached sources hold them already.
-  titles = jit_title_pooled(task, params) if title_feedback_on(task.config) else None
+  titles = jit_title_pooled(task, params) if title_feedback.configured(task.config) else None
   eval_set = inputs.eval_set(lambda b: predict(params, b), split, title_pooled=titles)
   # Every process holds the whole eval set; metrics, the ScaNN index and the files come from process 0 alone.
   return host_gather.computed_once(_score_and_write, task, inputs, eval_set, workdir=workdir, step=step,
