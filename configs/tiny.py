@@ -1,6 +1,6 @@
 r"""Seconds-long smoke config used by the tests (and as a template for new experiments).
 
-  python -m oclear_jax.main --config=configs/tiny.py --workdir=/tmp/oclear_tiny
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m oclear_jax.main --config=configs/tiny.py --workdir=/tmp/oclear_tiny
 
 Overrides go on the command line, e.g. `--config.train.num_steps=50 --config.mesh.shape='(4, 2)'`.
 """

@@ -158,6 +158,7 @@ def read_catalogue(csv_path: str | pathlib.Path,
   first_line_of_id: dict[str, int] = {}
   # surrogateescape keeps undecodable bytes recoverable so they can be counted per
   # row and replaced, rather than failing the whole file or silently mangling it.
+  _check_text(csv_path)
   with open_text(csv_path) as f:
     reader = csv.DictReader(f)
     header = reader.fieldnames or []
@@ -214,4 +215,16 @@ def read_catalogue(csv_path: str | pathlib.Path,
       counts["rows_kept"] += 1
       counts[split] += 1
       counts[kind] += 1
+  if not counts["rows_read"] and max_rows != 0:
+    raise ValueError(f"catalogue {csv_path} has no rows, only its header ({', '.join(header)}): nothing to read")
   return CatalogueReadResult(rows=rows, counts=dict(counts), skipped=skipped)
+
+
+def _check_text(csv_path: str) -> None:
+  """A binary file given as the CSV (an image, an archive) is refused by name, its bytes never printed."""
+  with paths.open(csv_path, "rb") as f:
+    head = f.read(8192)
+  nul = head.find(b"\x00")
+  if nul >= 0:
+    raise ValueError(f"catalogue {csv_path} is not a CSV file: it holds binary data (a NUL byte at byte {nul}); "
+                     f"pass the catalogue's .csv")

@@ -23,10 +23,10 @@ from input_pipeline import records as records_lib
 PREPROCESS_VERSION = "pil-rgb|resize-bilinear-square|value_range(-1,1)|v1"
 
 
-def load_image(path: str, image_size: int) -> np.ndarray:
+def load_image(path: str, image_size: int, max_pixels: int = records_lib.MAX_IMAGE_PIXELS) -> np.ndarray:
   """One file -> f32[S, S, 3] in [-1, 1]; raises OSError/ValueError naming the file if unreadable."""
   try:
-    with Image.open(path) as image:
+    with records_lib.open_bounded(path, max_pixels) as image:
       image = image.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
       pixels = np.asarray(image, np.float32)
   except Exception as e:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError, ...).
@@ -48,10 +48,10 @@ def preprocess_image_files(paths: Sequence[str], data: ml_collections.ConfigDict
   second resampling, cosine ~0.98 between their Lite0 features).
   """
   if data.input != "records":
-    return _cached_input_images(paths, data.stored_image_size)
+    return _cached_input_images(paths, data.stored_image_size, data.max_image_pixels)
   size = data.stored_image_size or None
   with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-    encoded = list(pool.map(lambda p: records_lib.encode_image(p, size), paths))
+    encoded = list(pool.map(lambda p: records_lib.encode_image(p, size, data.max_image_pixels), paths))
   kept = [i for i, (jpeg, _) in enumerate(encoded) if jpeg is not None]
   failed = [(i, reason) for i, (jpeg, reason) in enumerate(encoded) if jpeg is None]
   if not kept:
@@ -68,12 +68,13 @@ def preprocess_image_files(paths: Sequence[str], data: ml_collections.ConfigDict
   return np.asarray(images), kept, failed
 
 
-def _cached_input_images(paths: Sequence[str], size: int) -> tuple[np.ndarray, list[int], list[tuple[int, str]]]:
+def _cached_input_images(paths: Sequence[str], size: int,
+                         max_pixels: int) -> tuple[np.ndarray, list[int], list[tuple[int, str]]]:
   images, kept, failed = [], [], []
   for i, path in enumerate(paths):
     try:
-      images.append(load_image(path, size))
+      images.append(load_image(path, size, max_pixels))
       kept.append(i)
     except ValueError:
-      failed.append((i, records_lib.encode_image(path, size)[1] or "unreadable"))  # the records' reason words
+      failed.append((i, records_lib.encode_image(path, size, max_pixels)[1] or "unreadable"))  # the records' reason words
   return (np.stack(images) if images else np.zeros((0,), np.float32)), kept, failed

@@ -11,6 +11,7 @@ import builtins
 import os
 import re
 import shutil
+import tempfile
 from typing import IO
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
@@ -89,6 +90,29 @@ def makedirs(path: str | os.PathLike) -> None:
     _gfile().makedirs(path)
   else:
     os.makedirs(path, exist_ok=True)
+
+
+def check_writable(path: str | os.PathLike, what: str, *, folder: bool = True) -> None:
+  """Fails (ValueError naming `what`) unless `path` can be written as a folder (`folder`; else a file), before
+  any work is spent and without leaving anything behind: locally, a temporary file is made and removed in the
+  nearest existing folder on the way; a bucket URL is only checked not to be in the way of a file."""
+  path = os.fspath(path)
+  if folder and exists(path) and not isdir(path):
+    raise ValueError(f"{what}={path} is an existing file; pass a folder (created if missing)")
+  if not folder and isdir(path):
+    raise ValueError(f"{what}={path} is a folder; pass a file name")
+  if is_remote(path):
+    return
+  existing = os.path.abspath(path if folder else os.path.dirname(path) or ".")
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  try:
+    if not os.path.isdir(existing):
+      raise NotADirectoryError(f"{existing} is a file")
+    with tempfile.TemporaryFile(dir=existing):
+      pass
+  except OSError as e:
+    raise ValueError(f"{what}={path} cannot be written: {type(e).__name__}: {e.strerror or e}") from e
 
 
 def listdir(path: str | os.PathLike) -> list[str]:

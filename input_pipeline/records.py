@@ -27,6 +27,7 @@ import pathlib
 import random
 import shutil
 import tempfile
+import warnings
 from typing import Optional, Sequence
 
 import numpy as np
@@ -45,6 +46,8 @@ SUMMARY_FILE = "records.json"
 LABELS_FILE = "labels.json"
 SKIPPED_FILE = "skipped.jsonl"
 TOKENIZER_FILE = "tokenizer.json"
+# data.max_image_pixels' default: a larger image is skipped ("too_large") before it is decoded.
+MAX_IMAGE_PIXELS = 50_000_000
 # Records are written in a fixed shuffled order so that shuffle buffers downstream see
 # mixed classes, not the catalogue's (often class-sorted) CSV order.
 _WRITE_ORDER_SEED = 0
@@ -74,7 +77,27 @@ def _to_rgb(image: Image.Image) -> Image.Image:
   return image.convert("RGB")
 
 
-def encode_image(path: str, stored_image_size: Optional[int]) -> tuple[Optional[bytes], str]:
+def open_bounded(file, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+  """`Image.open`, refusing (ValueError "too_large: ...") an image of more than `max_pixels` before decoding it.
+
+  PIL reads only the header here. Our limit replaces PIL's own decompression-bomb warning (above
+  ~89 MP) and error (above twice that), so every loader skips a huge image for the same reason.
+  """
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+    try:
+      image = Image.open(file)
+    except Image.DecompressionBombError as e:
+      raise ValueError(f"too_large: {e}") from e
+  if max_pixels and image.width * image.height > max_pixels:
+    image.close()
+    raise ValueError(f"too_large: {image.width}x{image.height} = {image.width * image.height / 1e6:.0f} MP, "
+                     f"above data.max_image_pixels={max_pixels}")
+  return image
+
+
+def encode_image(path: str, stored_image_size: Optional[int],
+                 max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[Optional[bytes], str]:
   """Returns (JPEG bytes, "") or (None, reason); never raises on a bad file."""
   try:
     if not paths.exists(path):
@@ -82,7 +105,7 @@ def encode_image(path: str, stored_image_size: Optional[int]) -> tuple[Optional[
     data = paths.read_bytes(path)  # a local file or a URL (gs://bucket/images/...)
     if not data:
       return None, "empty_file"
-    with Image.open(io.BytesIO(data)) as image:
+    with open_bounded(io.BytesIO(data), max_pixels) as image:
       image.load()  # Forces a full decode so truncation shows up here, not in training.
       image = _to_rgb(image)
       if stored_image_size:
@@ -93,6 +116,8 @@ def encode_image(path: str, stored_image_size: Optional[int]) -> tuple[Optional[
   except Image.UnidentifiedImageError:
     return None, "not_an_image"
   except (OSError, SyntaxError, ValueError) as e:
+    if str(e).startswith("too_large: "):
+      return None, str(e)
     return None, "truncated" if "truncated" in str(e) else f"corrupt: {type(e).__name__}: {e}"
   except Exception as e:  # pylint: disable=broad-except  # A bad file must never stop the run.
     return None, f"unreadable: {type(e).__name__}: {e}"
@@ -132,7 +157,7 @@ def _example(row: CatalogueRow, jpeg: bytes, tokens, label: int) -> bytes:
 def write_records(rows: Sequence[CatalogueRow], out_dir: str | os.PathLike, *,
                   tokenizer: TitleTokenizer, max_title_len: int, num_shards: int,
                   stored_image_size: Optional[int] = None, progress: bool = True,
-                  num_workers: Optional[int] = None) -> dict:
+                  num_workers: Optional[int] = None, max_image_pixels: int = MAX_IMAGE_PIXELS) -> dict:
   """Writes records for `rows` into out_dir and returns the records.json summary.
 
   Idempotent: when out_dir already holds records with the same fingerprint, nothing is
@@ -142,6 +167,8 @@ def write_records(rows: Sequence[CatalogueRow], out_dir: str | os.PathLike, *,
   out_dir = os.fspath(out_dir)
   settings = dict(max_title_len=max_title_len, num_shards=num_shards,
                   stored_image_size=stored_image_size)
+  if max_image_pixels != MAX_IMAGE_PIXELS:  # (records made before the setting keep their fingerprint)
+    settings["max_image_pixels"] = max_image_pixels
   digest = fingerprint(rows, tokenizer, **settings)
   summary_path = paths.join(out_dir, SUMMARY_FILE)
   if paths.exists(summary_path):
@@ -158,7 +185,7 @@ def write_records(rows: Sequence[CatalogueRow], out_dir: str | os.PathLike, *,
   with open(tmp_dir / "staging.bin", "wb") as staging, \
        open(tmp_dir / SKIPPED_FILE, "w", encoding="utf-8") as skipped_log, \
        concurrent.futures.ThreadPoolExecutor(num_workers or os.cpu_count() or 1) as pool:
-    results = pool.map(lambda r: encode_image(r.image_path, stored_image_size), rows)
+    results = pool.map(lambda r: encode_image(r.image_path, stored_image_size, max_image_pixels), rows)
     for row, (jpeg, reason) in tqdm.tqdm(zip(rows, results), total=len(rows),
                                          desc="encode images", disable=not progress):
       if jpeg is None:

@@ -131,8 +131,8 @@ class CheckpointStore:
     if self._preemption is None or not self._preemption.reached(step):
       return
     self.close()
-    logging.warning("Preempted at step %d; its checkpoint is written", step)
-    raise preemption_lib.Preempted(step, self.directory)
+    logging.info("Preempted at step %d; its checkpoint is written", step)
+    raise preemption_lib.Preempted(step, self.directory, self._preemption.signame)
 
   def check_compatible(self, step: int, abstract_state: Any, *, params_only: bool = False) -> None:
     saved = self.item_metadata(step)
@@ -179,7 +179,7 @@ class CheckpointStore:
       if not failures:
         return state, candidate
       index, kind, message = failures[0]
-      reason = f"process {index}: {kind.rpartition('.')[2]}: {message}"
+      reason = " ".join(f"process {index}: {kind.rpartition('.')[2]}: {message}".split())[:240]  # one line
       if self.read_only:
         self._skip(candidate, reason)
       else:
@@ -216,7 +216,7 @@ class CheckpointStore:
     target = multihost.run_on_process_zero(_move_aside, self.directory, step)
     self._manager.reload()
     self.broken.append((step, reason.splitlines()[0][:300]))
-    logging.warning("Checkpoint step %d is unreadable (%s); process 0 moved it to %s; trying an older one", step,
+    logging.info("Checkpoint step %d is unreadable (%s); process 0 moved it to %s; trying an older one", step,
                     reason, target or f"{self.directory}.broken/")
 
   def _skip(self, step: int, reason: str) -> None:
@@ -229,7 +229,7 @@ class CheckpointStore:
     leaves the workdir exactly as the reader found it, and the next reader decides afresh.
     """
     self.broken.append((step, reason.splitlines()[0][:300]))
-    logging.warning("Checkpoint step %d is unreadable (%s); left in place; trying an older one", step, reason)
+    logging.info("Checkpoint step %d is unreadable (%s); left in place; trying an older one", step, reason)
 
   def report_broken(self, resumed_step: int | None) -> None:
     """One warning line per step set aside (or skipped), on stderr (where a user looks when a run resumes early)."""

@@ -6,12 +6,21 @@ ConfigDict, and `validate` checks what must be set and what must agree.
 """
 from __future__ import annotations
 
+import difflib
 import importlib.util
 
 import ml_collections
 
 HEAD_DTYPES = ("float32", "bfloat16")
 REQUIRED = ("data.source", "train.batch_size", "train.num_steps", "model.embed_dim")
+# What a resume may change (oclear_jax/run_config.py records each change in config_history.jsonl): how
+# long and how fast to train, what to log, evaluate and index, and the layout. Every other field (the
+# data, tokenizer, classes, widths, towers, heads, margins, seed) shapes or means the checkpoints'
+# parameters, and a resume that changes one is refused before anything is written.
+RESUME_MAY_CHANGE = ("train.num_steps", "train.batch_size", "train.log_every", "train.checkpoint_every",
+                     "train.keep_checkpoints", "train.async_checkpoints", "train.lock_stale_s", "optimizer.learning_rate",
+                     "optimizer.warmup_steps", "optimizer.weight_decay", "optimizer.grad_clip_norm", "model.dtype",
+                     "model.remat", "eval", "evals", "index", "mesh", "sharding")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -30,6 +39,7 @@ def base_config() -> ml_collections.ConfigDict:
   # colour: the product's colour (governance's product categories add its values to the colour lexicon)
   c.data.eval_fraction = 0.2  # class-disjoint held-out share when the CSV has no split column
   c.data.max_rows = 0  # 0 = all rows
+  c.data.max_image_pixels = 50_000_000  # larger images are skipped (counted, "too_large") before decoding; 0 = no limit
   c.data.synthetic = ml_collections.ConfigDict(dict(
       num_products=300, queries_per_product=2, image_size=64, eval_fraction=0.2, seed=0,
       query_difficulty=1.0, wrong_label_fraction=0.05, split_product_fraction=0.05,
@@ -152,6 +162,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every = 200
   c.train.keep_checkpoints = 3
   c.train.async_checkpoints = True
+  c.train.lock_stale_s = 120.0  # a workdir lock whose heartbeat is older is a dead run's (distributed/workdir_lock.py)
 
   c.eval = ml_collections.ConfigDict()
   c.eval.every = 0  # 0 = only at the start (untrained) and the end
@@ -264,6 +275,7 @@ def _get(config, dotted: str):
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks fields that must be set and combinations that cannot work, naming the key."""
+  _check_known(config, base_config(), "")
   for key in REQUIRED:
     value = _get(config, key)
     if value is None or value == "":
@@ -304,6 +316,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f"config.evals.{name}.type={entry.get('type')!r}: name a module of oclear_jax/train/evaluators/")
   _validate_towers(config.model)
   _validate_training_input(config)
+
+
+def _check_known(node, schema, prefix: str) -> None:
+  """Every key is a field of the schema (a config file's typo fails here, naming it); config.evals is free-form."""
+  for key, value in node.items():
+    if key not in schema:
+      close = difflib.get_close_matches(key, list(schema.keys()), n=1)
+      raise ValueError(f"config.{prefix}{key} is not a config field{f' (did you mean {close[0]}?)' if close else ''}; "
+                       f"every field is declared in oclear_jax/config_schema.py")
+    if isinstance(value, ml_collections.ConfigDict) and isinstance(schema[key], ml_collections.ConfigDict) and (
+        f"{prefix}{key}" != "evals"):
+      _check_known(value, schema[key], f"{prefix}{key}.")
 
 
 INPUTS = ("records", "tower_features", "trunk_activations")

@@ -152,7 +152,7 @@ def main(argv):
   from oclear_jax.commands import embed, evaluate, govern, prepare, search, train  # pylint: disable=g-import-not-at-top
   from oclear_jax.distributed import multihost  # pylint: disable=g-import-not-at-top
   from oclear_jax.distributed import preemption  # pylint: disable=g-import-not-at-top
-  from oclear_jax.serving import trained_run  # pylint: disable=g-import-not-at-top
+  from oclear_jax import run_config  # pylint: disable=g-import-not-at-top
 
   config = _CONFIG.value
   workdir = None if frozen_only else paths.resolve(_WORKDIR.value)  # gs://bucket/run stays a URL
@@ -160,7 +160,7 @@ def main(argv):
     multihost.initialize_distributed(_DISTRIBUTED.value, coordinator_address=_COORDINATOR_ADDRESS.value,
                                      num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
     if config is None:  # a mode of SAVED_CONFIG_MODES on the run's own config
-      config = apply_config_overrides(trained_run.load_run_config(workdir), _SAVED_CONFIG_OVERRIDES)
+      config = apply_config_overrides(run_config.load(workdir), _SAVED_CONFIG_OVERRIDES)
     modes = {
         "govern": govern.run_mode,
         "prepare": prepare.run,
@@ -173,20 +173,69 @@ def main(argv):
         "evaluate": lambda c, w: evaluate.run(c, w, _CATALOGUE.value, output=_OUTPUT.value, split=_SPLIT.value),
     }
     modes[_MODE.value](config, workdir)
-  except preemption.Preempted as e:  # saved and stopped on SIGTERM: not an error, a run to resume
-    print(str(e), file=sys.stderr, flush=True)
-    sys.exit(preemption.PREEMPTED_EXIT_CODE)
-  except (ValueError, FileNotFoundError, FloatingPointError, checkpoint.IncompatibleCheckpointError) as e:
+  except preemption.Preempted as e:  # saved and stopped on SIGTERM or Ctrl-C: not an error, a run to resume
+    _exit_now(str(e), preemption.PREEMPTED_EXIT_CODE)
+  except KeyboardInterrupt:  # Ctrl-C outside the training loop (data, embedding, search): nothing half-written
+    _exit_now("interrupted (Ctrl-C): stopped; nothing was left half-written (rerun the same command)", 130)
+  except (ValueError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError,
+          FloatingPointError, checkpoint.IncompatibleCheckpointError) as e:
     # User-facing problems (config, catalogue, workdir, query files) end with one clear line, not a traceback.
-    logging.error("%s: %s", type(e).__name__, e)
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+
+
+def _exit_now(line: str, code: int) -> None:
+  """One line, then exit without the interpreter's teardown (tf.data's iterator threads can hang it)."""
+  import jax  # pylint: disable=g-import-not-at-top  (already loaded by every mode that gets here)
+  print(line, file=sys.stderr, flush=True)
+  sys.stdout.flush()
+  if jax.distributed.is_initialized():
+    jax.distributed.shutdown()  # the other processes' coordinator client, as an orderly exit would
+  os._exit(code)  # pylint: disable=protected-access
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a config file's problems (missing, syntax, unknown key, bad value) as one line.
+
+  config_flags loads --config=FILE and applies its `--config.x=v` overrides while the flags are
+  parsed, before `main`: its exceptions would otherwise end in a traceback of absl's frames.
+  """
+  try:
+    rest = flags.FLAGS(argv)
+    if _CONFIG.value is not None:  # config_flags defers a failed load (a missing file) to the first use
+      _CONFIG.value.keys()
+    return rest
+  except Exception as e:  # pylint: disable=broad-except  (whatever the config file raised: one line naming it)
+    print(f"error: {_config_error(e, argv)}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _config_error(e: BaseException, argv: list[str]) -> str:
+  config_file = next((a.split("=", 1)[1] for a in argv if re.match(r"^--?config=", a)), None)
+  cause = e
+  while not isinstance(cause, SyntaxError) and (cause.__cause__ or cause.__context__) is not None:
+    cause = cause.__cause__ or cause.__context__  # the config file's own exception
+  if isinstance(cause, SyntaxError):
+    return f"{cause.filename or config_file}:{cause.lineno}: syntax error: {cause.msg}"
+  if config_file and not os.path.exists(config_file):
+    return f"config file {config_file} not found"
+  message = str(e).replace("\\'", "'").replace("\\n", " ").replace("\n", " ").strip("'\" ")
+  if isinstance(e, (AttributeError, KeyError)):
+    name = re.search(r"([A-Za-z_][\w]*)", message)
+    override = next((a for a in argv if name and re.match(rf"^--?(no)?config\.(\S*\.)?{name.group(1)}(=|$)", a)), None)
+    hint = re.search(r'Did you mean "([\w.]+)"', message)
+    return (f"unknown config key {name.group(1) if name else message!r} in {override or config_file}"
+            f"{f' (did you mean {hint.group(1)}?)' if hint else ''}; every field is declared in "
+            f"oclear_jax/config_schema.py")
+  if isinstance(e, flags.Error):
+    return message
+  return f"{config_file}: {type(e).__name__}: {message}"
 
 
 def run():
   argv, overrides = split_config_overrides(sys.argv)
   _SAVED_CONFIG_OVERRIDES[:] = overrides
-  app.run(main, argv=argv)
+  app.run(main, argv=argv, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

@@ -134,7 +134,8 @@ def _write_prepared_records(data: ml_collections.ConfigDict, workdir: str, csv_p
   tokenizer = title_tokenizer(data, train_titles)
   records_lib.write_records(
       read.rows, records_dir, tokenizer=tokenizer, max_title_len=data.max_title_len,
-      num_shards=data.num_shards, stored_image_size=data.stored_image_size or None, progress=progress)
+      num_shards=data.num_shards, stored_image_size=data.stored_image_size or None, progress=progress,
+      max_image_pixels=data.max_image_pixels)
   with paths.open(paths.join(records_dir, "catalogue_counts.json"), "w") as f:
     json.dump(read.counts, f, indent=2)
   _install_class_weights(records_dir, os.path.join(workdir, "governance", "class_weights.json") if governed else "")

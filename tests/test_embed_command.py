@@ -19,6 +19,7 @@ import pytest
 
 from configs import tiny
 from input_pipeline import images as images_lib
+from oclear_jax import run_config
 from oclear_jax import checkpoint as checkpoint_lib
 from oclear_jax.serving import trained_run
 from oclear_jax import sharding
@@ -73,7 +74,7 @@ def test_only_encoder_params_are_read_so_other_labels_embed(run, tmp_path, monke
     return await deserialize(self, infos, args)
   monkeypatch.setattr(type_handlers.ArrayHandler, "deserialize", recording)
 
-  config = trained_run.load_run_config(run)
+  config = run_config.load(run)
   trained = trained_run.restore_trained_model(config, run)
   # The checkpoint holds class centres for the run's N classes (and Adam moments for them) ...
   store = checkpoint_lib.CheckpointStore(os.path.join(run, "checkpoints"), read_only=True)
@@ -102,7 +103,7 @@ def test_only_encoder_params_are_read_so_other_labels_embed(run, tmp_path, monke
 
 def test_embed_equals_the_eval_path(run, tmp_path):
   from input_pipeline import pipeline  # pylint: disable=g-import-not-at-top
-  config = trained_run.load_run_config(run)
+  config = run_config.load(run)
   out = tmp_path / "out"
   printed = io.StringIO()
   manifest = embed_command.run(config, run, os.path.join(run, "catalogue", "catalogue.csv"), str(out),
@@ -170,7 +171,7 @@ def test_command_line_skips_corrupt_images_and_reads_renamed_columns(run, tmp_pa
   assert manifest["config"]["data"]["columns"]["title"] == "name"
 
   # The untitled row's document is its image alone: what the model gives with an all-padding title.
-  config = trained_run.load_run_config(run)
+  config = run_config.load(run)
   trained = trained_run.restore_trained_model(config, run)
   images, kept, failed = images_lib.preprocess_image_files([image(r) for r in (untitled, titled[0])], config.data)
   assert kept == [0, 1] and not failed
@@ -206,13 +207,13 @@ def test_config_overrides_are_split_from_argv_and_applied(run):
   assert overrides == ["--config.data.columns.title=name", "--config.eval.batch_size", "16", "--noconfig.eval.scann"]
   assert main.split_config_overrides(["prog", "--config=configs/tiny.py", "--config.seed=3"]) == (
       ["prog", "--config=configs/tiny.py", "--config.seed=3"], [])  # config_flags' own job
-  config = main.apply_config_overrides(trained_run.load_run_config(run), overrides + ["--config.mesh.shape=(8, 1)"])
+  config = main.apply_config_overrides(run_config.load(run), overrides + ["--config.mesh.shape=(8, 1)"])
   assert (config.data.columns.title, config.eval.batch_size, config.eval.scann) == ("name", 16, False)
   assert config.mesh.shape == (8, 1)
   with pytest.raises(ValueError, match="unknown config key 'train.num_step'"):
-    main.apply_config_overrides(trained_run.load_run_config(run), ["--config.train.num_step=5"])
+    main.apply_config_overrides(run_config.load(run), ["--config.train.num_step=5"])
   with pytest.raises(ValueError, match="bad config override"):
-    main.apply_config_overrides(trained_run.load_run_config(run), ["--config.eval.batch_size=many"])
+    main.apply_config_overrides(run_config.load(run), ["--config.eval.batch_size=many"])
 
 
 def test_index_accepts_a_catalogue(run, tmp_path):
@@ -233,3 +234,50 @@ def test_index_accepts_a_catalogue(run, tmp_path):
   payload = search_command.search(str(workdir), [os.path.join(run, "catalogue", rows[5]["image"])], top_k=3,
                                   output_format="json", out=io.StringIO())
   assert len(payload["queries"][0]["results"]) == 3 and payload["num_documents"] == 40
+
+
+def test_an_unwritable_output_an_empty_or_binary_catalogue_fail_before_the_restore(run, tmp_path, monkeypatch):
+  def restore(*args, **kwargs):
+    raise AssertionError("restored (and so would embed) before checking its inputs and output")
+  monkeypatch.setattr(trained_run, "restore_trained_model", restore)
+  config = run_config.load(run)
+  rows = _catalogue_rows(run)[:2]
+  csv_path = _write_csv(tmp_path / "meta.csv", ["id", "image", "title"],
+                        [[r["id"], os.path.join(run, "catalogue", r["image"]), r["title"]] for r in rows])
+  existing = tmp_path / "a_file"
+  existing.write_text("x")
+  with pytest.raises(ValueError, match=r"--output=.*a_file is an existing file"):
+    embed_command.run(config, run, csv_path, str(existing), progress=False)
+  with pytest.raises(ValueError, match=r"--output=.*a_file/out cannot be written: NotADirectoryError"):
+    embed_command.run(config, run, csv_path, str(existing / "out"), progress=False)
+  header_only = _write_csv(tmp_path / "empty.csv", ["id", "image", "title"], [])
+  with pytest.raises(ValueError, match=r"has no rows, only its header \(id, image, title\)"):
+    embed_command.run(config, run, header_only, str(tmp_path / "out"), progress=False)
+  binary = tmp_path / "photo.csv"
+  binary.write_bytes((pathlib.Path(run) / "catalogue" / rows[0]["image"]).read_bytes())
+  with pytest.raises(ValueError, match=r"is not a CSV file: it holds binary data") as error:
+    embed_command.run(config, run, str(binary), str(tmp_path / "out"), progress=False)
+  assert len(str(error.value)) < 300 and "\\x" not in str(error.value)
+  assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")
+
+
+def test_embed_falls_back_from_an_unreadable_newest_checkpoint_with_a_warning(run, tmp_path, capsys):
+  workdir = tmp_path / "run"
+  shutil.copytree(run, workdir)
+  (step,) = [int(p) for p in os.listdir(workdir / "checkpoints") if p.isdigit()]
+  shutil.copytree(workdir / "checkpoints" / str(step), workdir / "checkpoints" / str(step + 10))
+  for path in (workdir / "checkpoints" / str(step + 10)).rglob("*"):
+    if path.is_file() and path.stat().st_size > 64:
+      path.write_bytes(path.read_bytes()[:32])  # torn: a newest step that cannot be read
+  rows = _catalogue_rows(run)[:6]
+  csv_path = _write_csv(tmp_path / "meta.csv", ["id", "image", "title"],
+                        [[r["id"], os.path.join(run, "catalogue", r["image"]), r["title"]] for r in rows])
+  config = run_config.load(run)
+  fallback = embed_command.run(config, str(workdir), csv_path, str(tmp_path / "fallback"), progress=False)
+  assert fallback["checkpoint_step"] == step
+  assert f"warning: checkpoint step {step + 10} in {workdir}/checkpoints is unreadable" in capsys.readouterr().err
+  assert (workdir / "checkpoints" / str(step + 10)).exists()  # a reader leaves it in place
+  embed_command.run(config, run, csv_path, str(tmp_path / "reference"), progress=False)
+  for name in (embed_command.QUERIES_FILE, embed_command.DOCUMENTS_FILE):
+    np.testing.assert_array_equal(np.load(tmp_path / "fallback" / name)["emb"],
+                                  np.load(tmp_path / "reference" / name)["emb"])

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
+from oclear_jax import run_config
 from oclear_jax.commands import evaluate as evaluate_command
 from oclear_jax.features import feature_cache
 from oclear_jax.serving import catalogue_embedding
@@ -71,7 +72,7 @@ def _reference(queries, docs, labels, *, query_rows, doc_rows, leave_one_out, ks
 
 def test_the_runs_row_equals_numpy_on_its_embed_vectors(run, tmp_path, capsys):
   csv_path = _planted(run, tmp_path / "planted.csv", unlabelled=3)
-  config = _columns(trained_run.load_run_config(run).unlock())
+  config = _columns(run_config.load(run).unlock())
   config.eval.title_feedback_docs = 3
   result = evaluate_command.run(config, run, csv_path, output=str(tmp_path / "out"), progress=False)
   # tiny's tower is not pretrained: no frozen row, nothing to weigh the run against
@@ -96,7 +97,7 @@ def test_the_runs_row_equals_numpy_on_its_embed_vectors(run, tmp_path, capsys):
 
 def test_query_rows_search_the_documents_only(run, tmp_path):
   csv_path = _planted(run, tmp_path / "kinds.csv", kinds=True)
-  config = _columns(trained_run.load_run_config(run).unlock(), kinds=True)
+  config = _columns(run_config.load(run).unlock(), kinds=True)
   result = evaluate_command.run(config, run, csv_path, output=str(tmp_path / "out"), progress=False)
   assert not result["leave_one_out"]
   embedded = catalogue_embedding.embed_catalogue(trained_run.restore_trained_model(config, run), csv_path,
@@ -133,7 +134,7 @@ def test_frozen_towers_alone_equal_the_feature_cache_cosine(run, tmp_path):
 
 
 def test_the_runs_own_eval_split_is_the_default_and_bad_input_is_one_error(run, tmp_path):
-  config = trained_run.load_run_config(run)
+  config = run_config.load(run)
   result = evaluate_command.run(config, run, None, progress=False)
   assert result["split"] == "eval" and result["counts"]["other_split"] > 0
   with pytest.raises(ValueError, match="no row of split 'nope'"):
@@ -147,7 +148,7 @@ def test_search_re_ranks_as_the_eval_measured_and_takes_a_csv_of_queries(run, tm
   from oclear_jax.commands import search as search_command  # pylint: disable=g-import-not-at-top
   from oclear_jax.retrieval import title_feedback  # pylint: disable=g-import-not-at-top
   csv_path = _planted(run, tmp_path / "gallery.csv")
-  config = _columns(trained_run.load_run_config(run).unlock())
+  config = _columns(run_config.load(run).unlock())
   config.eval.update(title_feedback_docs=3, title_feedback_weight=2.0)  # large: the order must change
   search_command.build_index(run, config, catalogue=csv_path, progress=False, out=io.StringIO())
   output = str(tmp_path / "results.jsonl")

@@ -10,8 +10,8 @@ from absl import flags
 import numpy as np
 import pytest
 
+from oclear_jax import run_config
 from oclear_jax import config_schema
-from oclear_jax.serving import trained_run
 from oclear_jax import main
 from oclear_jax.retrieval import exact_search
 from oclear_jax.retrieval import index_tuning
@@ -139,9 +139,9 @@ def test_index_overrides_apply_to_the_saved_config_without_config_flag(tmp_path)
           "--config.index.exact_max_documents", "0"]
   kept, overrides = main.split_config_overrides(argv)
   assert kept == ["prog", "--mode=index", f"--workdir={tmp_path}"]
-  loaded = main.apply_config_overrides(trained_run.load_run_config(str(tmp_path)), overrides)
+  loaded = main.apply_config_overrides(run_config.load(str(tmp_path)), overrides)
   assert (loaded.index.target_recall, loaded.index.exact_max_documents) == (0.9, 0)
   assert scann_search.params_from_config(loaded.index)["exact_max_documents"] == 0
-  bad = main.apply_config_overrides(trained_run.load_run_config(str(tmp_path)), ["--config.index.target_recall=1.5"])
+  bad = main.apply_config_overrides(run_config.load(str(tmp_path)), ["--config.index.target_recall=1.5"])
   with pytest.raises(ValueError, match="target_recall=1.5 must lie in"):
     config_schema.validate(bad)

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
+from oclear_jax import run_config
 from oclear_jax.serving import trained_run
 from oclear_jax.distributed import launch
 from oclear_jax.train import pretrained_towers
@@ -119,7 +120,7 @@ def test_embed_with_two_processes_writes_the_files_one_process_writes(run, tmp_p
   proc = _launch("--mode=embed", f"--workdir={workdir}", f"--catalogue={catalogue}", f"--output={tmp_path / 'two'}")
   assert proc.returncode == 0, proc.stderr[-4000:]
   assert proc.stdout.count("embedded 35 of 40 rows") == 1  # printed once, by process 0
-  one = embed_command.run(trained_run.load_run_config(str(workdir)), str(workdir), str(catalogue),
+  one = embed_command.run(run_config.load(str(workdir)), str(workdir), str(catalogue),
                           str(tmp_path / "one"), progress=False, out=io.StringIO())
   with open(tmp_path / "two" / "manifest.json", encoding="utf-8") as f:
     assert json.load(f) == json.loads(json.dumps(one))

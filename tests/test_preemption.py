@@ -15,6 +15,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -47,14 +48,16 @@ def _overrides():
           for k, v in values.items()]
 
 
-def _sigterm_after_step(workdir, step: int) -> tuple[int, list[int], str]:
-  """(exit code, the steps it printed, its stderr) of a run sent SIGTERM once it printed `step`."""
+def _signal_after_step(workdir, step: int, signum=signal.SIGTERM, *, again: bool = False,
+                       overrides=()) -> tuple[int, list[int], str, float]:
+  """(exit code, the steps it printed, its stderr, seconds from the last signal to its exit) of a run sent
+  `signum` once it printed `step`; `again`: a second SIGINT once it said it is saving (Ctrl-C twice)."""
   env = {**os.environ, "PYTHONPATH": str(REPO)}
   stderr_path = pathlib.Path(f"{workdir}.stderr")  # a file, not a pipe nobody reads while waiting for `step`
   with open(stderr_path, "w", encoding="utf-8") as stderr:
     proc = subprocess.Popen(
         [sys.executable, "-m", "oclear_jax.main", "--config=configs/tiny.py", f"--workdir={workdir}",
-         *_overrides()], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
+         *_overrides(), *overrides], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
     printed = []
     try:
       for line in proc.stdout:
@@ -62,14 +65,22 @@ def _sigterm_after_step(workdir, step: int) -> tuple[int, list[int], str]:
         if match:
           printed.append(int(match.group(1)))
           if printed[-1] == step:
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(signum)
+            signalled = time.perf_counter()
             break
+      while again and "Ctrl-C again" not in stderr_path.read_text(encoding="utf-8"):
+        assert proc.poll() is None, stderr_path.read_text(encoding="utf-8")[-3000:]
+        time.sleep(0.01)
+      if again:
+        proc.send_signal(signal.SIGINT)
+        signalled = time.perf_counter()
       rest, _ = proc.communicate(timeout=TIMEOUT_S)
+      seconds = time.perf_counter() - signalled
     except subprocess.TimeoutExpired:
       proc.kill()
-      pytest.fail(f"the run did not stop within {TIMEOUT_S} s of SIGTERM")
+      pytest.fail(f"the run did not stop within {TIMEOUT_S} s of {signal.Signals(signum).name}")
   printed += [int(m) for m in re.findall(r"^step (\d+)/", rest, re.M)]
-  return proc.returncode, printed, stderr_path.read_text(encoding="utf-8")
+  return proc.returncode, printed, stderr_path.read_text(encoding="utf-8"), seconds
 
 
 def _leaves(config, workdir):
@@ -77,26 +88,61 @@ def _leaves(config, workdir):
   return step, jax.tree.leaves(state)
 
 
-def test_sigterm_saves_the_step_in_flight_and_the_rerun_ends_equal_to_an_uninterrupted_run(tmp_path, capsys):
-  code, printed, stderr = _sigterm_after_step(tmp_path / "preempted", 3)
-  lines = [line for line in stderr.splitlines() if line.startswith("preempted: ")]
+def _train_rows(workdir) -> list[int]:
+  rows = [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+  return [r["step"] for r in rows if "train/loss" in r]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+  """An uninterrupted run: the reference every interrupted-and-resumed run must equal."""
+  workdir = tmp_path_factory.mktemp("straight")
+  trainer.train_and_evaluate(_config(), str(workdir), progress=False)
+  return workdir
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_a_signal_saves_the_step_in_flight_and_the_rerun_ends_equal_to_an_uninterrupted_run(
+    signum, straight, tmp_path, capsys):
+  code, printed, stderr, _ = _signal_after_step(tmp_path / "preempted", 3, signum)
+  word = "preempted" if signum == signal.SIGTERM else r"interrupted \(Ctrl-C\)"
+  lines = [line for line in stderr.splitlines() if re.match(rf"^{word}: ", line)]
   assert code == preemption.PREEMPTED_EXIT_CODE == 75, stderr[-3000:]
   assert len(lines) == 1 and "Traceback" not in stderr, stderr[-3000:]
-  saved = int(re.match(r"preempted: step (\d+) saved in ", lines[0]).group(1))
+  assert not re.search(r"^[EW]\d{4} ", stderr, re.M), stderr[-3000:]  # no absl log line beside ours
+  saved = int(re.match(rf"{word}: step (\d+) saved in ", lines[0]).group(1))
   # The step saved is the last one it trained, not a multiple of checkpoint_every (nothing else is on disk).
   assert 3 <= saved == max(printed) < STEPS, (printed, lines)
   assert sorted(os.listdir(tmp_path / "preempted" / "checkpoints")) == [str(saved)]
+  assert not (tmp_path / "preempted" / "train.lock").exists()  # released on the way out
 
   config = _config()
   capsys.readouterr()
   assert trainer.train_and_evaluate(config, str(tmp_path / "preempted"))["final_step"] == STEPS
   resumed = [int(s) for s in re.findall(r"^step (\d+)/", capsys.readouterr().out, re.M)]
   assert resumed[0] == saved + 1 and resumed[-1] == STEPS  # resumed, not restarted
-  trainer.train_and_evaluate(config, str(tmp_path / "straight"), progress=False)
-  (step_a, a), (step_b, b) = _leaves(config, tmp_path / "straight"), _leaves(config, tmp_path / "preempted")
+  # metrics.jsonl: each step's row once, as the uninterrupted run wrote them.
+  assert _train_rows(tmp_path / "preempted") == _train_rows(straight) == list(range(1, STEPS + 1))
+  (step_a, a), (step_b, b) = _leaves(config, straight), _leaves(config, tmp_path / "preempted")
   assert step_a == step_b == STEPS and len(a) == len(b) > 10
   for x, y in zip(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_ctrl_c_twice_exits_at_once_and_the_next_run_takes_over_its_lock(tmp_path, capsys):
+  # Step 4 is followed by an evaluation (eval.every=4): both signals arrive while it runs.
+  code, _, stderr, seconds = _signal_after_step(tmp_path / "twice", 4, signal.SIGINT, again=True,
+                                                overrides=["--config.eval.every=4"])
+  assert code == 128 + signal.SIGINT, stderr[-3000:]
+  assert "SIGINT again: exiting at once" in stderr and "Traceback" not in stderr, stderr[-3000:]
+  assert seconds < 10, seconds  # "at once": no save, no teardown (a hang would take TIMEOUT_S)
+  assert (tmp_path / "twice" / "train.lock").exists()  # left behind by a process that no longer exists
+  assert not [p for p in os.listdir(tmp_path / "twice" / "checkpoints") if not p.isdigit()]  # nothing half-written
+  capsys.readouterr()
+  config = _config()
+  config.eval.every = 4
+  assert trainer.train_and_evaluate(config, str(tmp_path / "twice"), progress=False)["final_step"] == STEPS
+  assert "took over the lock" in capsys.readouterr().err
 
 
 def test_store_saves_every_interval_and_the_last_step_and_the_preempted_one(tmp_path):

@@ -16,6 +16,7 @@ import pytest
 import tensorflow as tf
 
 from configs import tiny
+from oclear_jax import run_config
 from oclear_jax import checkpoint as checkpoint_lib
 from input_pipeline import paths
 from oclear_jax.train import trainer
@@ -77,10 +78,9 @@ def test_nothing_lands_on_local_disk_under_the_scheme(ram_run):
 
 def test_saved_config_is_read_back_from_the_url(ram_run):
   """index/search/embed run on the config a training run saved: here, under ram://."""
-  from oclear_jax.serving import trained_run  # pylint: disable=g-import-not-at-top
   with tf.io.gfile.GFile(f"{WORKDIR}/config.json") as f:
     saved = json.load(f)
-  config = trained_run.load_run_config(WORKDIR)
+  config = run_config.load(WORKDIR)
   assert config.train.num_steps == saved["train"]["num_steps"] == 4
   assert list(config.mesh.shape) == list(saved["mesh"]["shape"]) == [4, 2]
 

@@ -18,7 +18,7 @@ from PIL import Image
 import pytest
 
 from configs import tiny
-from oclear_jax.serving import trained_run
+from oclear_jax import run_config
 from oclear_jax.train import trainer
 from oclear_jax.serving import export
 from oclear_jax.commands import search as search_command
@@ -165,14 +165,14 @@ def test_bad_inputs_name_the_file(run, tmp_path):
 
 def test_saved_config_is_read_back_and_unknown_keys_are_refused(run, tmp_path):
   workdir = run[0]
-  config = trained_run.load_run_config(workdir)
+  config = run_config.load(workdir)
   assert config.model.fusion == "image_only" and config.index.shard_size == 64 and config.mesh.shape == (4, 2)
   with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
     saved = json.load(f)
   saved["index"]["num_leafs"] = 10
   (tmp_path / "config.json").write_text(json.dumps(saved))
   with pytest.raises(ValueError, match="unknown config key index.num_leafs"):
-    trained_run.load_run_config(str(tmp_path))
+    run_config.load(str(tmp_path))
 
 
 def test_command_line_error_is_one_line_with_exit_code_2(run, tmp_path):

@@ -41,8 +41,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from input_pipeline import catalogue as catalogue_lib
 from input_pipeline import paths
+from oclear_jax import run_config
 from oclear_jax.distributed import multihost
 from oclear_jax.serving import catalogue_embedding
 from oclear_jax.serving import composition
@@ -72,10 +72,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, catalogue: str, output:
   out = out or sys.stdout
   workdir, output = paths.resolve(workdir), paths.resolve(output)
   csv_path = catalogue_embedding.check_catalogue(catalogue)
-  # Columns first: a misnamed column fails before the (slow) restore.
-  catalogue_lib.read_catalogue(csv_path, catalogue_embedding.catalogue_columns(config), max_rows=0)
+  # The output, the columns and the rows first: a mistake fails before the (slow) restore and embedding.
+  read = catalogue_embedding.read_rows(config, csv_path)  # an empty catalogue is an error
+  multihost.run_on_process_zero(paths.check_writable, output, "--output")
   trained = trained_run.restore_trained_model(config, workdir)
-  read = catalogue_embedding.read_rows(config, csv_path)
   embedded = catalogue_embedding.embed_rows(trained, read, "views_and_towers", progress=progress)  # a collective
   if not embedded.rows:
     raise ValueError(f"catalogue {csv_path} has no row with a readable image: nothing to embed "
@@ -87,7 +87,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, catalogue: str, output:
               "dim": int(embedded.documents.shape[1]), "counts": embedded.counts,
               "num_empty_titles": embedded.counts["empty_titles"], "skipped": embedded.skipped,
               "files": {"queries": QUERIES_FILE, "documents": DOCUMENTS_FILE}, "composition": evidence,
-              "config": json.loads(config.to_json_best_effort())}
+              # The config in force: the run's config.json with each resume's changes (run_config.load).
+              "config": json.loads(config.to_json_best_effort()),
+              "config_history": run_config.history(workdir) if paths.exists(paths.join(workdir, "config.json")) else []}
   multihost.run_on_process_zero(_write_output, output, embedded, manifest)  # one writer per file
   if jax.process_index():
     return manifest

@@ -36,6 +36,7 @@ import numpy as np
 from input_pipeline import catalogue as catalogue_lib
 from input_pipeline import images as images_lib
 from input_pipeline import paths
+from oclear_jax.distributed import multihost
 from oclear_jax import run_data
 from oclear_jax.distributed import host_gather
 from oclear_jax.retrieval import evaluation
@@ -100,6 +101,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | None, catalogue: str |
       raise ValueError("--mode=evaluate without --workdir needs --output=FOLDER for evaluate.json and the sheet")
     name = os.path.splitext(os.path.basename(csv_path))[0] + (f"_{split}" if split else "")
     output = paths.join(workdir, "evaluate", name)
+  multihost.run_on_process_zero(paths.check_writable, output, "--output")  # before any restore or embedding
   read, counts = catalogue_eval.labelled_rows(config, csv_path, columns=columns, split=split)  # before any restore
   if not config.model.image_pretrained and workdir is None:
     raise ValueError("config.model.image_pretrained=False: no frozen towers to evaluate; pass --workdir=W of a run")

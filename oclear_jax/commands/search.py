@@ -62,8 +62,10 @@ from input_pipeline import images as images_lib
 from oclear_jax.serving import catalogue_embedding
 from oclear_jax.serving import composition as composition_lib
 from oclear_jax import checkpoint as checkpoint_lib
+from oclear_jax import run_config
 from oclear_jax.serving import trained_run
 from input_pipeline import paths
+from oclear_jax.distributed import multihost
 from oclear_jax.serving import gallery_index
 from oclear_jax.distributed import host_gather
 from oclear_jax.retrieval import plots
@@ -78,7 +80,7 @@ def build_index(workdir: str, config: ml_collections.ConfigDict | None = None, *
   returns the index manifest."""
   out = out or sys.stdout
   workdir = paths.resolve(workdir)  # gs://bucket/run stays a URL
-  config = config if config is not None else trained_run.load_run_config(workdir)
+  config = config if config is not None else run_config.load(workdir)
   manifest = gallery_index.build(config, workdir, catalogue=catalogue, progress=progress)  # every process
   if jax.process_index() == 0:
     _print_built(manifest, workdir, out)
@@ -210,8 +212,10 @@ def search(workdir: str, queries: list[str], *, top_k: int = 10, output_format: 
     raise ValueError("no query images: pass --query=IMAGE (repeat it for several)")
   if output and not output.endswith(".jsonl"):
     raise ValueError(f"--output={output}: search writes JSON lines; name a FILE.jsonl")
+  if output:
+    multihost.run_on_process_zero(paths.check_writable, paths.resolve(output), "--output", folder=False)
   workdir = paths.resolve(workdir)  # gs://bucket/run stays a URL
-  config = config if config is not None else trained_run.load_run_config(workdir)
+  config = config if config is not None else run_config.load(workdir)
   files, skipped = expand_queries(list(queries), config)
   if not files:
     raise ValueError(f"no readable query image among {queries} ({len(skipped)} skipped, e.g. {skipped[:1]})")

@@ -8,23 +8,30 @@ from __future__ import annotations
 import ml_collections
 
 from input_pipeline import paths
+from oclear_jax import config_schema
+from oclear_jax import run_config
 from oclear_jax import run_data
+from oclear_jax.distributed import workdir_lock
 from oclear_jax.commands import govern
 from oclear_jax.retrieval import tables
 from oclear_jax.train import trainer
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  if config.data.governed and not paths.exists(run_data.governed_catalogue_path(workdir)):
-    # One command from a raw catalogue to a trained model: govern first (what --mode=govern does).
-    print(f"{run_data.governed_catalogue_path(workdir)} does not exist: governing the catalogue first")
-    govern.run_mode(config, workdir)
-  result = trainer.train_and_evaluate(config, workdir)
+  config_schema.validate(config)
+  with workdir_lock.hold(workdir, stale_after_s=config.train.lock_stale_s):  # governing writes the workdir too
+    run_config.check(config, workdir)  # a refused resume fails before governing
+    if config.data.governed and not paths.exists(run_data.governed_catalogue_path(workdir)):
+      # One command from a raw catalogue to a trained model: govern first (what --mode=govern does).
+      print(f"{run_data.governed_catalogue_path(workdir)} does not exist: governing the catalogue first")
+      govern.run_mode(config, workdir)
+    result = trainer.train_and_evaluate(config, workdir)
   selected = (result.get("best") or {}).get("step")
   history = {s: m for s, m in result["eval"].items() if s in (0, result["final_step"], selected)}
   ks = tuple(k for k in config.eval.ks if k in (1, 5, 10))
   print("\nImage queries -> image+title documents (held-out products, exact search):")
   print(results_table(history, ks, frozen=result.get("frozen"), selected_step=selected))
+  print(run_config.describe(workdir))
   print(f"\nEverything is under {workdir}: config.json, metrics.jsonl, tensorboard/, checkpoints/, eval/, "
         f"recall_at_k.png, contact_sheet.png, scann_index/")
   return result

@@ -1,10 +1,17 @@
-"""Preemption: a SIGTERM (or a cluster's maintenance notice) ends training with the step in flight saved.
+"""Preemption: a SIGTERM, a Ctrl-C (SIGINT) or a cluster's maintenance notice ends training with the step in flight saved.
 
 A preempted job gets SIGTERM and, some seconds later, SIGKILL. The loop asks `PreemptionNotice.reached(step)`
 at every step boundary; once it says yes, the checkpoint store saves that step (whatever
 train.checkpoint_every says), waits for the write to finish and raises `Preempted`, which main.py
 turns into one line on stderr and exit code `PREEMPTED_EXIT_CODE`. Rerunning the same command
 resumes from that step exactly, so a preemption costs no trained step, only the step in flight.
+
+Ctrl-C is a preemption the user asks for: the first SIGINT is handled as SIGTERM is (on one process
+the same flag; under JAX's preemption service it is passed on as a SIGTERM to this process, which
+the service catches); a second SIGINT or SIGTERM ends the process at once (`os._exit(128 + signal)`),
+saving nothing more: orbax renames a step into place only once complete, so no half-written
+checkpoint is left visible, and the workdir lock it leaves is taken over by the next run
+(distributed/workdir_lock.py: its pid is gone).
 
 Who notices, and how every process agrees on the same step:
 - several processes (`jax.distributed` with JAX's preemption service, the default): JAX catches
@@ -22,7 +29,9 @@ Who notices, and how every process agrees on the same step:
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import sys
 import threading
 
 import jax
@@ -33,15 +42,16 @@ from jax.experimental import multihost_utils
 # finished, nothing is wrong, rerunning the same command resumes it. A killed process reports
 # 128 + 15 instead, and a user error 2 (main.py), so a wrapper script can tell the three apart.
 PREEMPTED_EXIT_CODE = 75
-SIGNALS = (signal.SIGTERM,)
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class Preempted(Exception):
   """Training stopped at a preemption notice after `step` was saved; rerun the same command to resume."""
 
-  def __init__(self, step: int, directory: str):
+  def __init__(self, step: int, directory: str, signame: str = "SIGTERM"):
     self.step = step
-    super().__init__(f"preempted: step {step} saved in {directory}/{step}; rerun the same command to resume "
+    what = "interrupted (Ctrl-C)" if signame == "SIGINT" else "preempted"
+    super().__init__(f"{what}: step {step} saved in {directory}/{step}; rerun the same command to resume "
                      f"from it (exit code {PREEMPTED_EXIT_CODE})")
 
 
@@ -61,19 +71,29 @@ class PreemptionNotice:
     self._agree_every = max(int(agree_every), 1)
     self._jax_sync = jax_preemption_sync_available()
     self._signalled = False
+    self.signame = "SIGTERM"  # the first signal's name, for the closing line
     self._previous_handlers: dict[int, object] = {}
     self._last: tuple[int | None, bool] = (None, False)
-    if self._jax_sync:
-      return
     if threading.current_thread() is not threading.main_thread():  # Python only lets the main thread
       logging.warning("not the main thread: SIGTERM will not save a checkpoint before the process ends")
       return
-    for signum in SIGNALS:
+    # Under JAX's service SIGTERM stays JAX's; SIGINT is ours either way.
+    for signum in (signal.SIGINT,) if self._jax_sync else SIGNALS:
       self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
 
   def _on_signal(self, signum, frame) -> None:
-    del signum, frame  # only a flag: the loop saves at its next step boundary, outside the handler
+    del frame  # only a flag: the loop saves at its next step boundary, outside the handler
+    if self._signalled:  # the second one: stop now, saving nothing more
+      print(f"{signal.Signals(signum).name} again: exiting at once; the last complete checkpoint stays",
+            file=sys.stderr, flush=True)
+      os._exit(128 + signum)  # pylint: disable=protected-access  (no teardown: tf.data threads may hang it)
     self._signalled = True
+    self.signame = signal.Signals(signum).name
+    if signum == signal.SIGINT:
+      print("Ctrl-C: saving the step in flight, then stopping (Ctrl-C again: exit at once without saving)",
+            file=sys.stderr, flush=True)
+    if self._jax_sync:  # JAX's preemption service agrees the step with the other processes
+      os.kill(os.getpid(), signal.SIGTERM)
 
   def reached(self, step: int) -> bool:
     if self._last[0] != step:

@@ -6,7 +6,7 @@ read: the class centres and the optimizer state are never touched. They are what
 10^8-class run's checkpoint is made of (hundreds of GB), and nothing needs them to embed;
 it also means a checkpoint trained on N classes embeds a catalogue with other labels, or none.
 
-  config = load_run_config(workdir)            # what the run saved (config.json)
+  config = run_config.load(workdir)            # the config in force (config.json + config_history.jsonl)
   trained = restore_trained_model(config, workdir)
   embed = trained.embedder("query_and_doc")    # host batch -> f32[n, 2, d]
 
@@ -22,11 +22,9 @@ process, `mesh_embedder` each process's own share (`distributed.host_gather`).
 """
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import functools
 import json
-import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -40,7 +38,6 @@ from input_pipeline import paths
 from input_pipeline import records as records_lib
 from input_pipeline import tokenizer as tokenizer_lib
 from oclear_jax import checkpoint as checkpoint_lib
-from oclear_jax import config_schema
 from oclear_jax import run_data
 from oclear_jax import sharding
 from oclear_jax.distributed import host_gather
@@ -58,41 +55,6 @@ HEADS = {"query": ("image",), "doc": ("image", "title_tokens"), "query_and_doc":
 
 
 # == The run's config and records ==================================================================
-def load_run_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a training run saved in `workdir` (config.json), on top of today's defaults; locked."""
-  path = paths.join(workdir, "config.json")
-  if not paths.isdir(workdir):
-    raise FileNotFoundError(f"workdir {workdir} does not exist; pass the --workdir of a training run")
-  if not paths.exists(path):
-    raise FileNotFoundError(f"{path} not found: {workdir} holds no training run; train first "
-                            f"(--mode=train) or pass --config=configs/...py")
-  try:
-    with paths.open(path) as f:
-      saved = json.load(f)
-  except ValueError as e:
-    raise ValueError(f"{path} is not valid JSON ({e}); pass --config=configs/...py instead") from e
-  config = config_schema.base_config()
-  _merge(config, saved, path, "")
-  config_schema.validate(config)
-  config.lock()
-  return config
-
-
-def _as_tuples(value):
-  return tuple(_as_tuples(v) for v in value) if isinstance(value, list) else value
-
-
-def _merge(node: ml_collections.ConfigDict, saved: dict, path: str, prefix: str) -> None:
-  for key, value in saved.items():
-    if key not in node:
-      raise ValueError(f"{path}: unknown config key {prefix}{key} (saved by another version of oclear_jax?); "
-                       f"pass --config=configs/...py with the run's settings instead")
-    if isinstance(node[key], ml_collections.ConfigDict) and isinstance(value, dict):
-      _merge(node[key], value, path, f"{prefix}{key}.")
-    else:
-      node[key] = _as_tuples(value)  # JSON has lists where the config has tuples
-
-
 def run_records(config: ml_collections.ConfigDict, workdir: str) -> run_data.PreparedData:
   """The records the run trained on, as they are (never re-prepared: the model was trained on them)."""
   csv_path, records_dir = run_data.catalogue_paths(config.data, workdir)

@@ -13,14 +13,19 @@ from input_pipeline import paths
 
 
 class MetricWriter:
-  """Writes scalars to `{workdir}/metrics.jsonl` and TensorBoard; only process 0 writes."""
+  """Writes scalars to `{workdir}/metrics.jsonl` and TensorBoard; only process 0 writes.
 
-  def __init__(self, workdir: str):
+  `resume_step`: the step a resumed run restarts from. Rows a previous attempt wrote past it
+  (steps trained again now) are dropped first, so each step's row appears once.
+  """
+
+  def __init__(self, workdir: str, *, resume_step: int = 0):
     self._active = jax.process_index() == 0
     self._jsonl = None
     self._tb = None
     if self._active:
       paths.makedirs(workdir)
+      _drop_rows_after(paths.join(workdir, "metrics.jsonl"), resume_step)
       self._jsonl = paths.open(paths.join(workdir, "metrics.jsonl"), "a")  # gfile appends on gs:// too
       import tensorflow as tf  # pylint: disable=g-import-not-at-top  (TF is heavy; only writers need it)
       self._tf = tf
@@ -42,6 +47,24 @@ class MetricWriter:
     if self._active:
       self._jsonl.close()
       self._tb.close()
+
+
+def _drop_rows_after(path: str, step: int) -> None:
+  """Rewrites `path` without its rows of steps after `step` (a torn last line goes too); untouched if none."""
+  if not paths.exists(path):
+    return
+  with paths.open(path) as f:
+    lines = f.read().splitlines()
+  kept = []
+  for line in lines:
+    try:
+      if int(json.loads(line)["step"]) <= step:
+        kept.append(line)
+    except (ValueError, KeyError, TypeError):
+      pass  # a line cut off by a kill
+  if len(kept) < len(lines):
+    paths.write_bytes(path + ".tmp", "".join(line + "\n" for line in kept).encode())
+    paths.replace(path + ".tmp", path)
 
 
 class ProgressLine:

@@ -25,7 +25,9 @@ import optax
 
 from oclear_jax import checkpoint as checkpoint_lib
 from oclear_jax import config_schema
+from oclear_jax import run_config
 from oclear_jax import run_data
+from oclear_jax.distributed import workdir_lock
 from oclear_jax.train import metric_writers
 from oclear_jax.train import optimizer
 from input_pipeline import paths
@@ -192,10 +194,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
   mesh = sharding.make_mesh(config.mesh.shape)  # a mesh the devices can't hold fails before any work
   logging.info("Mesh %s over %d devices", dict(mesh.shape), mesh.size)
   pretrained_towers.check_shipped(config.model)
-  paths.makedirs(workdir)
-  if jax.process_index() == 0:
-    paths.write_bytes(paths.join(workdir, "config.json"), config.to_json_best_effort(indent=2).encode())
+  # One live run per workdir; nothing is written in it before the config is known to fit what it holds.
+  with workdir_lock.hold(workdir, stale_after_s=config.train.lock_stale_s):
+    run_config.start(config, workdir)  # config.json for a fresh run, config_history.jsonl for a changed resume
+    return _train(config, workdir, mesh, progress=progress, stop_at_step=stop_at_step)
 
+
+def _train(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh, *, progress: bool,
+           stop_at_step: int | None) -> dict[str, Any]:
   # == Data ======================================================================================
   prepared = run_data.prepare_data(config.data, workdir, seed=config.seed, progress=progress)
   logging.info("Records in %s: %d classes, skipped %s", prepared.records_dir, prepared.num_classes,
@@ -222,7 +228,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
   store.report_broken(start_step)
 
   # == Evaluators (config.evals) =================================================================
-  writer = metric_writers.MetricWriter(workdir)
+  writer = metric_writers.MetricWriter(workdir, resume_step=start_step)  # rows past start_step: dropped
   evaluators = registry.make_evaluators(config, task, inputs, workdir, writer)
   for evaluator in evaluators:
     evaluator.start(state, shardings, start_step)
