@@ -187,3 +187,16 @@ def test_single_tower_sharded_folder_without_prefix_loads(tmp_path):
   tokens, pooled = run_image(f"hf:{folder}", GOLDEN["images"])
   np.testing.assert_allclose(tokens, GOLDEN["clip_image_tokens"], atol=1e-4, rtol=0)
   assert pooled.shape[-1] == 16  # no projection in a CLIPVisionModel: the post-LN class token
+
+
+def test_bfloat16_and_remat_keep_the_loaded_tower():
+  """model.dtype / model.remat reach a checkpoint tower: remat leaves the gradients as they were, bf16 stays near f32."""
+  x = jnp.asarray(GOLDEN["images"].astype(np.float32) / 127.5 - 1.0)
+  tower, params = loaded_tower(f"hf:{DATA / 'clip'}", "image", np.asarray(x))
+  loss = lambda t: jax.grad(lambda p: jnp.sum(t.apply({"params": p}, x)[1] ** 2))(params)
+  remat = tower.clone(remat="blocks")
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), loss(tower), loss(remat))
+  bf16 = tower.clone(dtype=jnp.bfloat16)
+  pooled16 = np.asarray(bf16.apply({"params": params}, x)[1])
+  assert pooled16.dtype == np.float32
+  np.testing.assert_allclose(pooled16, GOLDEN["clip_image_pooled"], atol=0.1 * np.abs(GOLDEN["clip_image_pooled"]).max())
