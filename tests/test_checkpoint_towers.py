@@ -200,3 +200,29 @@ def test_bfloat16_and_remat_keep_the_loaded_tower():
   pooled16 = np.asarray(bf16.apply({"params": params}, x)[1])
   assert pooled16.dtype == np.float32
   np.testing.assert_allclose(pooled16, GOLDEN["clip_image_pooled"], atol=0.1 * np.abs(GOLDEN["clip_image_pooled"]).max())
+
+
+def test_config_names_the_tokenizer_a_checkpoint_text_tower_needs():
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  from oclear_jax import config_schema  # pylint: disable=g-import-not-at-top
+  config = tiny.get_config()
+  spec = f"hf:{DATA / 'clip'}"
+  config.model.update(dict(image_tower=spec, text_tower=spec, image_pretrained=True, text_pretrained=True))
+  with pytest.raises(ValueError, match=f"set config.data.tokenizer='{spec}'"):
+    config_schema.validate(config)
+  config.data.tokenizer = spec
+  config_schema.validate(config)
+  config.data.input = "trunk_activations"
+  config.model.image_trainable_from = 1
+  with pytest.raises(ValueError, match="trains EfficientNet-Lite0 from block"):
+    config_schema.validate(config)
+
+
+def test_a_bucket_checkpoint_is_copied_once_and_loads(tmp_path, monkeypatch):
+  """ram:// (TensorFlow's in-memory filesystem) stands in for gs://: the folder comes down through paths.py."""
+  from input_pipeline import paths  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv("OCLEAR_CHECKPOINT_CACHE", str(tmp_path / "cache"))
+  paths.copy_tree(str(DATA / "dinov2"), "ram://towers_test/dinov2")
+  tokens, pooled = run_image("hf:ram://towers_test/dinov2", GOLDEN["images"])
+  np.testing.assert_allclose(pooled, GOLDEN["dinov2_image_pooled"], atol=1e-4, rtol=0)
+  assert len(list((tmp_path / "cache").rglob("model.safetensors"))) == 1
