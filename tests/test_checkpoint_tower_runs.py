@@ -113,3 +113,19 @@ def test_evaluate_without_a_run_scores_the_checkpoints_own_features(runs, tmp_pa
   labels = np.arange(len(rows)) // 3
   want = float(np.mean(labels[np.argmax(scores, axis=1)] == labels))
   assert result["rows"][0]["metrics"]["recall@1"] == pytest.approx(want, abs=1e-6)
+
+
+def test_embed_without_a_run_gives_the_checkpoints_unit_features(runs, tmp_path):
+  """--mode=embed with no workdir: the initial model over the loaded tower; with the identity head a query is
+  the tower's own pooled (projected) feature, normalised."""
+  config = clip_config(frozen=True)
+  config.model.fusion = "image_only"
+  config.data.tokenizer = ""  # image_only: no titles read; data.input stays tower_features (the cache's image loader)
+  csv_path = os.path.join(runs["frozen"], "catalogue", "catalogue.csv")
+  manifest = embed_command.run(config, None, csv_path, str(tmp_path / "emb"), progress=False, out=io.StringIO())
+  queries = np.load(tmp_path / "emb" / "queries.npz")["emb"]
+  with open(csv_path, encoding="utf-8") as f:
+    paths = [os.path.join(runs["frozen"], "catalogue", r["image"]) for r in csv.DictReader(f)]
+  pooled = feature_cache.extract_features(paths, image_size=32, progress=False, tower=CLIP)["pooled"]
+  assert manifest["checkpoint_step"] == -1 and len(queries) == len(paths)
+  np.testing.assert_allclose(queries, pooled / np.linalg.norm(pooled, axis=1, keepdims=True), atol=1e-5)

@@ -3,7 +3,8 @@
 With `config.data.input='tower_features'` the towers are frozen, so their outputs are a fixed
 function of each row: the trainer computes them once per catalogue row (images:
 `features.feature_cache.extract_features`, EfficientNet-Lite0 at `data.stored_image_size`; titles:
-`title_features`, the MiniLM-L6 text tower) and trains the heads, fusion and class centres on them
+`title_features`, the MiniLM-L6 text tower; or the checkpoint towers a researcher brings,
+`model.*_tower='hf:FOLDER'`, `models/checkpoint_towers.py`) and trains the heads, fusion and class centres on them
 through `OclearModel.queries_from_features` / `documents_from_features`. Both caches are keyed by
 the weights, the settings and the inputs, so a changed file, title or size never reuses stale
 numbers. Rows come from the run's prepared catalogue (`run_data.prepare_data`), read with
