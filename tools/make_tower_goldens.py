@@ -264,7 +264,7 @@ def full_size(out: pathlib.Path) -> None:
     # public parameter count in its metadata.
     (folder / "model.safetensors.index.json").write_text(json.dumps({
         "metadata": {"num_parameters": sum(p.numel() for p in model.parameters()), "shapes": shapes},
-        "weight_map": {k: "model-00001-of-00001.safetensors" for k in shapes}}))
+        "weight_map": {k: "absent.safetensors" for k in shapes}}, separators=(",", ":")))
     processor(folder, mean, std)
     if tokenizer:  # the text tower reads its pad and end ids from a tokenizer: the tiny one's files
       for f in (out / tokenizer).iterdir():
