@@ -20,6 +20,9 @@ step (`jit(...).lower(...).compile().cost_analysis()`): those of one device's pa
 so MFU = flops / step time / that device's peak. XLA counts what it runs, so with remat the
 recomputed forward is included (closer to hardware FLOPs utilisation). The peak is per device
 kind and compute dtype (`PEAK_FLOPS`); elsewhere (CPU) MFU prints as n/a unless `--peak_flops` says.
+`gib_per_device` is XLA's compiled memory analysis (arguments + temporaries of one device's program);
+`peak_gib` the allocator's measured peak where the backend keeps one (GPU/TPU). `siglip_b16_1m` is
+configs/siglip_b16.py (SigLIP B/16 from a checkpoint's architecture, 1M classes, 256 rows per device).
 """
 import argparse
 import os
@@ -33,7 +36,9 @@ def _parse_args():
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--small", action="store_true",
                  help="reduced ViT-B/16 row (CPU): 32 px, 100k classes, 2,000-token vocabulary, batch 16")
-  p.add_argument("--rows", default="demo,vit_b16_1m", help="comma-separated: demo, vit_b16_1m")
+  p.add_argument("--rows", default="demo,vit_b16_1m", help="comma-separated: demo, vit_b16_1m, siglip_b16_1m")
+  p.add_argument("--checkpoint", default="", help="siglip_b16_1m: hf:FOLDER of its architecture (default: "
+                 "tests/data/towers/full/siglip_b16, SigLIP B/16's config without weights)")
   p.add_argument("--dtype", default="auto", help="config.model.dtype: auto | float32 | bfloat16")
   p.add_argument("--remat", default="none", help="config.model.remat: none | blocks")
   p.add_argument("--batch_size", type=int, default=0, help="global batch of every row (0: the row's own)")
@@ -59,6 +64,7 @@ import numpy as np  # noqa: E402
 import text_table  # noqa: E402  (benchmarks/)
 from configs import demo  # noqa: E402
 from configs import pod_100m  # noqa: E402
+from configs import siglip_b16  # noqa: E402
 from oclear_jax import sharding  # noqa: E402
 from oclear_jax.train import trainer  # noqa: E402
 from oclear_jax.models import accelerator  # noqa: E402
@@ -105,7 +111,25 @@ def vit_b16_1m_config(small: bool):
   return c, 1_000_000, 224
 
 
-ROWS = {"demo": lambda small: demo_config(), "vit_b16_1m": vit_b16_1m_config}
+SIGLIP_B16_ARCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "data", "towers", "full",
+                               "siglip_b16")
+
+
+def siglip_b16_1m_config(small: bool):
+  """configs/siglip_b16.py: SigLIP B/16 towers (architecture from --checkpoint; the step needs no weights),
+  the image tower fine-tuned, the text tower frozen, 1M classes (100k at 32 px, batch 16 with --small)."""
+  c = siglip_b16.get_config("gpu")
+  checkpoint = (ARGS.checkpoint if ARGS else "") or "hf:" + os.path.abspath(SIGLIP_B16_ARCH)
+  c.model.image_tower = c.model.text_tower = c.data.tokenizer = checkpoint
+  c.data.vocab_size = 32000  # the synthetic title ids' range (SigLIP's vocabulary)
+  if small:
+    c.train.batch_size, c.data.max_title_len = 16, 16
+    return c, 100_000, 32
+  c.train.batch_size = 256 * jax.device_count()
+  return c, 1_000_000, 224
+
+
+ROWS = {"demo": lambda small: demo_config(), "vit_b16_1m": vit_b16_1m_config, "siglip_b16_1m": siglip_b16_1m_config}
 
 
 def synthetic_batch(config, batch_size: int, image_size: int, num_classes: int) -> dict[str, np.ndarray]:
@@ -175,7 +199,16 @@ def measure(name: str, args) -> dict:
           "compile_s": compile_s, "step_ms": step_s * 1e3, "examples_per_s": batch_size / step_s,
           "gflop_per_device": flops / 1e9, "tflops_per_device": f"{flops / step_s / 1e12:.3g}",
           "gib_per_device": (memory.argument_size_in_bytes + memory.temp_size_in_bytes) / 2**30 if memory else "n/a",
+          "state_gib": memory.argument_size_in_bytes / 2**30 if memory else "n/a",
+          "temp_gib": memory.temp_size_in_bytes / 2**30 if memory else "n/a",
+          "peak_gib": _peak_gib(),
           "mfu": f"{flops / step_s / peak:.1%}" if peak and times else "n/a", "loss": loss}
+
+
+def _peak_gib():
+  """The device allocator's peak (GPU/TPU; CPU keeps no statistics): what the run really held."""
+  stats = jax.devices()[0].memory_stats() or {}
+  return stats["peak_bytes_in_use"] / 2**30 if "peak_bytes_in_use" in stats else "n/a"
 
 
 def main(args) -> None:
@@ -188,8 +221,8 @@ def main(args) -> None:
     rows.append(measure(name.strip(), args))
     print(f"  {name}: {rows[-1]['step_ms']:.0f} ms/step, compiled in {rows[-1]['compile_s']:.0f} s", flush=True)
   text_table.print_table(rows, ["model", "image", "classes", "model_params", "dtype", "remat", "devices", "batch", "compile_s",
-                     "step_ms", "examples_per_s", "gflop_per_device", "tflops_per_device", "gib_per_device", "mfu",
-                     "loss"], float_format="{:,.1f}")
+                     "step_ms", "examples_per_s", "gflop_per_device", "tflops_per_device", "gib_per_device", "state_gib", "temp_gib", "peak_gib",
+                     "mfu", "loss"], float_format="{:,.1f}")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import numpy as np
 import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers
 
+from input_pipeline import checkpoint_tokenizer
 from input_pipeline import paths  # a leaf module (no jax): URLs and local paths alike
 
 PAD, UNK, CLS, SEP = "[PAD]", "[UNK]", "[CLS]", "[SEP]"
@@ -146,7 +147,10 @@ class TitleTokenizer:
     `special_ids` reports.
     """
     if paths.is_remote(path):  # a run's records in a bucket: their tokenizer.json
-      return cls(tokenizers.Tokenizer.from_str(paths.read_bytes(path).decode("utf-8")))
+      text = paths.read_bytes(path).decode("utf-8")
+      if checkpoint_tokenizer.is_saved_checkpoint_tokenizer(text):
+        return checkpoint_tokenizer.CheckpointTitleTokenizer.from_json(text)
+      return cls(tokenizers.Tokenizer.from_str(text))
     path = pathlib.Path(path)
     if path.is_dir():
       if (path / "tokenizer.json").exists():
@@ -156,7 +160,10 @@ class TitleTokenizer:
       else:
         raise FileNotFoundError(f"{path} holds neither tokenizer.json nor vocab.txt")
     if path.suffix == ".json":
-      return cls(tokenizers.Tokenizer.from_file(str(path)))
+      text = path.read_text(encoding="utf-8")
+      if checkpoint_tokenizer.is_saved_checkpoint_tokenizer(text):  # a checkpoint text tower's records
+        return checkpoint_tokenizer.CheckpointTitleTokenizer.from_json(text)
+      return cls(tokenizers.Tokenizer.from_str(text))
     return cls(_bert_pipeline(models.WordPiece.from_file(str(path), unk_token=UNK)))
 
   def save(self, path: str | os.PathLike) -> None:

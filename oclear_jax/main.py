@@ -136,7 +136,7 @@ def main(argv):
   del argv
   if not flags.FLAGS["verbosity"].present:  # progress lines are printed; library INFO chatter is not
     logging.set_verbosity(logging.WARNING)
-  frozen_only = _MODE.value == "evaluate" and _WORKDIR.value is None and _CONFIG.value is not None
+  frozen_only = _MODE.value in ("evaluate", "embed") and _WORKDIR.value is None and _CONFIG.value is not None
   if not frozen_only and (_WORKDIR.value is None or (_CONFIG.value is None and _MODE.value not in SAVED_CONFIG_MODES)):
     raise app.UsageError("--config and --workdir are required, e.g. --config=configs/demo.py --workdir=workdirs/demo")
   if _SAVED_CONFIG_OVERRIDES and _MODE.value not in SAVED_CONFIG_MODES:

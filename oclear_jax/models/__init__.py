@@ -1,6 +1,7 @@
 """OCLEAR models: image and text towers, document fusion, query/doc heads (logical axis names only)."""
 from oclear_jax.models import accelerator  # model.dtype, model.remat, model.conv_impl per backend
 from oclear_jax.models import bert  # registers the 'minilm' and 'bert' text towers
+from oclear_jax.models import checkpoint_towers  # registers 'hf' and 'big_vision' (model.*_tower='hf:FOLDER')
 from oclear_jax.models.bert import BertEncoder
 from oclear_jax.models.bert import BertSizes
 from oclear_jax.models.bert import MINILM_L6

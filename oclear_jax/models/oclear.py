@@ -303,6 +303,8 @@ def _registrar(table: dict[str, Callable], kind: str) -> Callable[[str], Callabl
 register_image_tower = _registrar(IMAGE_TOWERS, "image")
 register_text_tower = _registrar(TEXT_TOWERS, "text")
 
+registered_name = lambda tower: tower.partition(":")[0]  # a checkpoint 'hf:FOLDER' is built by the 'hf' builder
+
 
 @register_image_tower("vit")
 def _build_vit(config: ModelConfig) -> nn.Module:
@@ -369,7 +371,7 @@ def build_model(model_config: Any, *, vocab_size: int, max_title_len: int,
   config = ModelConfig.from_config(model_config)
   if title_special_ids is not None:
     config = _with_tokenizer_special_ids(model_config, config, title_special_ids)
-  if config.image_tower not in IMAGE_TOWERS:
+  if registered_name(config.image_tower) not in IMAGE_TOWERS:
     raise ValueError(f"model.image_tower={config.image_tower!r} is unknown; registered: {sorted(IMAGE_TOWERS)}")
   if config.fusion not in fusion_lib.FUSIONS:
     raise ValueError(f"model.fusion={config.fusion!r} is unknown; use one of {fusion_lib.FUSIONS}")
@@ -388,10 +390,10 @@ def build_model(model_config: Any, *, vocab_size: int, max_title_len: int,
     raise ValueError(f"model.title_dropout={config.title_dropout} must lie in [0, 1]")
   text_encoder = None
   if config.fusion != "image_only":
-    if config.text_tower not in TEXT_TOWERS:
+    if registered_name(config.text_tower) not in TEXT_TOWERS:
       raise ValueError(f"model.text_tower={config.text_tower!r} is unknown; registered: {sorted(TEXT_TOWERS)}")
-    text_encoder = TEXT_TOWERS[config.text_tower](config, vocab_size, max_title_len)
-  image_encoder = IMAGE_TOWERS[config.image_tower](config)
+    text_encoder = TEXT_TOWERS[registered_name(config.text_tower)](config, vocab_size, max_title_len)
+  image_encoder = IMAGE_TOWERS[registered_name(config.image_tower)](config)
   for tower in (image_encoder, text_encoder):
     _check_tower_options(tower, config)
   # Every OclearModel field but the towers is a ModelConfig field of the same name.

