@@ -193,6 +193,8 @@ class CheckpointStore:
     where the processes that read their shards would wait forever for one that failed to.
     `params_only`: `target` is the model's parameters, read alone (PyTree's partial restore).
     """
+    absl_logger, level = logging.getLogger("absl"), logging.getLogger("absl").level
+    absl_logger.setLevel(logging.CRITICAL)  # orbax logs a torn file's contents; our one warning says it
     try:
       self.check_compatible(step, target, params_only=params_only)
       logging.info("Restoring checkpoint %s/%d%s", self.directory, step, " (model parameters)" * params_only)
@@ -210,6 +212,8 @@ class CheckpointStore:
       return (functools.reduce(lambda tree, key: tree[key], MODEL_PARAMS, restored) if params_only else restored), None
     except Exception as e:  # pylint: disable=broad-except  (any read failure means "torn"; shared by restore)
       return None, e
+    finally:
+      absl_logger.setLevel(level)
 
   def _set_aside(self, step: int, reason: str) -> None:
     """Process 0 moves `step` to `<dir>.broken/` (once); every process then sees it gone."""
