@@ -25,6 +25,7 @@ import sys
 import time
 import zlib
 
+HANG_S = 60  # a run still alive this long after its signal is hung
 BASE = ["--config=configs/tiny.py", "--config.eval.scann=False", "--config.eval.contact_sheet_queries=0",
         "--config.train.log_every=1", "--config.train.checkpoint_every=50"]
 
@@ -87,7 +88,16 @@ class Drill:
         time.sleep(0.3)
       proc.send_signal(signum)
       sent = time.perf_counter()
-    out, err = proc.communicate(timeout=600)
+    try:
+      out, err = proc.communicate(timeout=HANG_S)
+    except subprocess.TimeoutExpired:  # hung on the way out: what another Ctrl-C does, then what kill does
+      proc.send_signal(signal.SIGINT)
+      try:
+        out, err = proc.communicate(timeout=HANG_S)
+      except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+      err = f"(hung {HANG_S} s after the signal; needed another)\n{err}"
     seconds = time.perf_counter() - sent
     printed = max([printed] + [int(s) for s in re.findall(r"^step (\d+)/", out, re.M)])
     saved = _saved_steps(workdir)

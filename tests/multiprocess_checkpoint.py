@@ -19,6 +19,8 @@ import time
 
 import numpy as np
 
+from oclear_jax.distributed import launch
+
 STEPS = 2000  # the preemption loop's bound: JAX's sync lands about a second after the signal
 
 
@@ -108,14 +110,8 @@ def _preemption_check(mesh, root: str) -> dict:
 
 def main():
   parser = argparse.ArgumentParser()
-  parser.add_argument("--coordinator_address")
-  parser.add_argument("--num_processes", type=int)
-  parser.add_argument("--process_id", type=int)
   parser.add_argument("--root")
-  args = parser.parse_args()
-  from oclear_jax.distributed import multihost  # pylint: disable=g-import-not-at-top  (jax after the flags)
-  multihost.initialize_distributed("auto", coordinator_address=args.coordinator_address,
-                                   num_processes=args.num_processes, process_id=args.process_id)
+  args = launch.join_from_arguments(parser)
   import jax  # pylint: disable=g-import-not-at-top
   from oclear_jax.distributed import preemption  # pylint: disable=g-import-not-at-top
   from oclear_jax import sharding  # pylint: disable=g-import-not-at-top

@@ -11,18 +11,15 @@ import os
 import sys
 import time
 
+from oclear_jax.distributed import launch
+
 
 def main():
   parser = argparse.ArgumentParser()
-  parser.add_argument("--coordinator_address")
-  parser.add_argument("--num_processes", type=int)
-  parser.add_argument("--process_id", type=int)
   parser.add_argument("--root")
   parser.add_argument("--role", choices=("holder", "intruder"))
-  args = parser.parse_args()
+  args = launch.join_from_arguments(parser)
   from oclear_jax.distributed import multihost  # pylint: disable=g-import-not-at-top  (jax after the flags)
-  multihost.initialize_distributed("auto", coordinator_address=args.coordinator_address,
-                                   num_processes=args.num_processes, process_id=args.process_id)
   import jax  # pylint: disable=g-import-not-at-top
   from oclear_jax.distributed import workdir_lock  # pylint: disable=g-import-not-at-top
   workdir = os.path.join(args.root, "run")

@@ -27,6 +27,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Any
 
 _DEVICE_COUNT_FLAG = re.compile(r"--xla_force_host_platform_device_count=\S+")
 
@@ -52,6 +53,18 @@ def process_env(devices_per_process: int, platform: str, base: dict[str, str] | 
 def process_command(module: str, args: list[str], *, port: int, num_processes: int, process_id: int) -> list[str]:
   return [sys.executable, "-m", module, *args, f"--coordinator_address=127.0.0.1:{port}",
           f"--num_processes={num_processes}", f"--process_id={process_id}"]
+
+
+def join_from_arguments(parser) -> Any:
+  """For a `--module` of one's own: its arguments plus the three `process_command` adds, parsed, and
+  this process joined to the others (`multihost.initialize_distributed`) before anything uses jax."""
+  for name, kind in (("--coordinator_address", str), ("--num_processes", int), ("--process_id", int)):
+    parser.add_argument(name, type=kind)
+  args = parser.parse_args()
+  from oclear_jax.distributed import multihost  # pylint: disable=g-import-not-at-top  (jax after the flags)
+  multihost.initialize_distributed("auto", coordinator_address=args.coordinator_address,
+                                   num_processes=args.num_processes, process_id=args.process_id)
+  return args
 
 
 def _forward(stream, out, prefix: str) -> None:
