@@ -23,7 +23,7 @@ from input_pipeline import tokenizer as tokenizer_lib
 from oclear_jax.distributed import multihost
 from input_pipeline import paths
 from oclear_jax import weights
-from oclear_jax.weights import checkpoint_folder
+from input_pipeline import checkpoint_folder
 
 
 @dataclasses.dataclass(frozen=True)

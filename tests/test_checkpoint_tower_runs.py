@@ -15,7 +15,7 @@ from oclear_jax.commands import embed as embed_command
 from oclear_jax.commands import evaluate as evaluate_command
 from oclear_jax.commands import search as search_command
 from oclear_jax.features import feature_cache
-from oclear_jax.train import pretrained_towers
+from oclear_jax.weights import tower_loading
 from oclear_jax.train import trainer
 import trained_state
 
@@ -51,7 +51,7 @@ def _image_params(config, workdir):
   assert step == 4
   trained = state["params"]["encoder"]["image_encoder"]
   like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nn.meta.unbox(trained))
-  return jax.tree.map(np.asarray, trained), pretrained_towers.load_tower(CLIP, like, "image")
+  return jax.tree.map(np.asarray, trained), tower_loading.load_tower(CLIP, like, "image")
 
 
 def test_frozen_tower_stays_the_checkpoint_and_partial_fine_tuning_moves_only_later_blocks(runs):

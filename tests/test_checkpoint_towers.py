@@ -14,7 +14,7 @@ import pytest
 
 from input_pipeline import checkpoint_tokenizer
 from oclear_jax.models import checkpoint_towers
-from oclear_jax.train import pretrained_towers
+from oclear_jax.weights import tower_loading
 
 DATA = pathlib.Path(__file__).parent / "data" / "towers"
 GOLDEN = np.load(DATA / "golden.npz")
@@ -26,7 +26,7 @@ def loaded_tower(spec: str, side: str, example: np.ndarray):
   arch = checkpoint_towers.describe(spec, side)
   tower = (checkpoint_towers.image_tower if side == "image" else checkpoint_towers.text_tower)(arch)
   shapes = nn.meta.unbox(jax.eval_shape(lambda: tower.init(jax.random.key(0), jnp.asarray(example)))["params"])
-  params = pretrained_towers.load_tower(spec, shapes, side)
+  params = tower_loading.load_tower(spec, shapes, side)
   return tower, jax.tree.map(jnp.asarray, params)
 
 
@@ -107,7 +107,7 @@ def test_full_size_parameter_count_and_layout(name):
       return tree
 
     tree = jax.eval_shape(mapped, shapes)
-    pretrained_towers.check_same_structure(tree, like, what=name, file_problems=problems)
+    tower_loading.check_same_structure(tree, like, what=name, file_problems=problems)
     ours += sum(int(np.prod(x.shape)) for x in jax.tree.leaves(like))
   unused = sum(int(np.prod(s)) for k, s in public["shapes"].items() if k in hf_layout.UNUSED)
   parameters_unused = sum(int(np.prod(s)) for k, s in public["shapes"].items()

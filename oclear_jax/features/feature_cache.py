@@ -68,7 +68,7 @@ LITE0 = "efficientnet_lite0"
 def _weights_sha256(tower: str) -> str:
   if tower == LITE0:
     return file_fingerprint(str(efficientnet_lite0.weights_path()))
-  from oclear_jax.weights import checkpoint_folder  # pylint: disable=g-import-not-at-top
+  from input_pipeline import checkpoint_folder  # pylint: disable=g-import-not-at-top
   return checkpoint_folder.fingerprint(checkpoint_folder.local_path(checkpoint_folder.parse_spec(tower)[1]))
 
 
@@ -97,14 +97,14 @@ def adaptive_pool_matrix(size: int, grid: int) -> np.ndarray:
 def _checkpoint_forward(tower: str, image_size: int, token_grid: int):
   """(jitted forward, params, pooled width) of a checkpoint image tower; its tokens are no conv map to pool."""
   from oclear_jax.models import checkpoint_towers  # pylint: disable=g-import-not-at-top
-  from oclear_jax.train import pretrained_towers  # pylint: disable=g-import-not-at-top
+  from oclear_jax.weights import tower_loading  # pylint: disable=g-import-not-at-top
   if token_grid:
     raise ValueError(f"fusion='concept_attention' reads a pooled grid of EfficientNet-Lite0's map; the checkpoint "
                      f"tower {tower} has none: use another fusion, or data.input='records'")
   model = checkpoint_towers.image_tower(checkpoint_towers.describe(tower, "image"))
   example = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
   shapes = nn.meta.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), example))["params"])
-  params = jax.tree.map(jnp.asarray, pretrained_towers.load_tower(tower, shapes, "image"))
+  params = jax.tree.map(jnp.asarray, tower_loading.load_tower(tower, shapes, "image"))
   width = jax.eval_shape(lambda p: model.apply({"params": p}, example), params)[1].shape[-1]
   return jax.jit(lambda p, images: (model.apply({"params": p}, images)[1], None)), params, width
 

@@ -86,8 +86,8 @@ def _text_tower(text_tower: str, pool: str, max_len: int):
             feature_cache.file_fingerprint(str(minilm.model_dir() / "model.safetensors")), "minilm")
   from input_pipeline import checkpoint_tokenizer  # pylint: disable=g-import-not-at-top
   from oclear_jax.models import checkpoint_towers  # pylint: disable=g-import-not-at-top
-  from oclear_jax.train import pretrained_towers  # pylint: disable=g-import-not-at-top
-  from oclear_jax.weights import checkpoint_folder  # pylint: disable=g-import-not-at-top
+  from oclear_jax.weights import tower_loading  # pylint: disable=g-import-not-at-top
+  from input_pipeline import checkpoint_folder  # pylint: disable=g-import-not-at-top
   arch = checkpoint_towers.describe(text_tower, "text")  # its own pooling: `pool` is the from-scratch towers'
   encoder = checkpoint_towers.text_tower(arch)
   folder = checkpoint_folder.local_path(checkpoint_folder.parse_spec(text_tower)[1])
@@ -95,7 +95,7 @@ def _text_tower(text_tower: str, pool: str, max_len: int):
   def load():
     example = jnp.ones((1, max_len), jnp.int32)
     shapes = nn.meta.unbox(jax.eval_shape(lambda: encoder.init(jax.random.key(0), example))["params"])
-    return pretrained_towers.load_tower(text_tower, shapes, "text")
+    return tower_loading.load_tower(text_tower, shapes, "text")
   # big_vision keeps no tokenizer beside its weights: the records' (config.data.tokenizer) is passed in.
   tokenizer = checkpoint_tokenizer.CheckpointTitleTokenizer(folder) if arch.scheme == "hf" else None
   return tokenizer, encoder, load, checkpoint_folder.fingerprint(folder), "checkpoint"

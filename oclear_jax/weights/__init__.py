@@ -5,7 +5,7 @@ the tower registered under that name in `oclear_jax.models` (`IMAGE_TOWERS` / `T
 `tokenizer_dir(name)` is the folder of the tokenizer a pretrained text tower's ids come from
 (`config.data.tokenizer='minilm'`). Loaders import lazily: reading MiniLM does not load the
 EfficientNet pickle reader and vice versa. Checkpoints users bring (`hf:FOLDER`, `big_vision:FILE.npz`)
-are read by `checkpoint_folder` / `checkpoint_params` through `train/pretrained_towers.load_tower`.
+are read by `checkpoint_folder` / `checkpoint_params` through `weights/tower_loading.load_tower`.
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 `read_tower(spec, side, like)` maps every file tensor through the family's rules (`hf_layout`,
 `big_vision_layout`) and returns the params tree plus what did not fit on the file's side: tensors
 the rules expect but the file lacks, tensors the file has that nothing reads, tensors of a shape no
-transform accepts. `train/pretrained_towers.load_tower` joins that with the tower-side check
+transform accepts. `weights/tower_loading.load_tower` joins that with the tower-side check
 (missing, unexpected, mis-shaped parameters) into one error naming all of them. Tensors no forward
 pass reads (position-id buffers, DINOv2's mask token, the contrastive loss's scale and bias) and
 the other tower's half of a joint checkpoint are consumed by name, never skipped by pattern.
@@ -23,7 +23,7 @@ import numpy as np
 
 from oclear_jax.models import checkpoint_towers
 from oclear_jax.weights import big_vision_layout
-from oclear_jax.weights import checkpoint_folder
+from input_pipeline import checkpoint_folder
 from oclear_jax.weights import hf_layout
 
 
