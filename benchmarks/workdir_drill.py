@@ -123,12 +123,15 @@ class Drill:
     for line in a.stdout:
       if line.startswith("step 5/"):
         break
-    own = ("config.json", "config_history.jsonl", "train.lock")  # what B could change that A does not rewrite
+    own = ("config.json", "config_history.jsonl")  # what B could change that A does not rewrite itself
     before = {k: v for k, v in _files(shared).items() if k in own}
     proc, s = self.main(*BASE, f"--workdir={shared}", "--config.train.num_steps=300",
                         "--config.optimizer.learning_rate=0.01")
-    self.row("second run on a live workdir", proc.returncode, s, "",
-             _changed(before, {k: v for k, v in _files(shared).items() if k in own}), proc.stderr)
+    lock = shared / "train.lock"
+    holder = json.loads(lock.read_text())["pid"] if lock.exists() else None
+    self.row(f"second run on a live workdir: lock still A's {holder == a.pid if holder else '(no lock)'}",
+             proc.returncode, s, "", _changed(before, {k: v for k, v in _files(shared).items() if k in own}),
+             proc.stderr)
     a.send_signal(signal.SIGTERM)
     a.communicate(timeout=600)
 

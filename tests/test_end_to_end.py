@@ -2,6 +2,7 @@
 import json
 import os
 import pathlib
+import shutil
 
 import pytest
 
@@ -61,12 +62,19 @@ def test_training_beats_untrained_model(resumed_run):
   assert trained["num_queries"] > 0
 
 
-def test_incompatible_checkpoint_is_refused_and_kept(resumed_run):
+def test_incompatible_checkpoint_is_refused_and_kept(resumed_run, tmp_path):
   workdir, _, _ = resumed_run
   ckpt_dir = pathlib.Path(workdir) / "checkpoints"
   before = sorted(str(p) for p in ckpt_dir.rglob("*"))
   config = _config(num_steps=100)
   config.model.embed_dim = 48
-  with pytest.raises(checkpoint_lib.IncompatibleCheckpointError, match="different model"):
+  # First line of defence: the config in force (run_config) refuses before anything is written ...
+  with pytest.raises(ValueError, match="cannot change on resume: model.embed_dim: 32 -> 48"):
     trainer.train_and_evaluate(config, workdir, progress=False)
   assert sorted(str(p) for p in ckpt_dir.rglob("*")) == before
+  # ... and where the workdir has no config.json, the checkpoint's own shapes refuse it.
+  shutil.copytree(workdir, tmp_path / "run", ignore=shutil.ignore_patterns("config.json"))
+  with pytest.raises(checkpoint_lib.IncompatibleCheckpointError, match="different model"):
+    trainer.train_and_evaluate(config, str(tmp_path / "run"), progress=False)
+  assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").rglob("*")) == sorted(
+      pathlib.Path(p).name for p in before)
