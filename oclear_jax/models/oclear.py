@@ -70,9 +70,8 @@ class ModelConfig:
   title_match_weight: float = _SCHEMA.title_match_weight
   freeze_image_tower: bool = _SCHEMA.freeze_image_tower
   freeze_text_tower: bool = _SCHEMA.freeze_text_tower
-  # Per-backend choices (models/accelerator.py), which the tower builders pass to the towers; none of
-  # them changes the parameters. 'auto': bfloat16 and XLA's convolutions on GPU/TPU, float32 and the
-  # CPU convolution tricks on CPU.
+  # Per-backend choices (models/accelerator.py) the builders pass to the towers; none changes the parameters.
+  # 'auto': bfloat16 and XLA's convolutions on GPU/TPU, float32 and the CPU convolution tricks on CPU.
   dtype: str = _SCHEMA.dtype  # the towers' compute dtype: auto | float32 | bfloat16 (parameters stay float32)
   remat: str = _SCHEMA.remat  # none | blocks: recompute each tower block in the backward pass
   conv_impl: str = _SCHEMA.conv_impl  # convolutional towers: auto | xla | cpu_tricks
@@ -174,8 +173,7 @@ class OclearModel(nn.Module):
   concept_heads: int
   title_match_dim: int
   title_match_weight: float
-  # A frozen tower runs in inference mode behind stop_gradient: no backward pass through it (the
-  # trainer's optimizer also leaves its parameters untouched, weight decay included).
+  # A frozen tower runs in inference mode behind stop_gradient: no backward pass (nor update) through it.
   freeze_image_tower: bool
   freeze_text_tower: bool
 
