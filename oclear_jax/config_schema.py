@@ -246,6 +246,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.governance.merge_neighbours = 10  # kNN candidates per category centroid
   c.governance.merge_max_distance = 2.0  # D(a, b) ~ 1 for two samples of one product
   c.governance.outliers = True
+  c.governance.score_candidates = 32  # nearest centroids (ScaNN) each item is scored against, on images and joint
   c.governance.outlier_margin = 0.2  # relabel when another category is nearer by this fraction of the own distance
   c.governance.outlier_max_distance = 4.0  # farther than this from every category: dropped
   c.governance.long_tail = True

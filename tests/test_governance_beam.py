@@ -1,4 +1,5 @@
-"""The Beam path (DirectRunner) and the in-process path give the same category map and files."""
+"""The Beam path (DirectRunner, and a 2-worker Dask cluster) and the in-process path give the same decisions."""
+import os
 import pathlib
 
 import pytest
@@ -25,21 +26,43 @@ def rows(tmp_path_factory):
   return catalogue_lib.read_catalogue(root / "catalogue.csv", columns).rows
 
 
-def test_beam_and_in_process_agree(rows, tmp_path):
-  in_process = executors.InProcessExecutor(progress=False)
-  beam = beam_pipeline.BeamExecutor(runner="DirectRunner", staging_dir=str(tmp_path / "staging"), progress=False)
-  local = curate.curate_categories(rows, SETTINGS, in_process)
-  distributed = curate.curate_categories(rows, SETTINGS, beam)
+@pytest.fixture(scope="module")
+def local(rows):
+  return curate.curate_categories(rows, SETTINGS, executors.InProcessExecutor(progress=False))
+
+
+def _assert_same_decisions(local, distributed):
   assert local.category_map == distributed.category_map
   assert local.weights == distributed.weights
-  assert [(d.id, d.category, d.action, d.step) for d in local.decisions] == [
-      (d.id, d.category, d.action, d.step) for d in distributed.decisions]
-  # The run did real work on both paths, so the equality is not between two empty maps.
+  assert [(d.id, d.category, d.action, d.step, d.reason) for d in local.decisions] == [
+      (d.id, d.category, d.action, d.step, d.reason) for d in distributed.decisions]
+  # The run did real work, so the equality is not between two empty maps.
   steps = {d.step for d in local.decisions}
-  assert {"outliers", "merge", "passthrough"} <= steps, steps
+  assert {"outliers", "merge", "duplicates", "passthrough"} <= steps, steps
+
+
+def test_beam_and_in_process_agree(rows, local, tmp_path):
+  in_process = executors.InProcessExecutor(progress=False)
+  beam = beam_pipeline.BeamExecutor(runner="DirectRunner", staging_dir=str(tmp_path / "staging"), progress=False)
+  distributed = curate.curate_categories(rows, SETTINGS, beam)
+  _assert_same_decisions(local, distributed)
   # The record-writing pass writes the same bytes on both paths.
   a = govern.write_outputs(str(tmp_path / "a"), local, rows, SETTINGS, in_process)
   b = govern.write_outputs(str(tmp_path / "b"), distributed, rows, SETTINGS, beam)
   for name in ("curated_catalogue.csv", "decisions.csv", "category_map.csv", "class_weights.json"):
     assert pathlib.Path(a[name]).read_bytes() == pathlib.Path(b[name]).read_bytes(), name
   assert not list((tmp_path / "staging").iterdir())  # Staged chunks are cleaned up.
+
+
+def test_a_two_worker_dask_cluster_gives_the_same_decisions(rows, local, tmp_path):
+  distributed_lib = pytest.importorskip("distributed")
+  with distributed_lib.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                    dashboard_address=None) as cluster:
+    beam = beam_pipeline.BeamExecutor(runner="apache_beam.runners.dask.dask_runner.DaskRunner",
+                                      options=f"--dask_client_address={cluster.scheduler_address}",
+                                      staging_dir=str(tmp_path / "staging"), progress=False)
+    distributed = curate.curate_categories(rows, SETTINGS, beam)
+    with distributed_lib.Client(cluster.scheduler_address) as client:
+      workers = client.run(os.getpid)
+  _assert_same_decisions(local, distributed)
+  assert len(set(workers.values()) - {os.getpid()}) == 2  # two worker processes, neither of them this one

@@ -37,16 +37,23 @@ finally:
   _root_logger.setLevel(_level)
 
 
-def _write(path: str, value) -> None:
+def _write(path: str, value) -> int:
   tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+  data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
   with FileSystems.create(tmp) as f:
-    f.write(pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL))
+    f.write(data)
   FileSystems.rename([tmp], [path])
+  return len(data)
+
+
+def _read_sized(path: str):
+  with FileSystems.open(path) as f:
+    data = f.read()
+  return pickle.loads(data), len(data)
 
 
 def _read(path: str):
-  with FileSystems.open(path) as f:
-    return pickle.loads(f.read())
+  return _read_sized(path)[0]
 
 
 class _RunChunk(beam.DoFn):
@@ -75,6 +82,7 @@ class BeamExecutor:
       raise ValueError("BeamExecutor needs a staging directory: pass staging_dir, or --temp_location in "
                        "config.governance.beam_options")
     self.progress = progress
+    self.staged_bytes = 0  # chunks staged to and results read back from the staging directory, all passes
 
   def map_chunks(self, name, fn, chunks, sizes=None):
     sizes = list(sizes) if sizes is not None else [1] * len(chunks)
@@ -83,22 +91,31 @@ class BeamExecutor:
     if "://" not in directory:
       os.makedirs(directory, exist_ok=True)
     for index, chunk in enumerate(chunks):
-      _write(FileSystems.join(directory, f"in-{index:06d}.pkl"), chunk)
+      self.staged_bytes += _write(FileSystems.join(directory, f"in-{index:06d}.pkl"), chunk)
     done = threading.Event()
     watcher = threading.Thread(target=self._watch, args=(name, directory, sizes, done), daemon=True)
     watcher.start()
     try:
       options = PipelineOptions(self.flags, runner=self.runner)
-      with beam.Pipeline(options=options) as pipeline:
-        _ = (pipeline
-             | f"{safe_name}: chunk ids" >> beam.Create(list(range(len(chunks))))
-             | f"{safe_name}: run" >> beam.ParDo(_RunChunk(fn, directory)))
+      pipeline = beam.Pipeline(options=options)
+      _ = (pipeline
+           | f"{safe_name}: chunk ids" >> beam.Create(list(range(len(chunks))))
+           | f"{safe_name}: run" >> beam.ParDo(_RunChunk(fn, directory)))
+      result = pipeline.run()
+      try:
+        result.wait_until_finish()
+      finally:
+        client = getattr(result, "client", None)  # DaskRunner leaves its distributed.Client open
+        if client is not None:
+          client.close()
       missing = [i for i in range(len(chunks))
                  if not FileSystems.exists(FileSystems.join(directory, f"out-{i:06d}.pkl"))]
       if missing:
         raise RuntimeError(f"Beam pass {name!r} on {self.runner} finished without results for chunks {missing[:10]} "
                            f"in {directory}; check the runner's logs")
-      return [_read(FileSystems.join(directory, f"out-{i:06d}.pkl")) for i in range(len(chunks))]
+      results = [_read_sized(FileSystems.join(directory, f"out-{i:06d}.pkl")) for i in range(len(chunks))]
+      self.staged_bytes += sum(size for _, size in results)
+      return [value for value, _ in results]
     finally:
       done.set()
       watcher.join()

@@ -59,33 +59,38 @@ def pool(stats: CategoryStats, assignment: np.ndarray, num_groups: int) -> Categ
 
 
 def item_scores(space: category_space.Space, own: np.ndarray, in_trusted: np.ndarray, in_members: np.ndarray,
-                trusted: CategoryStats, members: CategoryStats) -> dict[str, np.ndarray]:
-  """Distances of items to their own category (leave-one-out) and to the nearest other one.
+                trusted: CategoryStats, members: CategoryStats, candidates: np.ndarray) -> dict[str, np.ndarray]:
+  """Distances of items to their own category (leave-one-out) and to the nearest other candidate.
 
   The own centroid comes from the category's other trusted members; when it has none, from its
   other members of any standing; with no other member at all the own distance is NaN (a
-  singleton, which no distance can call an outlier of itself).
+  singleton, which no distance can call an outlier of itself). The other categories are the
+  `candidates` (centroid_search.CategoryIndex: the nearest trusted centroids), scored exactly.
 
   Args:
     space: the items (a chunk of them).
     own: i32[n] their categories.
     in_trusted, in_members: bool[n] whether each item is counted in `trusted` / `members`.
     trusted, members: statistics of the trusted items and of all items, per category.
+    candidates: i64[n, K] candidate categories per item, ascending, -1 padded.
 
   Returns:
-    own f64[n], best f64[n] (inf when there is no other category), best_category i64[n].
+    own f64[n], best f64[n] (inf when no other category is a candidate), best_category i64[n].
   """
-  n, num = len(own), trusted.num_categories
+  n = len(own)
   rows = np.arange(n)
-  num_other, den_other = np.zeros((n, num)), np.zeros((n, num))
+  slots = np.maximum(candidates, 0)
+  num_other, den_other = np.zeros(candidates.shape), np.zeros(candidates.shape)
   num_own, den_own = np.zeros(n), np.zeros(n)
   for b, (x, a) in enumerate(zip(space.blocks, space.avail)):
     d = x.shape[1]
     counts = trusted.counts[b]
     means = trusted.means(b)
-    sq = (x * x).sum(1)[:, None] - 2 * x @ means.T + (means * means).sum(1)[None]
-    valid = a[:, None] & (counts[None] > 0)
-    num_other += np.where(valid, np.maximum(sq, 0) / (1 + 1 / np.maximum(counts, 1))[None], 0)
+    sq = np.stack([((x - means[slots[:, j]]) ** 2).sum(1) for j in range(slots.shape[1])], axis=1) \
+        if slots.shape[1] else np.zeros(candidates.shape)
+    candidate_counts = counts[slots]
+    valid = a[:, None] & (candidates >= 0) & (candidate_counts > 0)
+    num_other += np.where(valid, sq / (1 + 1 / np.maximum(candidate_counts, 1)), 0)
     den_other += valid * d
     # Own category, leave-one-out; fall back to all members when no other trusted member is left.
     self_t = (in_trusted & a).astype(np.float64)
@@ -102,9 +107,10 @@ def item_scores(space: category_space.Space, own: np.ndarray, in_trusted: np.nda
     num_own += np.where(has, sq_own, 0)
     den_own += has * d
   other = np.where(den_other > 0, num_other / np.maximum(den_other, 1), np.inf)
-  other[rows, own] = np.inf
-  best_category = other.argmin(1)
-  best = other[rows, best_category]
+  other[(candidates == own[:, None]) | (candidates < 0)] = np.inf
+  pick = other.argmin(1) if other.shape[1] else np.zeros(n, np.int64)
+  best = other[rows, pick] if other.shape[1] else np.full(n, np.inf)
+  best_category = np.where(np.isfinite(best), slots[rows, pick], 0) if other.shape[1] else np.zeros(n, np.int64)
   own_distance = np.where(den_own > 0, num_own / np.maximum(den_own, 1), np.nan)
   return {"own": own_distance, "best": best, "best_category": best_category.astype(np.int64)}
 

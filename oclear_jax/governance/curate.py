@@ -22,6 +22,7 @@ import numpy as np
 from input_pipeline.catalogue import CatalogueRow
 from oclear_jax.governance import category_space
 from oclear_jax.governance import category_stats
+from oclear_jax.governance import centroid_search
 from oclear_jax.governance import decisions as decisions_lib
 from oclear_jax.governance import featurize
 from oclear_jax.governance import finalize
@@ -29,30 +30,53 @@ from oclear_jax.governance import merge as merge_lib
 from oclear_jax.governance import outliers as outliers_lib
 from oclear_jax.governance import settings as settings_lib
 from oclear_jax.governance import split as split_lib
+from oclear_jax.governance import step_clock
 
 
 _MIN_WITHIN_DOF = 10
 
 
-def _score_chunk(chunk, trusted: category_stats.CategoryStats, members: category_stats.CategoryStats):
+def _score_chunk(chunk, trusted: category_stats.CategoryStats, members: category_stats.CategoryStats,
+                 index: centroid_search.CategoryIndex):
   """The per-item scoring pass: (space rows, own categories, in trusted, in members) -> distances."""
   space, own, in_trusted, in_members = chunk
-  return category_stats.item_scores(space, own, in_trusted, in_members, trusted, members)
+  return category_stats.item_scores(space, own, in_trusted, in_members, trusted, members, index.candidates(space))
 
 
-def _score(executor, space, rows, categories, trusted_mask, trusted, members, chunk_size, name):
+def _score(executor, space, rows, categories, trusted_mask, trusted, members, settings, name):
+  chunk_size = settings.chunk_size
   chunks = [(space.take(rows[i:i + chunk_size]), categories[rows[i:i + chunk_size]],
              trusted_mask[rows[i:i + chunk_size]], np.ones(len(rows[i:i + chunk_size]), bool))
             for i in range(0, len(rows), chunk_size)]
-  fn = functools.partial(_score_chunk, trusted=trusted, members=members)
+  index = centroid_search.CategoryIndex(trusted, settings.score_candidates)
+  fn = functools.partial(_score_chunk, trusted=trusted, members=members, index=index)
   parts = executor.map_chunks(name, fn, chunks, sizes=[len(c[1]) for c in chunks])
   keys = ("own", "best", "best_category")
   return {k: np.concatenate([p[k] for p in parts]) if parts else np.zeros(0) for k in keys}
 
 
+def _split_labels(space, core_rows, node_of, trusted, labels, node_names, node_label, split_records, settings):
+  """Splits each raw label whose members form separate products (split.py); adds the parts as nodes."""
+  core_labels = node_of[core_rows]
+  order = np.argsort(core_labels, kind="stable")
+  bounds = np.searchsorted(core_labels[order], np.arange(len(labels) + 1))
+  for label in range(len(labels)):
+    members = core_rows[order[bounds[label]:bounds[label + 1]]]
+    parts, cuts = split_lib.split_category(space.take(members), trusted[members], settings)
+    if cuts:
+      first = len(node_names)
+      for p in range(1, parts.max() + 1):
+        node_names.append(f"{labels[label]}/part{p + 1}")
+        node_label.append(label)
+      node_of[members[parts > 0]] = first + parts[parts > 0] - 1
+      split_records.append({"label": labels[label], "parts": [node_names[label]] + node_names[first:],
+                            "sizes": np.bincount(parts).tolist(), "cuts": cuts})
+
+
 def curate_categories(rows: Sequence[CatalogueRow], settings: settings_lib.GovernanceSettings, executor, *,
                       cache_dir: str | None = None) -> finalize.CurationResult:
   """Runs every enabled step over `rows` (see the module docstring)."""
+  clock = step_clock.StepClock()
   decisions = [decisions_lib.ItemDecision(r.id, r.kind, r.split, r.label, category=r.label) for r in rows]
   in_scope = np.array([r.split in settings.splits for r in rows], bool)
   governs = in_scope & np.array([r.kind in settings.kinds for r in rows], bool)
@@ -60,21 +84,24 @@ def curate_categories(rows: Sequence[CatalogueRow], settings: settings_lib.Gover
     decisions[i].set(decisions_lib.KEPT, "passthrough", f"split {rows[i].split!r} is not governed")
   featured = np.flatnonzero(in_scope)  # Items in the space, by position in `rows`.
   frows = [rows[i] for i in featured]
-  image = featurize.featurize_images([r.image_path for r in frows], settings, executor, cache_dir)
+  with clock.step("featurize"):
+    image = featurize.featurize_images([r.image_path for r in frows], settings, executor, cache_dir)
   for local, i in enumerate(featured):
     if not image.ok[local]:
       decisions[i].set(decisions_lib.DROPPED, "featurize", f"image unreadable ({image.errors[local]}): "
                        f"{rows[i].image_path}")
   gov = governs[featured]
   core = gov & image.ok  # Governed items with an image: they define the categories.
-  titles = featurize.title_features([r.title for r in frows], core) if settings.title_features else \
-      featurize.TitleFeatures(None, np.zeros(len(frows), bool), 0)
-  unit = category_space.unit_images(image.vectors, image.ok, core)
-  reduced = [category_space.reduce_images(unit, image.ok, core, settings.pca_dims)]
-  avail = [image.ok.copy()]
-  if titles.vocabulary_size:
-    reduced.append(category_space.reduce_titles(titles, core, settings.pca_dims))
-    avail.append(titles.present & image.ok)
+  with clock.step("titles"):
+    titles = featurize.title_features([r.title for r in frows], core) if settings.title_features else \
+        featurize.TitleFeatures(None, np.zeros(len(frows), bool), 0)
+  with clock.step("space"):
+    unit = category_space.unit_images(image.vectors, image.ok, core)
+    reduced = [category_space.reduce_images(unit, image.ok, core, settings.pca_dims)]
+    avail = [image.ok.copy()]
+    if titles.vocabulary_size:
+      reduced.append(category_space.reduce_titles(titles, core, settings.pca_dims))
+      avail.append(titles.present & image.ok)
 
   # Nodes: raw labels of core items, later also the parts of split labels.
   labels = sorted({r.label for r, c in zip(frows, core) if c})
@@ -102,43 +129,41 @@ def curate_categories(rows: Sequence[CatalogueRow], settings: settings_lib.Gover
                                      settings.outliers and calibrated)
   for r in range(settings.rounds if len(core_rows) else 0):
     categories = np.where(core, group[np.maximum(node_of, 0)], -1)
-    space, space_notes = category_space.whiten(reduced, avail, categories, trusted, settings.shrinkage)
+    with clock.step("space"):
+      space, space_notes = category_space.whiten(reduced, avail, categories, trusted, settings.shrinkage)
     if do_split and r == split_round:
-      for label in range(len(labels)):
-        members = core_rows[node_of[core_rows] == label]
-        parts, cuts = split_lib.split_category(space.take(members), trusted[members], settings)
-        if cuts:
-          first = len(node_names)
-          for p in range(1, parts.max() + 1):
-            node_names.append(f"{labels[label]}/part{p + 1}")
-            node_label.append(label)
-          node_of[members[parts > 0]] = first + parts[parts > 0] - 1
-          split_records.append({"label": labels[label], "parts": [node_names[label]] + node_names[first:],
-                                "sizes": np.bincount(parts).tolist(), "cuts": cuts})
+      with clock.step("split"):
+        _split_labels(space, core_rows, node_of, trusted, labels, node_names, node_label, split_records, settings)
     num_nodes = len(node_names)
     nodes = np.maximum(node_of, 0)
-    node_stats = category_stats.accumulate(space, nodes, trusted, num_nodes)
+    with clock.step("category statistics"):
+      node_stats = category_stats.accumulate(space, nodes, trusted, num_nodes)
     # The first round merges nothing: it only sets aside items that clearly do not fit their label, so
     # that a wrong label cannot pull its label's centroid towards its true product's and merge the two.
     cleaning_round = r == 0 and settings.rounds > 1
-    if do_merge and not cleaning_round:
-      trusted_rows = core_rows[trusted[core_rows]]
-      group, edges = merge_lib.merge_categories(node_stats, settings, title_block=1 if len(reduced) > 1 else None,
-                                                members=(space.take(trusted_rows), nodes[trusted_rows]))
-    else:
-      group = np.arange(num_nodes)
+    with clock.step("merge"):
+      if do_merge and not cleaning_round:
+        trusted_rows = core_rows[trusted[core_rows]]
+        group, edges = merge_lib.merge_categories(node_stats, settings, title_block=1 if len(reduced) > 1 else None,
+                                                  members=(space.take(trusted_rows), nodes[trusted_rows]))
+      else:
+        group = np.arange(num_nodes)
     num_groups = int(group.max()) + 1 if num_nodes else 0
     categories = np.where(core, group[np.maximum(node_of, 0)], -1)
-    trusted_stats = category_stats.pool(node_stats, group, num_groups)
-    member_stats = category_stats.accumulate(space, np.maximum(categories, 0), core, num_groups)
-    scores = _score(executor, space, core_rows, categories, trusted, trusted_stats, member_stats,
-                    settings.chunk_size, f"score items (round {r + 1}/{settings.rounds})")
+    with clock.step("category statistics"):
+      trusted_stats = category_stats.pool(node_stats, group, num_groups)
+      member_stats = category_stats.accumulate(space, np.maximum(categories, 0), core, num_groups)
+    with clock.step("score items"):
+      scores = _score(executor, space, core_rows, categories, trusted, trusted_stats, member_stats,
+                      settings, f"score items (round {r + 1}/{settings.rounds})")
     if do_outliers:
-      flagged[:] = False
-      flagged[core_rows] = outliers_lib.flag(scores, categories[core_rows], settings, clear_only=cleaning_round)
-      trusted = core & ~flagged
+      with clock.step("outliers"):
+        flagged[:] = False
+        flagged[core_rows] = outliers_lib.flag(scores, categories[core_rows], settings, clear_only=cleaning_round)
+        trusted = core & ~flagged
   return finalize.finalize(finalize.CurationState(
       rows=rows, featured=featured, decisions=decisions, settings=settings, image=image, titles=titles, unit=unit,
       space=space, core=core, node_of=node_of, node_names=node_names, node_label=node_label, labels=labels,
       group=group, trusted=trusted, flagged=flagged, scores=scores, edges=edges, split_records=split_records,
-      notes=notes + (space_notes if space is not None else []), reduced=reduced, outliers_on=do_outliers))
+      notes=notes + (space_notes if space is not None else []), reduced=reduced, outliers_on=do_outliers),
+      clock)

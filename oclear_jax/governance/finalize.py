@@ -21,6 +21,7 @@ from oclear_jax.governance import long_tail
 from oclear_jax.governance import merge as merge_lib
 from oclear_jax.governance import outliers as outliers_lib
 from oclear_jax.governance import settings as settings_lib
+from oclear_jax.governance import step_clock
 from oclear_jax.governance import summary
 
 KEPT, RELABELLED, DROPPED = decisions_lib.KEPT, decisions_lib.RELABELLED, decisions_lib.DROPPED
@@ -69,6 +70,7 @@ class CurationResult:
   # The governed items' features (ids, reduced image and title blocks side by side), for comparisons
   # such as benchmarks/governance_quality.py's Confident Learning reference on the same features.
   features: dict[str, Any] = dataclasses.field(default_factory=dict)
+  seconds: dict[str, float] = dataclasses.field(default_factory=dict)  # wall seconds per step (step_clock.py)
 
 
 def _group_names(s: CurationState) -> list[str]:
@@ -80,20 +82,42 @@ def _group_names(s: CurationState) -> list[str]:
   return [names[g] for g in range(int(s.group.max()) + 1)] if len(s.group) else []
 
 
-def _nearest_part(s: CurationState, local: int, nodes: list[int]) -> int:
+def _node_image_means(s: CurationState) -> np.ndarray:
+  """f64[nodes, d]: each node's trusted members' mean on images (NaN rows for nodes without one)."""
+  x = s.space.blocks[0]
+  sums = np.zeros((len(s.node_names), x.shape[1]))
+  np.add.at(sums, s.node_of[s.trusted], x[s.trusted])
+  counts = np.bincount(s.node_of[s.trusted], minlength=len(s.node_names))
+  with np.errstate(invalid="ignore", divide="ignore"):
+    return sums / np.where(counts > 0, counts, np.nan)[:, None]
+
+
+def _nearest_part(s: CurationState, means: np.ndarray, local: int, nodes: list[int]) -> int:
   """The split part nearest to item `local` on images alone (shopper photos have no titles)."""
-  x = s.space.blocks[0][local]
-  best, best_node = np.inf, nodes[0]
-  for node in nodes:
-    members = s.trusted & (s.node_of == node)
-    if members.any():
-      distance = float(((s.space.blocks[0][members].mean(0) - x) ** 2).sum())
-      if distance < best:
-        best, best_node = distance, node
-  return best_node
+  distance = ((means[nodes] - s.space.blocks[0][local]) ** 2).sum(1)
+  return nodes[int(np.argmin(np.nan_to_num(distance, nan=np.inf)))] if np.isfinite(distance).any() else nodes[0]
 
 
-def finalize(s: CurationState) -> CurationResult:
+def finalize(s: CurationState, clock: step_clock.StepClock) -> CurationResult:
+  with clock.step("decisions"):
+    category, names = _decide(s)
+  frows = [s.rows[i] for i in s.featured]
+  with clock.step("long tail"):
+    _long_tail(s, frows, category, names)
+  with clock.step("duplicates"):
+    duplicates = _deduplicate(s, frows, category) if s.settings.dedupe else None
+  with clock.step("head cap"):
+    _cap_heads(s, frows, category)
+  with clock.step("summary"):
+    sizes_after = collections.Counter(c for c in category if c)
+    weights = long_tail.sampling_weights(dict(sizes_after), s.settings.balance_power)
+    result = summary.summarize(s, frows, category, names, weights, duplicates, result_type=CurationResult)
+  result.seconds = dict(clock.seconds)
+  return result
+
+
+def _decide(s: CurationState) -> tuple[list[str], list[str]]:
+  """Curated name per featured item ('' = dropped) after outliers, label moves and following kinds."""
   settings, rows, decisions = s.settings, s.rows, s.decisions
   frows = [rows[i] for i in s.featured]
   names = _group_names(s)
@@ -136,6 +160,7 @@ def finalize(s: CurationState) -> CurationResult:
   nodes_of_label = collections.defaultdict(list)
   for node, label in enumerate(s.node_label):
     nodes_of_label[s.labels[label]].append(node)
+  means = _node_image_means(s) if any(len(v) > 1 for v in nodes_of_label.values()) else None
   for local, r in enumerate(frows):
     d = decisions[s.featured[local]]
     if s.core[local] or d.action == DROPPED:
@@ -145,18 +170,11 @@ def finalize(s: CurationState) -> CurationResult:
       category[local] = r.label
       d.set(KEPT, "follow", f"no governed item has label {r.label}; kept as is", r.label)
       continue
-    node = nodes[0] if len(nodes) == 1 else _nearest_part(s, local, nodes)
+    node = nodes[0] if len(nodes) == 1 else _nearest_part(s, means, local, nodes)
     category[local] = names[s.group[node]]
     if category[local] != r.label:
       d.set(RELABELLED, "follow", f"follows label {r.label} to {category[local]}", category[local])
-
-  _long_tail(s, frows, category, names)
-  duplicates = _deduplicate(s, frows, category) if settings.dedupe else None
-  _cap_heads(s, frows, category)
-
-  sizes_after = collections.Counter(c for c in category if c)
-  weights = long_tail.sampling_weights(dict(sizes_after), settings.balance_power)
-  return summary.summarize(s, frows, category, names, weights, duplicates, result_type=CurationResult)
+  return category, names
 
 
 def _long_tail(s: CurationState, frows, category: list[str], names: list[str]) -> None:

@@ -1,7 +1,7 @@
 """The long tail and the head: tiny categories merged or dropped, big ones capped, sampling weights.
 
   * A category with fewer than `min_category_size` training items (governed and following kinds)
-    is merged into its nearest category when their centroids are consistent with one product
+    is merged into its nearest category (among the nearest centroids) when their centroids are consistent with one product
     (D <= merge_max_distance, no mutual-best requirement: the small one just joins), else dropped.
   * A category with more than `max_category_size` governed items (0 = no cap) keeps a fixed
     subset (ordered by a hash of the item id, so reruns keep the same items).
@@ -17,24 +17,34 @@ import hashlib
 import numpy as np
 
 from oclear_jax.governance import category_stats
+from oclear_jax.governance import centroid_search
 from oclear_jax.governance import settings as settings_lib
 
 
 def small_categories(stats: category_stats.CategoryStats, sizes: np.ndarray,
                      settings: settings_lib.GovernanceSettings) -> dict[int, tuple[int, float]]:
-  """{small category: (target category or -1 to drop, D to the nearest big category)}."""
+  """{small category: (target category or -1 to drop, D to the nearest big category)}.
+
+  The nearest is the smallest D among the `merge_neighbours` big centroids nearest by plain
+  distance (centroid_search.py).
+  """
   small = np.flatnonzero((sizes > 0) & (sizes < settings.min_category_size))
-  big = np.flatnonzero(sizes >= settings.min_category_size)
+  big = (sizes >= settings.min_category_size) & (stats.size() > 0)
   out = {}
-  for c in small:
-    if not len(big) or stats.size()[c] == 0:
+  if not len(small):
+    return out
+  means = np.concatenate([stats.means(b) for b in range(len(stats.sums))], axis=1)
+  nearest = centroid_search.CentroidSearch(means, big, settings.merge_neighbours).nearest(means[small])
+  for c, candidates in zip(small, nearest):
+    candidates = candidates[candidates >= 0]
+    if not len(candidates) or stats.size()[c] == 0:
       out[int(c)] = (-1, float("nan"))
       continue
-    pairs = np.stack([np.full(len(big), c), big], 1)
+    pairs = np.stack([np.full(len(candidates), c), np.sort(candidates)], 1)
     distance = np.nan_to_num(category_stats.category_distances(stats, pairs)["combined"], nan=np.inf)
-    nearest = int(np.argmin(distance))
-    target = int(big[nearest]) if distance[nearest] <= settings.merge_max_distance else -1
-    out[int(c)] = (target, float(distance[nearest]))
+    nearest_row = int(np.argmin(distance))
+    target = int(pairs[nearest_row, 1]) if distance[nearest_row] <= settings.merge_max_distance else -1
+    out[int(c)] = (target, float(distance[nearest_row]))
   return out
 
 

@@ -1,7 +1,7 @@
 """Merge labels that denote one product: a kNN graph over category centroids, connected components.
 
-Candidates are each category's `merge_neighbours` nearest centroids (exact search over centroids,
-in whitened units). An edge joins a and b when
+Candidates are each category's `merge_neighbours` nearest centroids (centroid_search.py: ScaNN,
+exact below a thousand centroids, in whitened units). An edge joins a and b when
   * D(a, b) <= merge_max_distance on images and titles together (two samples of one product give
     D ~ 1; see category_stats.py),
   * their titles agree on their own (the same test on the title block alone, when both have titles),
@@ -25,6 +25,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from oclear_jax.governance import category_stats
+from oclear_jax.governance import centroid_search
 from oclear_jax.governance import settings as settings_lib
 
 _MAX_ROUNDS = 50
@@ -39,34 +40,37 @@ class MergeEdge:
   title_distance: float  # NaN when one side has no titles
 
 
-def nearest_centroids(stats: category_stats.CategoryStats, k: int, block_rows: int = 1024) -> np.ndarray:
-  """i64[P, 2] candidate pairs (a < b): each non-empty category and its k nearest others, exact."""
+def nearest_centroids(stats: category_stats.CategoryStats, k: int) -> np.ndarray:
+  """i64[P, 2] candidate pairs (a < b): each non-empty category and its k nearest others (centroid_search)."""
   means = np.concatenate([stats.means(b) for b in range(len(stats.sums))], axis=1)
-  alive = np.flatnonzero(stats.size() > 0)
-  if len(alive) < 2:
+  alive = stats.size() > 0
+  ids = np.flatnonzero(alive)
+  if len(ids) < 2:
     return np.zeros((0, 2), np.int64)
-  x = means[alive]
-  norms = (x * x).sum(1)
-  k = min(k, len(alive) - 1)
-  pairs = []
-  for start in range(0, len(alive), block_rows):
-    rows = slice(start, start + block_rows)
-    sq = norms[rows, None] - 2 * x[rows] @ x.T + norms[None]
-    sq[np.arange(sq.shape[0]), np.arange(start, start + sq.shape[0])] = np.inf
-    nearest = np.argpartition(sq, k - 1, axis=1)[:, :k]
-    left = np.repeat(np.arange(start, start + sq.shape[0]), k)
-    pairs.append(np.stack([left, nearest.ravel()], 1))
-  pairs = alive[np.concatenate(pairs)]
+  k = min(k, len(ids) - 1)
+  nearest = centroid_search.CentroidSearch(means, alive, k + 1).nearest(means[ids])
+  # Each row's own centroid leaves the list (it is first unless an equal centroid ties with it).
+  nearest = np.where(nearest == ids[:, None], -1, nearest)
+  keep = np.cumsum(nearest >= 0, axis=1) <= k
+  left = np.broadcast_to(ids[:, None], nearest.shape)
+  chosen = (nearest >= 0) & keep
+  pairs = np.stack([left[chosen], nearest[chosen]], 1)
   return np.unique(np.sort(pairs, 1), axis=0)
 
 
-def _fits_majority(members, group: np.ndarray, pooled: category_stats.CategoryStats, a: int, b: int,
+def _members_of(group: np.ndarray, num_groups: int) -> list[np.ndarray]:
+  """Indices i with group[i] == g, for each g (one sort, not one scan per group)."""
+  order = np.argsort(group, kind="stable")
+  bounds = np.searchsorted(group[order], np.arange(num_groups + 1))
+  return [order[bounds[g]:bounds[g + 1]] for g in range(num_groups)]
+
+
+def _fits_majority(members, rows_of: list[np.ndarray], pooled: category_stats.CategoryStats, a: int, b: int,
                    limit: float) -> bool:
   """Whether most of a's members are within `limit` of b's centroid, and the other way round."""
-  space, node_of_member = members
-  member_group = group[node_of_member]
+  space, _ = members
   for source, target in ((a, b), (b, a)):
-    rows = np.flatnonzero(member_group == source)
+    rows = rows_of[source]
     if not len(rows):
       continue
     distance = category_stats.distances_to(space.take(rows), pooled, target)
@@ -96,23 +100,22 @@ def merge_categories(stats: category_stats.CategoryStats, settings: settings_lib
     # Mutual best partner by D (ties go to the lower category id: deterministic).
     order = np.lexsort((pairs[:, 1], pairs[:, 0], combined))
     best = np.full(num_groups, -1)
-    for row in order:
-      a, b = pairs[row]
-      if best[a] < 0:
-        best[a] = b
-      if best[b] < 0:
-        best[b] = a
+    ends = np.stack([pairs[order, 0], pairs[order, 1]], 1).ravel()
+    partners = np.stack([pairs[order, 1], pairs[order, 0]], 1).ravel()
+    nodes, first = np.unique(ends, return_index=True)  # each node's earliest pair in `order`
+    best[nodes] = partners[first]
     accept = (combined <= settings.merge_max_distance) & (best[pairs[:, 0]] == pairs[:, 1]) & (
         best[pairs[:, 1]] == pairs[:, 0])
     if title is not None:
       accept &= ~(title > settings.merge_max_distance)  # NaN (a side without titles) passes on images alone.
-    if members is not None:
+    if members is not None and accept.any():
+      rows_of = _members_of(group[members[1]], num_groups)
       for row in np.flatnonzero(accept):
-        accept[row] = _fits_majority(members, group, pooled, *pairs[row], settings.merge_max_distance)
+        accept[row] = _fits_majority(members, rows_of, pooled, *pairs[row], settings.merge_max_distance)
     chosen = pairs[accept]
     if not len(chosen):
       break
-    group_members = [tuple(np.flatnonzero(group == g).tolist()) for g in range(num_groups)]
+    group_members = [tuple(m.tolist()) for m in _members_of(group, num_groups)]
     for row in np.flatnonzero(accept):
       a, b = pairs[row]
       edges.append(MergeEdge(group_members[a], group_members[b], float(combined[row]),

@@ -112,8 +112,8 @@ def _blocks(result, reader_counts: dict[str, Any], settings, images: dict[str, s
               f"neighbour, {c['long_tail_dropped']} dropped" if settings.long_tail else "long tail step off",
               (f"duplicates: {dup.get('exact_pairs', 0)} exact and {dup.get('near_pairs', 0)} near pairs; "
                f"{dup.get('dropped', 0)} items dropped; {dup.get('groups_spanning_categories', 0)} groups span "
-               f"categories (kept: their labels disagree); {dup.get('skipped_buckets', 0)} oversized hash buckets "
-               f"skipped") if settings.dedupe else "dedupe step off",
+               f"categories (kept: their labels disagree); {dup.get('split_buckets', 0)} oversized title buckets checked "
+               f"through their image hashes, {dup.get('skipped_buckets', 0)} parts still oversized and skipped") if settings.dedupe else "dedupe step off",
               f"head cap: {settings.max_category_size or 'off'}",
               f"sampling weights n ** -{settings.balance_power} (largest 1): {len(result.weights)} categories, "
               f"smallest weight {min(result.weights.values(), default=1.0):.3f}"]),

@@ -48,6 +48,7 @@ class GovernanceSettings:
   merge_neighbours: int
   merge_max_distance: float
   outliers: bool
+  score_candidates: int
   outlier_margin: float
   outlier_max_distance: float
   long_tail: bool
@@ -78,6 +79,7 @@ class GovernanceSettings:
         (0 <= self.phash_max_bits <= 64, f"phash_max_bits={self.phash_max_bits} must lie in [0, 64]"),
         (self.split_min_part >= 1 and self.split_max_parts >= 2, "need split_min_part >= 1, split_max_parts >= 2"),
         (self.merge_neighbours >= 1, f"merge_neighbours={self.merge_neighbours} must be >= 1"),
+        (self.score_candidates >= 1, f"score_candidates={self.score_candidates} must be >= 1"),
         (self.merge_max_distance > 0 and self.outlier_max_distance > 0, "distances must be positive"),
         (0 <= self.outlier_margin < 1, f"outlier_margin={self.outlier_margin} must lie in [0, 1)"),
         (self.min_category_size >= 1, f"min_category_size={self.min_category_size} must be >= 1"),

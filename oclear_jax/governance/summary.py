@@ -59,12 +59,15 @@ def _category_map(s, frows, category, names) -> list[dict[str, Any]]:
       for n in side:
         partners[s.node_names[n]].append((sorted(s.node_names[m] for m in other), edge.distance))
   label_index = {label: k for k, label in enumerate(s.labels)}
+  nodes_of = collections.defaultdict(list)
+  for n, lab in enumerate(s.node_label):
+    nodes_of[s.labels[lab]].append(n)
   out = []
   for label in sorted(by_label):
     locs = by_label[label]
     kept = [l for l in locs if category[l]]
     homes = collections.Counter(category[l] for l in kept)
-    nodes = [n for n, lab in enumerate(s.node_label) if s.labels[lab] == label] if label in label_index else []
+    nodes = nodes_of.get(label, [])
     targets = []
     for n in nodes:
       name = names[s.group[n]]
@@ -137,7 +140,8 @@ def summarize(s, frows, category, names, weights, duplicates, *, result_type):
                       "near_pairs": sum(1 for p in duplicates.pairs if p[2] == "near"),
                       "dropped": steps.get("duplicates/dropped", 0),
                       "groups_spanning_categories": s.dup_spanning,
-                      "skipped_buckets": duplicates.skipped_buckets} if duplicates else {}),
+                      "skipped_buckets": duplicates.skipped_buckets,
+                      "split_buckets": duplicates.split_buckets} if duplicates else {}),
       "title_vocabulary": s.titles.vocabulary_size,
       "exposure": _exposure_kept(frows, category),
   }
