@@ -15,9 +15,10 @@ in `config.governance`:
   long tail    tiny categories merged or dropped, heads capped, weights   long_tail.py
 
 Per-item passes run through an executor (`executors.py`: in process, or Apache Beam with any
-runner, `beam_pipeline.py`); per-category steps work on collected centroids (`curate.py` runs the
-rounds, `finalize.py` the decisions, `summary.py` the counts and the category map, `report.py` the
-report). `quality.py` scores a run against planted ground truth and `planted_noise.py` plants it
+runner, `beam_pipeline.py`); per-category steps work on collected centroids, and every "nearest other
+categories" question goes through a ScaNN index over them (`centroid_search.py`), so no step costs
+items x categories (`curate.py` runs the rounds, `finalize.py` the decisions, `summary.py` the counts and the category map, `report.py` the
+report; `step_clock.py` times each step). `quality.py` scores a run against planted ground truth and `planted_noise.py` plants it
 into a clean catalogue (tests, benchmarks/governance_quality.py). `command.run` is `--mode=govern`:
 it writes the curated catalogue, the category map, the per-item decision log, sampling weights,
 a report with plots, and the curated records. With `categories='product'` (`product_govern.py`) the

@@ -10,9 +10,9 @@ outputs go through Beam's `FileSystems`, so the staging directory can be local (
 on shared storage (gs://..., taken from --temp_location when given) for a remote runner. Output
 names are fixed per chunk, so a retried bundle overwrites instead of duplicating.
 
-Per-category steps (split, merge, long tail) work on the collected centroids on the driver; what
-the driver holds between passes is the reduced feature matrix (2 x pca_dims floats per item) and
-per-category sums.
+Per-category steps (split, merge, long tail) work on the collected centroids on the driver, which
+also holds every item's features, reduced and whitened blocks and decision between passes: its
+memory grows with the catalogue (benchmarks/governance_scale.py measures it per row).
 """
 from __future__ import annotations
 

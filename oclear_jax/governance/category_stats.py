@@ -31,8 +31,11 @@ class CategoryStats:
     """Members per category (the image block: every governed item has an image)."""
     return self.counts[0]
 
-  def means(self, b: int) -> np.ndarray:
-    return self.sums[b] / np.maximum(self.counts[b], 1)[:, None]
+  def means(self, b: int, rows=None) -> np.ndarray:
+    """Block b's means of every category, or of `rows` only (an index or index array: no [C, d] work)."""
+    if rows is None:
+      return self.sums[b] / np.maximum(self.counts[b], 1)[:, None]
+    return self.sums[b][rows] / np.maximum(self.counts[b][rows], 1)[..., None]
 
 
 def accumulate(space: category_space.Space, categories: np.ndarray, mask: np.ndarray,
@@ -85,8 +88,7 @@ def item_scores(space: category_space.Space, own: np.ndarray, in_trusted: np.nda
   for b, (x, a) in enumerate(zip(space.blocks, space.avail)):
     d = x.shape[1]
     counts = trusted.counts[b]
-    means = trusted.means(b)
-    sq = np.stack([((x - means[slots[:, j]]) ** 2).sum(1) for j in range(slots.shape[1])], axis=1) \
+    sq = np.stack([((x - trusted.means(b, slots[:, j])) ** 2).sum(1) for j in range(slots.shape[1])], axis=1) \
         if slots.shape[1] else np.zeros(candidates.shape)
     candidate_counts = counts[slots]
     valid = a[:, None] & (candidates >= 0) & (candidate_counts > 0)
@@ -122,7 +124,7 @@ def distances_to(space: category_space.Space, stats: CategoryStats, category: in
     n = stats.counts[b][category]
     if n <= 0:
       continue
-    sq = ((x - stats.means(b)[category]) ** 2).sum(1) / (1 + 1 / n)
+    sq = ((x - stats.means(b, category)) ** 2).sum(1) / (1 + 1 / n)
     num += np.where(a, sq, 0)
     den += a * x.shape[1]
   return np.where(den > 0, num / np.maximum(den, 1), np.nan)
@@ -140,11 +142,10 @@ def category_distances(stats: CategoryStats, pairs: np.ndarray) -> dict[str, np.
   per_block, block_effects = [], []
   for i in range(len(stats.sums)):
     counts = stats.counts[i]
-    means = stats.means(i)
-    d = means.shape[1]
+    d = stats.sums[i].shape[1]
     ok = (counts[a] > 0) & (counts[b] > 0)
     inverse_n = 1 / np.maximum(counts[a], 1) + 1 / np.maximum(counts[b], 1)
-    sq = ((means[a] - means[b]) ** 2).sum(1) / d
+    sq = ((stats.means(i, a) - stats.means(i, b)) ** 2).sum(1) / d
     block = np.where(ok, sq / inverse_n, np.nan)
     per_block.append(block)
     block_effects.append(np.where(ok, sq - inverse_n, np.nan))

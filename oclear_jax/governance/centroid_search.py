@@ -8,8 +8,8 @@ its exact statistic (category_stats.py), so a category outside the candidates ca
 it is farther than all of them by plain distance.
 
 Below `_MIN_FOR_TREE` centroids the search is ScaNN's exact brute force; above it a k-means tree of
-about sqrt(C) leaves, searching a quarter of them, with anisotropic hashing and exact re-scoring of
-the best `_REORDER` (squared L2 throughout). In whitened units an item's own product sits far
+about sqrt(C) leaves, searching the nearest `_LEAVES_SEARCHED` of them, with anisotropic hashing and
+exact re-scoring of the best `_REORDER` (squared L2 throughout): a query costs ~17 sqrt(C) distances. In whitened units an item's own product sits far
 nearer than the others, the regime where a tree finds it; benchmarks/governance_scale.py measures
 what the approximation costs against the exact path.
 """
@@ -23,8 +23,8 @@ import numpy as np
 _BUILT: dict[str, object] = {}  # token -> ScaNN searcher, so that a pickled search is rebuilt once per process
 _KEEP_BUILT = 4
 _MIN_FOR_TREE = 1000
-_LEAVES_SEARCHED = 0.25
-_REORDER = 200
+_LEAVES_SEARCHED = 16  # a fixed number, so a query scans ~16 sqrt(C) centroids, not a fraction of C
+_REORDER = 64
 
 
 def _build_searcher(gallery: np.ndarray, k: int):
@@ -33,9 +33,9 @@ def _build_searcher(gallery: np.ndarray, k: int):
   if len(gallery) < _MIN_FOR_TREE:
     return builder.score_brute_force().build()
   leaves = int(round(math.sqrt(len(gallery))))
-  return builder.tree(num_leaves=leaves, num_leaves_to_search=max(1, math.ceil(leaves * _LEAVES_SEARCHED)),
+  return builder.tree(num_leaves=leaves, num_leaves_to_search=min(leaves, _LEAVES_SEARCHED),
                       training_sample_size=min(len(gallery), 100_000)).score_ah(2).reorder(
-                          max(_REORDER, 4 * k)).build()
+                          max(_REORDER, 2 * k)).build()
 
 
 class CentroidSearch:
@@ -79,11 +79,8 @@ class CentroidSearch:
 
 
 class CategoryIndex:
-  """Candidate categories for items: nearest centroids on images, and on images + titles together.
-
-  An item with a title gets the union of both lists (a category without titles, or an item whose
-  title is unlike its image, is still found on images); an item without one, the image list.
-  """
+  """Candidate categories for items: nearest centroids on images and titles together for an item with a
+  title, on images alone for one without (a category without titled members sits at its image mean)."""
 
   def __init__(self, stats, k: int):
     alive = stats.counts[0] > 0
@@ -94,15 +91,13 @@ class CategoryIndex:
       self.joint = CentroidSearch(joint, alive, k)
 
   def candidates(self, space) -> np.ndarray:
-    """i64[n, K]: each item's candidate categories, ascending and unique per row, -1 padded at the end."""
-    found = [self.image.nearest(space.blocks[0])]
-    if self.joint is not None and len(space.blocks) > 1:
-      joint = self.joint.nearest(np.concatenate(space.blocks, axis=1))
-      found.append(np.where(space.avail[1][:, None], joint, -1))
-    both = np.concatenate(found, axis=1)
-    both = np.sort(np.where(both < 0, np.iinfo(np.int64).max, both), axis=1)
-    repeated = np.zeros(both.shape, bool)
-    repeated[:, 1:] = both[:, 1:] == both[:, :-1]
-    both = np.where(repeated, np.iinfo(np.int64).max, both)
-    both = np.sort(both, axis=1)
-    return np.where(both == np.iinfo(np.int64).max, -1, both)
+    """i64[n, k]: each item's candidate categories, ascending per row, -1 padded at the end."""
+    titled = space.avail[1] if self.joint is not None and len(space.blocks) > 1 else np.zeros(space.num_items, bool)
+    found = np.full((space.num_items, self.image.k), -1, np.int64)
+    if (~titled).any():
+      found[~titled] = self.image.nearest(space.blocks[0][~titled])
+    if titled.any():
+      found[titled] = self.joint.nearest(np.concatenate([b[titled] for b in space.blocks], axis=1))
+    big = np.iinfo(np.int64).max
+    found = np.sort(np.where(found < 0, big, found), axis=1)
+    return np.where(found == big, -1, found)

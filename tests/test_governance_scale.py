@@ -1,0 +1,94 @@
+"""The pieces that keep governance linear in the catalogue, each against a dense reference."""
+import numpy as np
+import pytest
+
+from oclear_jax.governance import category_space
+from oclear_jax.governance import category_stats
+from oclear_jax.governance import centroid_search
+from oclear_jax.governance import duplicates
+from oclear_jax.governance import settings as settings_lib
+
+
+def _planted(num_categories, per_category, dim, seed=0):
+  """Items scattered (unit variance) around well-separated category means."""
+  rng = np.random.default_rng(seed)
+  means = rng.standard_normal((num_categories, dim)) * 3.0
+  labels = np.repeat(np.arange(num_categories), per_category)
+  return means, labels, means[labels] + rng.standard_normal((len(labels), dim))
+
+
+@pytest.mark.parametrize("num_categories", [300, 1500])  # ScaNN brute force, then its tree
+def test_centroid_search_finds_the_nearest_centroid(num_categories):
+  means, labels, x = _planted(num_categories, 2, 32)
+  nearest = centroid_search.CentroidSearch(means, np.ones(num_categories, bool), 5).nearest(x)
+  exact = (((x[:, None] - means[None]) ** 2).sum(-1)).argmin(1)
+  assert (nearest[:, 0] == exact).mean() >= (1.0 if num_categories < 1000 else 0.97)  # exact, then approximate
+  # Dead centroids are never returned; ids are rows of `means`.
+  alive = np.arange(num_categories) % 3 != 0
+  found = centroid_search.CentroidSearch(means, alive, 5).nearest(x)
+  assert alive[found[found >= 0]].all() and (found >= 0).all()
+
+
+def _dense_reference(space, own, trusted_stats):
+  """best/best_category by scoring every other category (the formula of category_stats, item by item)."""
+  best, best_category = [], []
+  for i in range(space.num_items):
+    scores = []
+    for c in range(trusted_stats.num_categories):
+      num = den = 0.0
+      for b, (x, a) in enumerate(zip(space.blocks, space.avail)):
+        n = trusted_stats.counts[b][c]
+        if a[i] and n > 0:
+          num += ((x[i] - trusted_stats.means(b)[c]) ** 2).sum() / (1 + 1 / n)
+          den += x.shape[1]
+      scores.append(num / den if den and c != own[i] else np.inf)
+    best.append(min(scores))
+    best_category.append(int(np.argmin(scores)))
+  return np.array(best), np.array(best_category)
+
+
+def test_item_scores_on_candidates_equal_scoring_every_category():
+  means, labels, x = _planted(40, 5, 8, seed=1)
+  rng = np.random.default_rng(2)
+  titles = means[labels][:, :4] + rng.standard_normal((len(labels), 4))
+  has_title = rng.random(len(labels)) > 0.2
+  space = category_space.Space([x, np.where(has_title[:, None], titles, 0.0)], [np.ones(len(labels), bool), has_title])
+  everyone = np.ones(len(labels), bool)
+  stats = category_stats.accumulate(space, labels, everyone, 40)
+  reference = _dense_reference(space, labels, stats)
+  every = np.broadcast_to(np.arange(40), (len(labels), 40))
+  scores = category_stats.item_scores(space, labels, everyone, everyone, stats, stats, every)
+  np.testing.assert_allclose(scores["best"], reference[0], rtol=1e-9)
+  np.testing.assert_array_equal(scores["best_category"], reference[1])
+  candidates = centroid_search.CategoryIndex(stats, 8).candidates(space)
+  near = category_stats.item_scores(space, labels, everyone, everyone, stats, stats, candidates)
+  np.testing.assert_array_equal(near["best_category"], reference[1])
+
+
+def test_an_oversized_title_bucket_is_split_not_skipped(monkeypatch):
+  """One title on 300 items (a bucket above the limit): planted near copies are still found, nothing skipped."""
+  monkeypatch.setattr(duplicates, "_MAX_BUCKET", 50)
+  rng = np.random.default_rng(3)
+  n = 300
+  phash = rng.integers(0, 2 ** 63, size=n, dtype=np.uint64)
+  vectors = rng.standard_normal((n, 16))
+  planted = [(2 * k, 2 * k + 1) for k in range(5)]
+  for a, b in planted[:3]:  # close perceptual hashes (2 bits apart), unlike descriptors
+    phash[b] = phash[a] ^ np.uint64(0b101)
+  for a, b in planted[3:]:  # close descriptors, unlike hashes
+    vectors[b] = vectors[a] + 0.05 * rng.standard_normal(16)
+  unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+  settings = settings_lib.defaults(dup_min_cosine=0.95)
+  found = duplicates.find_duplicates([f"sha{i}" for i in range(n)], phash, np.ones(n, bool), unit,
+                                     ["the same catalogue title"] * n, settings)
+  assert found.skipped_buckets == 0 and found.split_buckets >= 1
+  assert set(planted) <= {(i, j) for i, j, _ in found.pairs}
+  assert all(kind == "near" for _, _, kind in found.pairs)
+  # The same items under unrelated titles pair nothing (a near duplicate needs agreeing titles), and
+  # equal content hashes are exact copies of their first item whatever the titles.
+  titles = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz "), 30)) for _ in range(n)]
+  sha = [f"sha{i}" for i in range(n)]
+  sha[20] = sha[21] = sha[22] = "same bytes"
+  alone = duplicates.find_duplicates(sha, phash, np.ones(n, bool), unit, titles, settings)
+  assert alone.pairs == [(20, 21, "exact"), (20, 22, "exact")]
+  assert alone.group[20] == alone.group[21] == alone.group[22] >= 0 and alone.kind[21] == "exact"
