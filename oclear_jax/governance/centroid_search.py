@@ -7,7 +7,8 @@ index for a few candidates by squared distance between whitened vectors and deci
 its exact statistic (category_stats.py), so a category outside the candidates can only be missed when
 it is farther than all of them by plain distance.
 
-Below `_MIN_FOR_TREE` centroids the search is ScaNN's exact brute force; above it a k-means tree of
+Below `_MIN_FOR_TREE` centroids, or for few queries (the long tail's small categories), the search is
+ScaNN's exact brute force; above it a k-means tree of
 about sqrt(C) leaves, searching the nearest `_LEAVES_SEARCHED` of them, with anisotropic hashing and
 exact re-scoring of the best `_REORDER` (squared L2 throughout): a query costs ~17 sqrt(C) distances. In whitened units an item's own product sits far
 nearer than the others, the regime where a tree finds it; benchmarks/governance_scale.py measures
@@ -23,14 +24,15 @@ import numpy as np
 _BUILT: dict[str, object] = {}  # token -> ScaNN searcher, so that a pickled search is rebuilt once per process
 _KEEP_BUILT = 4
 _MIN_FOR_TREE = 1000
+_EXACT_WORK = 2 * 10 ** 8  # queries x centroids below which exact search beats training a tree
 _LEAVES_SEARCHED = 16  # a fixed number, so a query scans ~16 sqrt(C) centroids, not a fraction of C
 _REORDER = 64
 
 
-def _build_searcher(gallery: np.ndarray, k: int):
+def _build_searcher(gallery: np.ndarray, k: int, queries: int | None):
   from scann.scann_ops.py import scann_ops_pybind  # pylint: disable=g-import-not-at-top  (a few seconds)
   builder = scann_ops_pybind.builder(gallery, k, "squared_l2")
-  if len(gallery) < _MIN_FOR_TREE:
+  if len(gallery) < _MIN_FOR_TREE or (queries is not None and queries * len(gallery) <= _EXACT_WORK):
     return builder.score_brute_force().build()
   leaves = int(round(math.sqrt(len(gallery))))
   return builder.tree(num_leaves=leaves, num_leaves_to_search=min(leaves, _LEAVES_SEARCHED),
@@ -39,11 +41,15 @@ def _build_searcher(gallery: np.ndarray, k: int):
 
 
 class CentroidSearch:
-  """The k nearest of a set of centroids (rows of `means` where `alive`), by squared distance."""
+  """The k nearest of a set of centroids (rows of `means` where `alive`), by squared distance.
 
-  def __init__(self, means: np.ndarray, alive: np.ndarray, k: int):
+  `queries`: how many queries it will answer, when known and few (exact search, no tree to train).
+  """
+
+  def __init__(self, means: np.ndarray, alive: np.ndarray, k: int, queries: int | None = None):
     self.ids = np.flatnonzero(alive)
     self.k = int(k)
+    self.queries = queries
     self._gallery = np.ascontiguousarray(means[self.ids], np.float32) if len(self.ids) else None
     self._token = uuid.uuid4().hex
     self._build()
@@ -54,7 +60,7 @@ class CentroidSearch:
       if self._token not in _BUILT:
         while len(_BUILT) >= _KEEP_BUILT:  # an earlier round's searches are not needed again
           del _BUILT[next(iter(_BUILT))]
-        _BUILT[self._token] = _build_searcher(self._gallery, min(self.k, len(self.ids)))
+        _BUILT[self._token] = _build_searcher(self._gallery, min(self.k, len(self.ids)), self.queries)
       self._index = _BUILT[self._token]
 
   def __getstate__(self):

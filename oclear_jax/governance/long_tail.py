@@ -34,7 +34,8 @@ def small_categories(stats: category_stats.CategoryStats, sizes: np.ndarray,
   if not len(small):
     return out
   means = np.concatenate([stats.means(b) for b in range(len(stats.sums))], axis=1)
-  nearest = centroid_search.CentroidSearch(means, big, settings.merge_neighbours).nearest(means[small])
+  nearest = centroid_search.CentroidSearch(means, big, settings.merge_neighbours, queries=len(small)).nearest(
+      means[small])
   for c, candidates in zip(small, nearest):
     candidates = candidates[candidates >= 0]
     if not len(candidates) or stats.size()[c] == 0:

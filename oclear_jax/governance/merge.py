@@ -14,7 +14,8 @@ to five items still join unrelated small labels (e.g. 'Bangle' with 'Highlighter
 because a real catalogue's broad categories set a wide spread and tiny labels carry little
 evidence. The majority fit stops a small label whose centroid a wrong member has pulled half-way
 towards another label from merging with it. Merging repeats on the merged
-centroids until no edge is left, so a product split three ways still ends up whole.
+centroids until no edge is left, so a product split three ways still ends up whole; the later rounds
+test the first round's candidate pairs between the groups they now belong to (one search per merge).
 """
 from __future__ import annotations
 
@@ -88,10 +89,11 @@ def merge_categories(stats: category_stats.CategoryStats, settings: settings_lib
   num = stats.num_categories
   group = np.arange(num)
   edges: list[MergeEdge] = []
+  pairs = None
   for _ in range(_MAX_ROUNDS):
     num_groups = group.max() + 1 if num else 0
     pooled = category_stats.pool(stats, group, num_groups)
-    pairs = nearest_centroids(pooled, settings.merge_neighbours)
+    pairs = nearest_centroids(pooled, settings.merge_neighbours) if pairs is None else pairs
     if not len(pairs):
       break
     dist = category_stats.category_distances(pooled, pairs)
@@ -122,8 +124,18 @@ def merge_categories(stats: category_stats.CategoryStats, settings: settings_lib
                              float(title[row]) if title is not None else float("nan")))
     graph = coo_matrix((np.ones(len(chosen)), (chosen[:, 0], chosen[:, 1])), shape=(num_groups, num_groups))
     _, component = connected_components(graph, directed=False)
-    group = _renumber(component[group])
+    previous, group = group, _renumber(component[group])
+    pairs = _carried(pairs, previous, group)
   return group, edges
+
+
+def _carried(pairs: np.ndarray, previous: np.ndarray, group: np.ndarray) -> np.ndarray:
+  """Last round's candidate pairs between the groups they now belong to (no new search: a merged group's
+  candidates are its parts'; a pair inside one group leaves)."""
+  renamed = np.empty(previous.max() + 1, np.int64)
+  renamed[previous] = group
+  pairs = np.sort(renamed[pairs], 1)
+  return np.unique(pairs[pairs[:, 0] != pairs[:, 1]], axis=0)
 
 
 def _renumber(group: np.ndarray) -> np.ndarray:
