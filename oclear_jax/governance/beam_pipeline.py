@@ -5,7 +5,10 @@
 
 Each pass (featurize images, score items against category centroids, write curated rows) is one
 pipeline: the driver stages the input chunks as files, `Create` emits only their indices, a DoFn
-reads its chunk, applies the pass's pure function and writes the result next to it. Inputs and
+reads its chunk, applies the pass's pure function and writes the result next to it. What every
+chunk of a pass needs (the category statistics and centroid index of the scoring pass) is staged
+once beside them and read once per DoFn instance (`setup`), not pickled into the DoFn, which Beam
+would unpickle for every bundle. Inputs and
 outputs go through Beam's `FileSystems`, so the staging directory can be local (DirectRunner) or
 on shared storage (gs://..., taken from --temp_location when given) for a remote runner. Output
 names are fixed per chunk, so a retried bundle overwrites instead of duplicating.
@@ -57,15 +60,23 @@ def _read(path: str):
 
 
 class _RunChunk(beam.DoFn):
-  """Reads chunk `index` from the staging directory, applies `fn`, writes the result."""
+  """Reads chunk `index` from the staging directory, applies `fn` (with the pass's shared value, read
+  once per DoFn instance in `setup`), writes the result."""
 
-  def __init__(self, fn, directory: str):
+  def __init__(self, fn, directory: str, has_shared: bool):
     super().__init__()
     self._fn = fn
     self._directory = directory
+    self._has_shared = has_shared
+    self._shared = None
+
+  def setup(self):
+    if self._has_shared:
+      self._shared = _read(FileSystems.join(self._directory, "shared.pkl"))
 
   def process(self, index: int):
-    result = self._fn(_read(FileSystems.join(self._directory, f"in-{index:06d}.pkl")))
+    chunk = _read(FileSystems.join(self._directory, f"in-{index:06d}.pkl"))
+    result = self._fn(chunk, self._shared) if self._has_shared else self._fn(chunk)
     _write(FileSystems.join(self._directory, f"out-{index:06d}.pkl"), result)
     yield index
 
@@ -84,7 +95,7 @@ class BeamExecutor:
     self.progress = progress
     self.staged_bytes = 0  # chunks staged to and results read back from the staging directory, all passes
 
-  def map_chunks(self, name, fn, chunks, sizes=None):
+  def map_chunks(self, name, fn, chunks, sizes=None, shared=None):
     sizes = list(sizes) if sizes is not None else [1] * len(chunks)
     safe_name = re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_")
     directory = FileSystems.join(self.staging_dir, f"{safe_name}-{uuid.uuid4().hex[:12]}")
@@ -92,6 +103,8 @@ class BeamExecutor:
       os.makedirs(directory, exist_ok=True)
     for index, chunk in enumerate(chunks):
       self.staged_bytes += _write(FileSystems.join(directory, f"in-{index:06d}.pkl"), chunk)
+    if shared is not None:
+      self.staged_bytes += _write(FileSystems.join(directory, "shared.pkl"), shared)
     done = threading.Event()
     watcher = threading.Thread(target=self._watch, args=(name, directory, sizes, done), daemon=True)
     watcher.start()
@@ -100,7 +113,7 @@ class BeamExecutor:
       pipeline = beam.Pipeline(options=options)
       _ = (pipeline
            | f"{safe_name}: chunk ids" >> beam.Create(list(range(len(chunks))))
-           | f"{safe_name}: run" >> beam.ParDo(_RunChunk(fn, directory)))
+           | f"{safe_name}: run" >> beam.ParDo(_RunChunk(fn, directory, shared is not None)))
       result = pipeline.run()
       try:
         result.wait_until_finish()

@@ -14,7 +14,6 @@ label (no merging yet), so that merges are decided on cleaned centroids. After t
 """
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -36,10 +35,11 @@ from oclear_jax.governance import step_clock
 _MIN_WITHIN_DOF = 10
 
 
-def _score_chunk(chunk, trusted: category_stats.CategoryStats, members: category_stats.CategoryStats,
-                 index: centroid_search.CategoryIndex):
-  """The per-item scoring pass: (space rows, own categories, in trusted, in members) -> distances."""
+def _score_chunk(chunk, shared):
+  """The per-item scoring pass: (space rows, own categories, in trusted, in members) -> distances; `shared`
+  holds the trusted and all members' category statistics and the centroid index."""
   space, own, in_trusted, in_members = chunk
+  trusted, members, index = shared
   return category_stats.item_scores(space, own, in_trusted, in_members, trusted, members, index.candidates(space))
 
 
@@ -49,8 +49,8 @@ def _score(executor, space, rows, categories, trusted_mask, trusted, members, se
              trusted_mask[rows[i:i + chunk_size]], np.ones(len(rows[i:i + chunk_size]), bool))
             for i in range(0, len(rows), chunk_size)]
   index = centroid_search.CategoryIndex(trusted, settings.score_candidates)
-  fn = functools.partial(_score_chunk, trusted=trusted, members=members, index=index)
-  parts = executor.map_chunks(name, fn, chunks, sizes=[len(c[1]) for c in chunks])
+  parts = executor.map_chunks(name, _score_chunk, chunks, sizes=[len(c[1]) for c in chunks],
+                              shared=(trusted, members, index))
   keys = ("own", "best", "best_category")
   return {k: np.concatenate([p[k] for p in parts]) if parts else np.zeros(0) for k in keys}
 

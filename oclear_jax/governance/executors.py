@@ -16,9 +16,10 @@ from oclear_jax.governance import settings as settings_lib
 
 class Executor(Protocol):
 
-  def map_chunks(self, name: str, fn: Callable[[Any], Any], chunks: Sequence[Any],
-                 sizes: Sequence[int] | None = None) -> list[Any]:
-    """[fn(chunk) for chunk in chunks], with a progress bar named `name` counting items (`sizes`)."""
+  def map_chunks(self, name: str, fn: Callable[..., Any], chunks: Sequence[Any],
+                 sizes: Sequence[int] | None = None, shared: Any = None) -> list[Any]:
+    """[fn(chunk) for chunk in chunks] (fn(chunk, shared) when `shared` is given: what every chunk of the
+    pass reads, shipped once), with a progress bar named `name` counting items (`sizes`)."""
 
 
 class InProcessExecutor:
@@ -27,12 +28,12 @@ class InProcessExecutor:
   def __init__(self, progress: bool = True):
     self.progress = progress
 
-  def map_chunks(self, name, fn, chunks, sizes=None):
+  def map_chunks(self, name, fn, chunks, sizes=None, shared=None):
     sizes = list(sizes) if sizes is not None else [1] * len(chunks)
     results = []
     with tqdm.tqdm(total=sum(sizes), desc=name, unit="item", disable=not self.progress) as bar:
       for chunk, size in zip(chunks, sizes):
-        results.append(fn(chunk))
+        results.append(fn(chunk) if shared is None else fn(chunk, shared))
         bar.update(size)
     return results
 
