@@ -236,7 +236,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.governance.dedupe = True
   c.governance.phash_max_bits = 4  # perceptual-hash bits two near duplicates may differ in
   c.governance.dup_min_cosine = 0.85  # or image-descriptor cosine at least this; titles must agree too
-  c.governance.dup_max_residual = 0.35  # or aligned 32 px thumbnails differing by at most this share of contrast
   c.governance.dup_title_jaccard = 0.9  # title 3-shingle Jaccard of near duplicates
   c.governance.split = True
   c.governance.split_min_part = 2

@@ -2,12 +2,9 @@
 
 A near duplicate needs agreeing titles (Jaccard of character 3-shingles at least `dup_title_jaccard`)
 and agreeing images: perceptual hashes at most `phash_max_bits` bits apart, or descriptors' cosine at
-least `dup_min_cosine`, or 32 x 32 grayscale thumbnails that differ, at their best alignment within
-`_SHIFT` pixels, by at most `dup_max_residual` of their contrast (mean absolute difference over mean
-absolute deviation). A re-upload, shifted a pixel or two and re-encoded, moves a small image's
-perceptual hash a lot and its descriptor some, but aligns back; another shot of the product (other
-scale, angle or background) does not. Different shots of one product look alike too, so without
-agreeing titles (an empty title) only exact copies count. Groups are connected components.
+least `dup_min_cosine` (a shift of a pixel or two moves a small image's perceptual hash a lot, its
+descriptor little). Different shots of one product look alike too, so without agreeing titles (an
+empty title) only exact copies count. Groups are connected components.
 
 Candidates come from buckets whose expected size does not grow with the catalogue, so the pairs
 examined grow with the number of items, not its square:
@@ -19,9 +16,8 @@ examined grow with the number of items, not its square:
 A bucket above `_MAX_BUCKET` items (one title repeated thousands of times) is split by a second key
 that near duplicates share: each band of the perceptual hash (`phash_max_bits + 1` bands: two hashes
 at most that many bits apart share one, by pigeonhole) and each band of a sign-of-random-projection
-hash of the descriptor (for the cosine route; the thumbnail route has no key there, so within an
-oversized bucket a re-upload is found by its hash or descriptor only). Only a part still above the
-limit is skipped, and the report counts it.
+hash of the descriptor (for the cosine route). Only a part still above the limit is skipped, and the
+report counts it.
 """
 from __future__ import annotations
 
@@ -38,7 +34,6 @@ from oclear_jax.governance import settings as settings_lib
 _MAX_BUCKET = 1000
 _NUM_PERM = 64
 _TITLE_BANDS, _TITLE_ROWS = 8, 8  # of the _NUM_PERM MinHash values
-_SHIFT = 2  # thumbnail pixels (6% of the side) a re-upload may be shifted by
 _PROJECTION_BANDS, _PROJECTION_BITS = 8, 4  # cos 0.85: a band agrees with p ~0.46, all 8 miss with p ~0.007
 
 
@@ -60,48 +55,28 @@ def _popcount(x: np.ndarray) -> np.ndarray:
   return np.unpackbits(x.astype(">u8").view(np.uint8).reshape(*x.shape, 8), axis=-1).sum(-1)
 
 
-def aligned_residual(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-  """f32[P]: min over shifts within _SHIFT of mean |a - b| / mean contrast, for thumbnail pairs u8[P, s, s]."""
-  a, b = a.astype(np.float32), b.astype(np.float32)
-  side, best = a.shape[-1], np.full(len(a), np.inf, np.float32)
-  for dy in range(-_SHIFT, _SHIFT + 1):
-    for dx in range(-_SHIFT, _SHIFT + 1):
-      x = a[:, _SHIFT + dy:side - _SHIFT + dy, _SHIFT + dx:side - _SHIFT + dx]
-      y = b[:, _SHIFT:side - _SHIFT, _SHIFT:side - _SHIFT]
-      contrast = 0.5 * (np.abs(x - x.mean((1, 2), keepdims=True)).mean((1, 2)) +
-                        np.abs(y - y.mean((1, 2), keepdims=True)).mean((1, 2)))
-      best = np.minimum(best, np.abs(x - y).mean((1, 2)) / np.maximum(contrast, 1.0))
-  return best
-
-
 class _Checker:
   """Checks every pair of one bucket at once; collects confirmed near pairs."""
 
-  def __init__(self, sha256, phash, unit_vectors, thumbnails, shingles, settings):
-    self.sha256, self.phash, self.unit, self.thumbnails = sha256, phash, unit_vectors, thumbnails
-    self.shingles, self.settings = shingles, settings
+  def __init__(self, sha256, phash, unit_vectors, shingles, settings):
+    self.sha256, self.phash, self.unit, self.shingles, self.settings = sha256, phash, unit_vectors, shingles, settings
     self.pairs: set[tuple[int, int]] = set()
-
-  def _titles_agree(self, a: int, b: int) -> bool:
-    s, t = self.shingles[a], self.shingles[b]
-    return bool(s and t and len(s & t) / len(s | t) >= self.settings.dup_title_jaccard)
 
   def check(self, members: np.ndarray) -> None:
     if len(members) < 2:
       return
     upper = np.triu_indices(len(members), 1)
     i, j = members[upper[0]], members[upper[1]]
-    keep = np.array([(a, b) not in self.pairs and not (self.sha256[a] and self.sha256[a] == self.sha256[b])
-                     and self._titles_agree(a, b) for a, b in zip(i.tolist(), j.tolist())], bool)
-    i, j = i[keep], j[keep]  # new pairs with agreeing titles that are not exact copies (found by content hash)
-    if not len(i):
-      return
-    agree = _popcount(self.phash[i] ^ self.phash[j]) <= self.settings.phash_max_bits
-    agree |= np.einsum("pd,pd->p", self.unit[i], self.unit[j]) >= self.settings.dup_min_cosine
-    rest = np.flatnonzero(~agree)
-    if len(rest):
-      agree[rest] = aligned_residual(self.thumbnails[i[rest]], self.thumbnails[j[rest]]) <= self.settings.dup_max_residual
-    self.pairs.update(zip(np.minimum(i, j)[agree].tolist(), np.maximum(i, j)[agree].tolist()))
+    close_hash = _popcount(self.phash[i] ^ self.phash[j]) <= self.settings.phash_max_bits
+    x = self.unit[members]
+    cosine = (x @ x.T)[upper]
+    for a, b in zip(i[close_hash | (cosine >= self.settings.dup_min_cosine)].tolist(),
+                    j[close_hash | (cosine >= self.settings.dup_min_cosine)].tolist()):
+      if self.sha256[a] and self.sha256[a] == self.sha256[b]:
+        continue  # an exact copy: found by its content hash
+      s, t = self.shingles[a], self.shingles[b]
+      if s and t and len(s & t) / len(s | t) >= self.settings.dup_title_jaccard:
+        self.pairs.add((min(a, b), max(a, b)))
 
 
 def _title_bands(shingles, readable) -> dict[tuple[int, bytes], list[int]]:
@@ -129,8 +104,7 @@ def _second_keys(phash: np.ndarray, unit_vectors: np.ndarray, settings) -> list[
 
 
 def find_duplicates(sha256: list[str], phash: np.ndarray, ok: np.ndarray, unit_vectors: np.ndarray,
-                    thumbnails: np.ndarray, titles: list[str], settings: settings_lib.GovernanceSettings
-                    ) -> DuplicateGroups:
+                    titles: list[str], settings: settings_lib.GovernanceSettings) -> DuplicateGroups:
   """Duplicate groups among n items (unreadable items never take part)."""
   n = len(sha256)
   readable = np.flatnonzero(ok)
@@ -143,7 +117,7 @@ def find_duplicates(sha256: list[str], phash: np.ndarray, ok: np.ndarray, unit_v
     confirmed += [(members[0], other, "exact") for other in members[1:]]
 
   shingles = [_shingles(t) for t in titles]
-  checker = _Checker(sha256, phash, unit_vectors, thumbnails, shingles, settings)
+  checker = _Checker(sha256, phash, unit_vectors, shingles, settings)
   skipped = split = 0
   second = None
   for members in _title_bands(shingles, readable).values():

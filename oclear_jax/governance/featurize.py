@@ -6,8 +6,8 @@ Image descriptors come from a pluggable extractor (`config.governance.image_feat
   pixels              a cheap colour-and-layout descriptor (an 8x8 colour thumbnail minus its mean,
                       plus a square-rooted 4x4x4 colour histogram), enough for clean catalogue shots
                       and fast enough for unit tests.
-Every decodable image also gets a content hash (sha256 of its bytes: exact duplicates), a 64-bit
-perceptual hash (imagehash.phash) and a 32 x 32 grayscale thumbnail (near duplicates). An image that cannot be decoded is never
+Every decodable image also gets a content hash (sha256 of its bytes: exact duplicates) and a 64-bit
+perceptual hash (imagehash.phash: near duplicates). An image that cannot be decoded is never
 dropped silently: its `ok` is False and `errors` says why, for the decision log.
 
 Titles become TF-IDF vectors of character 2-4-grams (robust to the synonyms, word order and
@@ -32,7 +32,6 @@ from sklearn.feature_extraction import text as sklearn_text
 from oclear_jax.governance import settings as settings_lib
 
 PIXEL_DESCRIPTOR_DIM = 8 * 8 * 3 + 64
-THUMBNAIL = 32
 
 
 @dataclasses.dataclass
@@ -43,17 +42,15 @@ class ImageFeatures:
   errors: list[str]  # '' where ok, else the reason ('missing', 'not_an_image', 'corrupt: ...')
   sha256: list[str]  # '' where unreadable
   phash: np.ndarray  # uint64[N]; 0 where not ok
-  thumbnail: np.ndarray  # u8[N, THUMBNAIL, THUMBNAIL] grayscale, for near-duplicate alignment; 0 where not ok
 
   @staticmethod
   def concatenate(parts: Sequence["ImageFeatures"], dim: int) -> "ImageFeatures":
     if not parts:
-      return ImageFeatures(np.zeros((0, dim), np.float32), np.zeros((0,), bool), [], [], np.zeros((0,), np.uint64),
-                           np.zeros((0, THUMBNAIL, THUMBNAIL), np.uint8))
+      return ImageFeatures(np.zeros((0, dim), np.float32), np.zeros((0,), bool), [], [], np.zeros((0,), np.uint64))
     return ImageFeatures(
         vectors=np.concatenate([p.vectors for p in parts]), ok=np.concatenate([p.ok for p in parts]),
         errors=[e for p in parts for e in p.errors], sha256=[s for p in parts for s in p.sha256],
-        phash=np.concatenate([p.phash for p in parts]), thumbnail=np.concatenate([p.thumbnail for p in parts]))
+        phash=np.concatenate([p.phash for p in parts]))
 
 
 def read_image(path: str) -> tuple[Image.Image | None, bytes, str]:
@@ -106,7 +103,6 @@ def featurize_chunk(paths: Sequence[str], settings: settings_lib.GovernanceSetti
   ok = np.zeros((n,), bool)
   errors, digests = [""] * n, [""] * n
   phashes = np.zeros((n,), np.uint64)
-  thumbnails = np.zeros((n, THUMBNAIL, THUMBNAIL), np.uint8)
   for i, path in enumerate(paths):
     image, data, error = read_image(path)
     if data:
@@ -116,7 +112,6 @@ def featurize_chunk(paths: Sequence[str], settings: settings_lib.GovernanceSetti
       continue
     ok[i] = True
     phashes[i] = np.uint64(int(str(imagehash.phash(image)), 16))
-    thumbnails[i] = np.asarray(image.convert("L").resize((THUMBNAIL, THUMBNAIL), Image.Resampling.BILINEAR))
     if settings.image_features == "pixels":
       vectors[i] = colour_layout(image)
   if settings.image_features == "efficientnet_lite0" and ok.any():
@@ -129,7 +124,7 @@ def featurize_chunk(paths: Sequence[str], settings: settings_lib.GovernanceSetti
     for row, good in zip(rows, encoded["ok"]):
       if not good:  # Decodable by PIL here but not by the encoder's loader: still never silent.
         ok[row], errors[row] = False, "encoder could not read the image"
-  return ImageFeatures(vectors=vectors, ok=ok, errors=errors, sha256=digests, phash=phashes, thumbnail=thumbnails)
+  return ImageFeatures(vectors=vectors, ok=ok, errors=errors, sha256=digests, phash=phashes)
 
 
 def featurize_images(paths: Sequence[str], settings: settings_lib.GovernanceSettings, executor,

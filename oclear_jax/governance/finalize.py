@@ -216,7 +216,7 @@ def _deduplicate(s: CurationState, frows, category: list[str]) -> duplicates_lib
   governed = np.flatnonzero(s.core)
   found = duplicates_lib.find_duplicates(
       [s.image.sha256[i] for i in governed], s.image.phash[governed], np.ones(len(governed), bool),
-      s.unit[governed], s.image.thumbnail[governed], [frows[i].title for i in governed], s.settings)
+      s.unit[governed], [frows[i].title for i in governed], s.settings)
   first = {}
   for k in np.lexsort((np.arange(len(governed)), -_exposure(frows, governed))):
     local = governed[k]

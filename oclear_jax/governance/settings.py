@@ -38,7 +38,6 @@ class GovernanceSettings:
   dedupe: bool
   phash_max_bits: int
   dup_min_cosine: float
-  dup_max_residual: float
   dup_title_jaccard: float
   split: bool
   split_min_part: int
