@@ -31,6 +31,10 @@ class CategoryStats:
     """Members per category (the image block: every governed item has an image)."""
     return self.counts[0]
 
+  def joint_means(self) -> np.ndarray:
+    """f64[C, sum of d_b]: every block's means side by side (zeros where a category lacks a block)."""
+    return np.concatenate([self.means(b) for b in range(len(self.sums))], axis=1)
+
   def means(self, b: int, rows=None) -> np.ndarray:
     """Block b's means of every category, or of `rows` only (an index or index array: no [C, d] work)."""
     if rows is None:

@@ -8,11 +8,11 @@ its exact statistic (category_stats.py), so a category outside the candidates ca
 it is farther than all of them by plain distance.
 
 Below `_MIN_FOR_TREE` centroids, or for few queries (the long tail's small categories), the search is
-ScaNN's exact brute force; above it a k-means tree of
-about sqrt(C) leaves, searching the nearest `_LEAVES_SEARCHED` of them, with anisotropic hashing and
-exact re-scoring of the best `_REORDER` (squared L2 throughout): a query costs ~17 sqrt(C) distances. In whitened units an item's own product sits far
-nearer than the others, the regime where a tree finds it; benchmarks/governance_scale.py measures
-what the approximation costs against the exact path.
+ScaNN's exact brute force; above it a k-means tree of about sqrt(C) leaves, searching the nearest
+`_LEAVES_SEARCHED` of them, with anisotropic hashing and exact re-scoring of the best `_REORDER`
+(squared L2 throughout): a query costs ~17 sqrt(C) distances. In whitened units an item's own
+product sits far nearer than the others, the regime where a tree finds it;
+benchmarks/governance_scale.py measures what the approximation costs against the exact path.
 """
 from __future__ import annotations
 
@@ -83,7 +83,6 @@ class CentroidSearch:
     return out
 
 
-
 class CategoryIndex:
   """Candidate categories for items: nearest centroids on images and titles together for an item with a
   title, on images alone for one without (a category without titled members sits at its image mean)."""
@@ -93,8 +92,7 @@ class CategoryIndex:
     self.image = CentroidSearch(stats.means(0), alive, k)
     self.joint = None
     if len(stats.sums) > 1:
-      joint = np.concatenate([stats.means(b) for b in range(len(stats.sums))], axis=1)
-      self.joint = CentroidSearch(joint, alive, k)
+      self.joint = CentroidSearch(stats.joint_means(), alive, k)
 
   def candidates(self, space) -> np.ndarray:
     """i64[n, k]: each item's candidate categories, ascending per row, -1 padded at the end."""

@@ -69,9 +69,8 @@ class _Checker:
     i, j = members[upper[0]], members[upper[1]]
     close_hash = _popcount(self.phash[i] ^ self.phash[j]) <= self.settings.phash_max_bits
     x = self.unit[members]
-    cosine = (x @ x.T)[upper]
-    for a, b in zip(i[close_hash | (cosine >= self.settings.dup_min_cosine)].tolist(),
-                    j[close_hash | (cosine >= self.settings.dup_min_cosine)].tolist()):
+    agree = close_hash | ((x @ x.T)[upper] >= self.settings.dup_min_cosine)
+    for a, b in zip(i[agree].tolist(), j[agree].tolist()):
       if self.sha256[a] and self.sha256[a] == self.sha256[b]:
         continue  # an exact copy: found by its content hash
       s, t = self.shingles[a], self.shingles[b]

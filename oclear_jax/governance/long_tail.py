@@ -33,7 +33,7 @@ def small_categories(stats: category_stats.CategoryStats, sizes: np.ndarray,
   out = {}
   if not len(small):
     return out
-  means = np.concatenate([stats.means(b) for b in range(len(stats.sums))], axis=1)
+  means = stats.joint_means()
   nearest = centroid_search.CentroidSearch(means, big, settings.merge_neighbours, queries=len(small)).nearest(
       means[small])
   for c, candidates in zip(small, nearest):

@@ -43,7 +43,7 @@ class MergeEdge:
 
 def nearest_centroids(stats: category_stats.CategoryStats, k: int) -> np.ndarray:
   """i64[P, 2] candidate pairs (a < b): each non-empty category and its k nearest others (centroid_search)."""
-  means = np.concatenate([stats.means(b) for b in range(len(stats.sums))], axis=1)
+  means = stats.joint_means()
   alive = stats.size() > 0
   ids = np.flatnonzero(alive)
   if len(ids) < 2:
