@@ -46,21 +46,15 @@ def accumulate(space: category_space.Space, categories: np.ndarray, mask: np.nda
                num_categories: int) -> CategoryStats:
   sums, counts = [], []
   for x, a in zip(space.blocks, space.avail):
-    rows = mask & a
-    s = np.zeros((num_categories, x.shape[1]))
-    np.add.at(s, categories[rows], x[rows])
-    sums.append(s)
+    rows = np.flatnonzero(mask & a)
+    sums.append(category_space.group_sums(x, rows, categories[rows], num_categories))
     counts.append(np.bincount(categories[rows], minlength=num_categories).astype(np.float64))
   return CategoryStats(sums, counts)
 
 
 def pool(stats: CategoryStats, assignment: np.ndarray, num_groups: int) -> CategoryStats:
   """Statistics of groups of categories (`assignment[c]` = group of category c)."""
-  sums = []
-  for s in stats.sums:
-    pooled = np.zeros((num_groups, s.shape[1]))
-    np.add.at(pooled, assignment, s)
-    sums.append(pooled)
+  sums = [category_space.group_sums(s, np.arange(len(s)), assignment, num_groups) for s in stats.sums]
   counts = [np.bincount(assignment, weights=c, minlength=num_groups) for c in stats.counts]
   return CategoryStats(sums, counts)
 

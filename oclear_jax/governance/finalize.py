@@ -85,8 +85,8 @@ def _group_names(s: CurationState) -> list[str]:
 def _node_image_means(s: CurationState) -> np.ndarray:
   """f64[nodes, d]: each node's trusted members' mean on images (NaN rows for nodes without one)."""
   x = s.space.blocks[0]
-  sums = np.zeros((len(s.node_names), x.shape[1]))
-  np.add.at(sums, s.node_of[s.trusted], x[s.trusted])
+  rows = np.flatnonzero(s.trusted)
+  sums = category_space.group_sums(x, rows, s.node_of[rows], len(s.node_names))
   counts = np.bincount(s.node_of[s.trusted], minlength=len(s.node_names))
   with np.errstate(invalid="ignore", divide="ignore"):
     return sums / np.where(counts > 0, counts, np.nan)[:, None]

@@ -55,8 +55,16 @@ def nearest_centroids(stats: category_stats.CategoryStats, k: int) -> np.ndarray
   keep = np.cumsum(nearest >= 0, axis=1) <= k
   left = np.broadcast_to(ids[:, None], nearest.shape)
   chosen = (nearest >= 0) & keep
-  pairs = np.stack([left[chosen], nearest[chosen]], 1)
-  return np.unique(np.sort(pairs, 1), axis=0)
+  return _unique_pairs(np.sort(np.stack([left[chosen], nearest[chosen]], 1), 1))
+
+
+def _unique_pairs(pairs: np.ndarray) -> np.ndarray:
+  """The distinct rows of i64[P, 2] in lexicographic order (np.unique(axis=0) sorts void views, ~10x slower)."""
+  if not len(pairs):
+    return pairs.reshape(0, 2).astype(np.int64)
+  width = int(pairs.max()) + 1
+  keys = np.unique(pairs[:, 0].astype(np.int64) * width + pairs[:, 1])
+  return np.stack([keys // width, keys % width], 1)
 
 
 def _members_of(group: np.ndarray, num_groups: int) -> list[np.ndarray]:
@@ -135,7 +143,7 @@ def _carried(pairs: np.ndarray, previous: np.ndarray, group: np.ndarray) -> np.n
   renamed = np.empty(previous.max() + 1, np.int64)
   renamed[previous] = group
   pairs = np.sort(renamed[pairs], 1)
-  return np.unique(pairs[pairs[:, 0] != pairs[:, 1]], axis=0)
+  return _unique_pairs(pairs[pairs[:, 0] != pairs[:, 1]])
 
 
 def _renumber(group: np.ndarray) -> np.ndarray:
