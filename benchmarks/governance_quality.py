@@ -58,7 +58,8 @@ def confident_learning(result, raw_label: dict[str, str], truth: dict[str, dict[
   from sklearn.model_selection import StratifiedKFold, cross_val_predict  # pylint: disable=g-import-not-at-top
   from sklearn.pipeline import make_pipeline  # pylint: disable=g-import-not-at-top
   from sklearn.preprocessing import StandardScaler  # pylint: disable=g-import-not-at-top
-  ids, features = result.features["ids"], result.features["matrix"]
+  ids, rows = result.features["ids"], result.features["rows"]
+  features = np.concatenate([block[rows] for block in result.features["blocks"]], axis=1)
   _, y = np.unique([raw_label[i] for i in ids], return_inverse=True)
   planted = {i for i in ids if "wrong_label" in truth[i]["noise"]}
   best = None

@@ -92,3 +92,52 @@ def test_an_oversized_title_bucket_is_split_not_skipped(monkeypatch):
   alone = duplicates.find_duplicates(sha, phash, np.ones(n, bool), unit, titles, settings)
   assert alone.pairs == [(20, 21, "exact"), (20, 22, "exact")]
   assert alone.group[20] == alone.group[21] == alone.group[22] >= 0 and alone.kind[21] == "exact"
+
+
+def test_chunked_space_equals_the_dense_formulas(monkeypatch):
+  monkeypatch.setattr(category_space, "_CHUNK_ROWS", 7)  # many chunks, one of them partial
+  means, labels, x = _planted(12, 5, 6, seed=3)
+  rng = np.random.default_rng(4)
+  ok, fit = rng.random(len(x)) > 0.1, rng.random(len(x)) > 0.3
+  fit &= ok
+  x32 = x.astype(np.float32)
+  unit = category_space.unit_images(x32, ok, fit)
+  centred = x32[ok].astype(np.float64) - x32[fit].astype(np.float64).mean(0)
+  np.testing.assert_allclose(unit[ok], centred / np.linalg.norm(centred, axis=1, keepdims=True), atol=1e-12)
+  assert not unit[~ok].any()
+  reduced = category_space.reduce_images(unit, ok, fit, 3)
+  _, vectors = np.linalg.eigh(np.cov(unit[fit].T, bias=True))
+  dense = (unit[ok] - unit[fit].mean(0)) @ vectors[:, ::-1][:, :3]
+  np.testing.assert_allclose(np.abs(reduced[ok]), np.abs(dense), atol=1e-10)  # axes up to their sign
+  np.testing.assert_array_equal(category_space.group_sums(x, np.flatnonzero(fit), labels[fit], 12),
+                                np.stack([x[fit & (labels == c)].sum(0) for c in range(12)]))
+  space, _ = category_space.whiten([reduced], [ok], labels, fit, shrinkage=0.0)
+  rows = ok & fit
+  residual = np.concatenate([reduced[rows & (labels == c)] - reduced[rows & (labels == c)].mean(0) for c in range(12)])
+  within = residual.T @ residual / (rows.sum() - len(np.unique(labels[rows])))
+  whitened = space.blocks[0][rows] - space.blocks[0][rows].mean(0)
+  within_after = np.concatenate([whitened[labels[rows] == c] - whitened[labels[rows] == c].mean(0) for c in range(12)])
+  # Whitened by the within-category covariance: that covariance becomes the identity.
+  np.testing.assert_allclose(within_after.T @ within_after / (rows.sum() - 12), np.eye(3), atol=1e-9)
+  assert np.linalg.matrix_rank(within) == 3
+
+
+def test_merge_rounds_reuse_distances_only_between_groups_that_did_not_merge():
+  from oclear_jax.governance import merge  # pylint: disable=g-import-not-at-top
+  means, labels, x = _planted(30, 4, 5, seed=5)
+  space = category_space.Space([x, x[:, :2]], [np.ones(len(x), bool), np.arange(len(x)) % 5 != 0])
+  stats = category_stats.accumulate(space, labels, np.ones(len(x), bool), 30)
+  pairs = merge.nearest_centroids(stats, 6)
+  first = merge._distances(stats, pairs, 1, None, None)  # pylint: disable=protected-access
+  group = np.arange(30)
+  group[[3, 17, 21]] = 3  # one round merged three categories and two others
+  group[[8, 9]] = 8
+  group = merge._renumber(group)  # pylint: disable=protected-access
+  carried, source = merge._carried(pairs, np.arange(30), group)  # pylint: disable=protected-access
+  pooled = category_stats.pool(stats, group, group.max() + 1)
+  reused = merge._distances(pooled, carried, 1, source, first)  # pylint: disable=protected-access
+  fresh = merge._distances(pooled, carried, 1, None, None)  # pylint: disable=protected-access
+  for a, b in zip(reused, fresh):
+    np.testing.assert_array_equal(a, b)
+  merged = np.bincount(group) > 1
+  assert ((source >= 0) == ~(merged[carried[:, 0]] | merged[carried[:, 1]])).all() and (source >= 0).any()

@@ -96,13 +96,16 @@ class BeamExecutor:
     self.staged_bytes = 0  # chunks staged to and results read back from the staging directory, all passes
 
   def map_chunks(self, name, fn, chunks, sizes=None, shared=None):
+    chunks = chunks if sizes is not None else list(chunks)
     sizes = list(sizes) if sizes is not None else [1] * len(chunks)
     safe_name = re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_")
     directory = FileSystems.join(self.staging_dir, f"{safe_name}-{uuid.uuid4().hex[:12]}")
     if "://" not in directory:
       os.makedirs(directory, exist_ok=True)
-    for index, chunk in enumerate(chunks):
-      self.staged_bytes += _write(FileSystems.join(directory, f"in-{index:06d}.pkl"), chunk)
+    count = 0
+    for chunk in chunks:  # one at a time: a generator's chunks are made as they are staged
+      self.staged_bytes += _write(FileSystems.join(directory, f"in-{count:06d}.pkl"), chunk)
+      count += 1
     if shared is not None:
       self.staged_bytes += _write(FileSystems.join(directory, "shared.pkl"), shared)
     done = threading.Event()
@@ -112,7 +115,7 @@ class BeamExecutor:
       options = PipelineOptions(self.flags, runner=self.runner)
       pipeline = beam.Pipeline(options=options)
       _ = (pipeline
-           | f"{safe_name}: chunk ids" >> beam.Create(list(range(len(chunks))))
+           | f"{safe_name}: chunk ids" >> beam.Create(list(range(count)))
            | f"{safe_name}: run" >> beam.ParDo(_RunChunk(fn, directory, shared is not None)))
       result = pipeline.run()
       try:
@@ -121,12 +124,12 @@ class BeamExecutor:
         client = getattr(result, "client", None)  # DaskRunner leaves its distributed.Client open
         if client is not None:
           client.close()
-      missing = [i for i in range(len(chunks))
+      missing = [i for i in range(count)
                  if not FileSystems.exists(FileSystems.join(directory, f"out-{i:06d}.pkl"))]
       if missing:
         raise RuntimeError(f"Beam pass {name!r} on {self.runner} finished without results for chunks {missing[:10]} "
                            f"in {directory}; check the runner's logs")
-      results = [_read_sized(FileSystems.join(directory, f"out-{i:06d}.pkl")) for i in range(len(chunks))]
+      results = [_read_sized(FileSystems.join(directory, f"out-{i:06d}.pkl")) for i in range(count)]
       self.staged_bytes += sum(size for _, size in results)
       return [value for value, _ in results]
     finally:

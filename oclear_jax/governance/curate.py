@@ -44,12 +44,10 @@ def _score_chunk(chunk, shared):
 
 
 def _score(executor, space, rows, categories, trusted_mask, trusted, members, settings, name):
-  chunk_size = settings.chunk_size
-  chunks = [(space.take(rows[i:i + chunk_size]), categories[rows[i:i + chunk_size]],
-             trusted_mask[rows[i:i + chunk_size]], np.ones(len(rows[i:i + chunk_size]), bool))
-            for i in range(0, len(rows), chunk_size)]
+  parts_of = [rows[i:i + settings.chunk_size] for i in range(0, len(rows), settings.chunk_size)]
+  chunks = ((space.take(part), categories[part], trusted_mask[part], np.ones(len(part), bool)) for part in parts_of)
   index = centroid_search.CategoryIndex(trusted, settings.score_candidates)
-  parts = executor.map_chunks(name, _score_chunk, chunks, sizes=[len(c[1]) for c in chunks],
+  parts = executor.map_chunks(name, _score_chunk, chunks, sizes=[len(part) for part in parts_of],
                               shared=(trusted, members, index))
   keys = ("own", "best", "best_category")
   return {k: np.concatenate([p[k] for p in parts]) if parts else np.zeros(0) for k in keys}

@@ -6,7 +6,7 @@ is what lets a test compare the Beam path with the in-process path on one catego
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 import tqdm
@@ -16,10 +16,11 @@ from oclear_jax.governance import settings as settings_lib
 
 class Executor(Protocol):
 
-  def map_chunks(self, name: str, fn: Callable[..., Any], chunks: Sequence[Any],
+  def map_chunks(self, name: str, fn: Callable[..., Any], chunks: Iterable[Any],
                  sizes: Sequence[int] | None = None, shared: Any = None) -> list[Any]:
     """[fn(chunk) for chunk in chunks] (fn(chunk, shared) when `shared` is given: what every chunk of the
-    pass reads, shipped once), with a progress bar named `name` counting items (`sizes`)."""
+    pass reads, shipped once), with a progress bar named `name` counting items (`sizes`). `chunks` may be
+    a generator: each chunk is made when it is needed, so the pass never holds a second copy of its input."""
 
 
 class InProcessExecutor:
@@ -29,6 +30,7 @@ class InProcessExecutor:
     self.progress = progress
 
   def map_chunks(self, name, fn, chunks, sizes=None, shared=None):
+    chunks = chunks if sizes is not None else list(chunks)
     sizes = list(sizes) if sizes is not None else [1] * len(chunks)
     results = []
     with tqdm.tqdm(total=sum(sizes), desc=name, unit="item", disable=not self.progress) as bar:

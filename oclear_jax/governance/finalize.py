@@ -67,8 +67,8 @@ class CurationResult:
   merges: list[dict[str, Any]]
   splits: list[dict[str, Any]]
   notes: list[str]
-  # The governed items' features (ids, reduced image and title blocks side by side), for comparisons
-  # such as benchmarks/governance_quality.py's Confident Learning reference on the same features.
+  # The governed items' features, for comparisons such as benchmarks/governance_quality.py's Confident
+  # Learning reference on the same features: their ids, their rows of the reduced blocks, those blocks.
   features: dict[str, Any] = dataclasses.field(default_factory=dict)
   seconds: dict[str, float] = dataclasses.field(default_factory=dict)  # wall seconds per step (step_clock.py)
 

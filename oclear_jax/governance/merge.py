@@ -97,16 +97,15 @@ def merge_categories(stats: category_stats.CategoryStats, settings: settings_lib
   num = stats.num_categories
   group = np.arange(num)
   edges: list[MergeEdge] = []
-  pairs = None
+  pairs = source = measured = None
   for _ in range(_MAX_ROUNDS):
     num_groups = group.max() + 1 if num else 0
     pooled = category_stats.pool(stats, group, num_groups)
     pairs = nearest_centroids(pooled, settings.merge_neighbours) if pairs is None else pairs
     if not len(pairs):
       break
-    dist = category_stats.category_distances(pooled, pairs)
-    combined = np.nan_to_num(dist["combined"], nan=np.inf)
-    title = dist["blocks"][title_block] if title_block is not None and title_block < len(dist["blocks"]) else None
+    measured = _distances(pooled, pairs, title_block, source, measured)
+    combined, title = measured[0], (measured[1] if len(measured) > 1 else None)
     # Mutual best partner by D (ties go to the lower category id: deterministic).
     order = np.lexsort((pairs[:, 1], pairs[:, 0], combined))
     best = np.full(num_groups, -1)
@@ -133,17 +132,47 @@ def merge_categories(stats: category_stats.CategoryStats, settings: settings_lib
     graph = coo_matrix((np.ones(len(chosen)), (chosen[:, 0], chosen[:, 1])), shape=(num_groups, num_groups))
     _, component = connected_components(graph, directed=False)
     previous, group = group, _renumber(component[group])
-    pairs = _carried(pairs, previous, group)
+    pairs, source = _carried(pairs, previous, group)
   return group, edges
 
 
-def _carried(pairs: np.ndarray, previous: np.ndarray, group: np.ndarray) -> np.ndarray:
+def _distances(pooled, pairs, title_block, source, last) -> list[np.ndarray]:
+  """[combined D, title-block D (when there is one)] per pair. A pair carried between two groups that did
+  not merge (`source` row >= 0) keeps last round's values: its statistics, and so its distances, are the same."""
+  fresh = np.arange(len(pairs)) if source is None else np.flatnonzero(source < 0)
+  dist = category_stats.category_distances(pooled, pairs[fresh])
+  values = [np.nan_to_num(dist["combined"], nan=np.inf)]
+  if title_block is not None and title_block < len(dist["blocks"]):
+    values.append(dist["blocks"][title_block])
+  if source is None:
+    return values
+  kept = np.flatnonzero(source >= 0)
+  out = []
+  for value, previous in zip(values, last):
+    full = np.empty(len(pairs))
+    full[fresh], full[kept] = value, previous[source[kept]]
+    out.append(full)
+  return out
+
+
+def _carried(pairs: np.ndarray, previous: np.ndarray, group: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """Last round's candidate pairs between the groups they now belong to (no new search: a merged group's
-  candidates are its parts'; a pair inside one group leaves)."""
+  candidates are its parts'; a pair inside one group leaves), and for each the row of last round's pair
+  it is when neither group merged (-1 otherwise)."""
   renamed = np.empty(previous.max() + 1, np.int64)
   renamed[previous] = group
-  pairs = np.sort(renamed[pairs], 1)
-  return _unique_pairs(pairs[pairs[:, 0] != pairs[:, 1]])
+  parts = np.bincount(renamed)  # last round's groups in each group
+  moved = np.sort(renamed[pairs], 1)
+  inside = moved[:, 0] == moved[:, 1]
+  unique = _unique_pairs(moved[~inside])
+  width = int(group.max()) + 1
+  rows = np.flatnonzero(~inside)
+  keys = moved[rows, 0] * width + moved[rows, 1]
+  at = np.searchsorted(unique[:, 0] * width + unique[:, 1], keys)
+  source = np.full(len(unique), -1, np.int64)
+  source[at] = rows
+  source[(parts[unique[:, 0]] > 1) | (parts[unique[:, 1]] > 1)] = -1
+  return unique, source
 
 
 def _renumber(group: np.ndarray) -> np.ndarray:

@@ -148,8 +148,7 @@ def summarize(s, frows, category, names, weights, duplicates, *, result_type):
   sizes_before = dict(collections.Counter(r.label for r in frows))
   sizes_after = dict(collections.Counter(c for c in category if c))
   core = np.flatnonzero(s.core)
-  features = {"ids": [frows[i].id for i in core],
-              "matrix": np.concatenate([b[core] for b in s.reduced], axis=1) if s.reduced else np.zeros((len(core), 0))}
+  features = {"ids": [frows[i].id for i in core], "rows": core, "blocks": list(s.reduced)}  # no [N, d] copy
   return result_type(decisions=decisions, category_map=_category_map(s, frows, category, names), weights=weights,
                      counts=counts, sizes_before=sizes_before, sizes_after=sizes_after,
                      merges=_merge_records(s, names), splits=s.split_records, notes=s.notes, features=features)
