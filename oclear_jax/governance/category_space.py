@@ -87,17 +87,33 @@ def _project(x: np.ndarray, rows: np.ndarray, centre: np.ndarray, transform: np.
   return out
 
 
-def unit_images(vectors: np.ndarray, ok: np.ndarray, fit: np.ndarray) -> np.ndarray:
-  """f64[N, D]: descriptors centred on the `fit` rows' mean and l2-normalised (zero where not ok)."""
-  out = np.zeros(vectors.shape, np.float64)
-  if fit.any():
-    mean = _mean(vectors, np.flatnonzero(fit))
-    for chunk in _chunks(np.flatnonzero(ok)):
-      out[chunk] = _l2(vectors[chunk].astype(np.float64) - mean)
-  return out
+@dataclasses.dataclass
+class UnitImages:
+  """Descriptors centred on a mean and l2-normalised, made on demand from the f32 descriptors: `unit[rows]`
+  gives f64 rows (zero where not ok) identical to a stored f64 [N, D] copy, which would be twice their size."""
+  vectors: np.ndarray  # f32[N, D]
+  ok: np.ndarray  # bool[N]
+  mean: np.ndarray  # f64[D]
+
+  def __len__(self) -> int:
+    return len(self.vectors)
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return self.vectors.shape
+
+  def __getitem__(self, rows) -> np.ndarray:
+    x = _l2(self.vectors[rows].astype(np.float64) - self.mean)
+    return np.where(self.ok[rows][..., None], x, 0.0)
 
 
-def reduce_images(unit: np.ndarray, ok: np.ndarray, fit: np.ndarray, dims: int) -> np.ndarray:
+def unit_images(vectors: np.ndarray, ok: np.ndarray, fit: np.ndarray) -> UnitImages:
+  """The descriptors centred on the `fit` rows' mean and l2-normalised (zero where not ok)."""
+  mean = _mean(vectors, np.flatnonzero(fit)) if fit.any() else np.zeros(vectors.shape[1])
+  return UnitImages(vectors, ok & fit.any(), mean)
+
+
+def reduce_images(unit: UnitImages, ok: np.ndarray, fit: np.ndarray, dims: int) -> np.ndarray:
   """f64[N, d]: the top-`dims` principal components of the `fit` rows, applied to the ok rows."""
   fit_rows = np.flatnonzero(fit)
   if len(fit_rows) < 2:

@@ -17,6 +17,8 @@ import numpy as np
 
 from oclear_jax.governance import category_space
 
+_PAIR_CHUNK = 16384
+
 
 @dataclasses.dataclass
 class CategoryStats:
@@ -133,8 +135,19 @@ def category_distances(stats: CategoryStats, pairs: np.ndarray) -> dict[str, np.
 
   'effect' is |mean_a - mean_b|^2 / d minus its expectation under one product, (1/n_a + 1/n_b):
   how far apart two categories are, whatever their sizes (used to decide splits); 'block_effects'
-  the same per block (NaN where a side lacks the block).
+  the same per block (NaN where a side lacks the block). Pairs are taken `_PAIR_CHUNK` at a time, so
+  the [pairs, d] temporaries stay small.
   """
+  parts = [_category_distances(stats, pairs[i:i + _PAIR_CHUNK]) for i in range(0, len(pairs), _PAIR_CHUNK)]
+  if len(parts) <= 1:
+    return parts[0] if parts else _category_distances(stats, pairs)
+  join = lambda key: np.concatenate([p[key] for p in parts])
+  join_blocks = lambda key: [np.concatenate([p[key][b] for p in parts]) for b in range(len(stats.sums))]
+  return {"combined": join("combined"), "blocks": join_blocks("blocks"), "effect": join("effect"),
+          "block_effects": join_blocks("block_effects")}
+
+
+def _category_distances(stats: CategoryStats, pairs: np.ndarray) -> dict[str, np.ndarray]:
   a, b = pairs[:, 0], pairs[:, 1]
   total_num, total_den, total_eff = np.zeros(len(pairs)), np.zeros(len(pairs)), np.zeros(len(pairs))
   per_block, block_effects = [], []

@@ -128,6 +128,7 @@ def curate_categories(rows: Sequence[CatalogueRow], settings: settings_lib.Gover
   for r in range(settings.rounds if len(core_rows) else 0):
     categories = np.where(core, group[np.maximum(node_of, 0)], -1)
     with clock.step("space"):
+      space = None  # last round's space goes before this round's is made: one [N, d] space at a time
       space, space_notes = category_space.whiten(reduced, avail, categories, trusted, settings.shrinkage)
     if do_split and r == split_round:
       with clock.step("split"):
@@ -143,7 +144,7 @@ def curate_categories(rows: Sequence[CatalogueRow], settings: settings_lib.Gover
       if do_merge and not cleaning_round:
         trusted_rows = core_rows[trusted[core_rows]]
         group, edges = merge_lib.merge_categories(node_stats, settings, title_block=1 if len(reduced) > 1 else None,
-                                                  members=(space.take(trusted_rows), nodes[trusted_rows]))
+                                                  members=(space, trusted_rows, nodes[trusted_rows]))
       else:
         group = np.arange(num_nodes)
     num_groups = int(group.max()) + 1 if num_nodes else 0

@@ -214,13 +214,14 @@ def _exposure(frows, rows: np.ndarray) -> np.ndarray:
 def _deduplicate(s: CurationState, frows, category: list[str]) -> duplicates_lib.DuplicateGroups:
   """Keeps one item of each duplicate group within one curated category: the most exposed, then the first."""
   governed = np.flatnonzero(s.core)
+  # Over every featured item (the ungoverned ones do not take part), so that no [governed, D] copy is made.
   found = duplicates_lib.find_duplicates(
-      [s.image.sha256[i] for i in governed], s.image.phash[governed], np.ones(len(governed), bool),
-      s.unit[governed], [frows[i].title for i in governed], s.settings)
+      s.image.sha256, s.image.phash, s.core, s.unit, [r.title if c else "" for r, c in zip(frows, s.core)],
+      s.settings)
   first = {}
   for k in np.lexsort((np.arange(len(governed)), -_exposure(frows, governed))):
     local = governed[k]
-    g = found.group[k]
+    g = found.group[local]
     if g < 0 or not category[local]:
       continue
     key = (g, category[local])
@@ -228,10 +229,13 @@ def _deduplicate(s: CurationState, frows, category: list[str]) -> duplicates_lib
       first[key] = local
       continue
     original = frows[first[key]].id
-    s.decisions[s.featured[local]].set(DROPPED, "duplicates", f"{found.kind[k]} duplicate of {original}")
+    s.decisions[s.featured[local]].set(DROPPED, "duplicates", f"{found.kind[local]} duplicate of {original}")
     category[local] = ""
-  s.dup_spanning = sum(1 for g in set(found.group[found.group >= 0].tolist())
-                       if len({category[governed[k]] for k in np.flatnonzero(found.group == g)} - {""}) > 1)
+  categories_of = collections.defaultdict(set)
+  for local in np.flatnonzero(found.group >= 0):
+    if category[local]:
+      categories_of[found.group[local]].add(category[local])
+  s.dup_spanning = sum(1 for names in categories_of.values() if len(names) > 1)
   return found
 
 

@@ -77,12 +77,12 @@ def _members_of(group: np.ndarray, num_groups: int) -> list[np.ndarray]:
 def _fits_majority(members, rows_of: list[np.ndarray], pooled: category_stats.CategoryStats, a: int, b: int,
                    limit: float) -> bool:
   """Whether most of a's members are within `limit` of b's centroid, and the other way round."""
-  space, _ = members
+  space, positions, _ = members
   for source, target in ((a, b), (b, a)):
     rows = rows_of[source]
     if not len(rows):
       continue
-    distance = category_stats.distances_to(space.take(rows), pooled, target)
+    distance = category_stats.distances_to(space.take(positions[rows]), pooled, target)
     if not np.nanmean(np.nan_to_num(distance, nan=np.inf) <= limit) > 0.5:
       return False
   return True
@@ -92,7 +92,8 @@ def merge_categories(stats: category_stats.CategoryStats, settings: settings_lib
                      title_block: int | None = 1, members=None) -> tuple[np.ndarray, list[MergeEdge]]:
   """Returns (group i64[C] for each category, the accepted edges).
 
-  `members`: (Space of the trusted items, their category ids) for the majority-fit test; None skips it.
+  `members`: (the Space, the rows of its trusted items, their category ids) for the majority-fit test;
+  None skips it.
   """
   num = stats.num_categories
   group = np.arange(num)
@@ -118,7 +119,7 @@ def merge_categories(stats: category_stats.CategoryStats, settings: settings_lib
     if title is not None:
       accept &= ~(title > settings.merge_max_distance)  # NaN (a side without titles) passes on images alone.
     if members is not None and accept.any():
-      rows_of = _members_of(group[members[1]], num_groups)
+      rows_of = _members_of(group[members[2]], num_groups)
       for row in np.flatnonzero(accept):
         accept[row] = _fits_majority(members, rows_of, pooled, *pairs[row], settings.merge_max_distance)
     chosen = pairs[accept]
