@@ -53,7 +53,7 @@ def _shingles(title: str) -> set[str]:
 
 def _codes(shingles: set[str]) -> np.ndarray:
   """i64[k] sorted: each shingle as one integer, 21 bits per character (code point + 1; 0 = no character), so
-  two shingles are equal exactly when their codes are. About 10x less memory than the set of strings."""
+  two shingles are equal exactly when their codes are: 8 bytes a shingle instead of a Python string in a set."""
   points = np.array([[ord(c) + 1 for c in s.ljust(3, "\0")] for s in shingles], np.int64).reshape(-1, 3)
   points[points == 1] = 0  # the padding
   return np.unique((points[:, 0] << 42) | (points[:, 1] << 21) | points[:, 2])
