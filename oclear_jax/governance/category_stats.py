@@ -138,9 +138,7 @@ def category_distances(stats: CategoryStats, pairs: np.ndarray) -> dict[str, np.
   the same per block (NaN where a side lacks the block). Pairs are taken `_PAIR_CHUNK` at a time, so
   the [pairs, d] temporaries stay small.
   """
-  parts = [_category_distances(stats, pairs[i:i + _PAIR_CHUNK]) for i in range(0, len(pairs), _PAIR_CHUNK)]
-  if len(parts) <= 1:
-    return parts[0] if parts else _category_distances(stats, pairs)
+  parts = [_category_distances(stats, pairs[i:i + _PAIR_CHUNK]) for i in range(0, max(len(pairs), 1), _PAIR_CHUNK)]
   join = lambda key: np.concatenate([p[key] for p in parts])
   join_blocks = lambda key: [np.concatenate([p[key][b] for p in parts]) for b in range(len(stats.sums))]
   return {"combined": join("combined"), "blocks": join_blocks("blocks"), "effect": join("effect"),

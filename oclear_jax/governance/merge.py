@@ -55,17 +55,17 @@ def nearest_centroids(stats: category_stats.CategoryStats, k: int) -> np.ndarray
   keep = np.cumsum(nearest >= 0, axis=1) <= k
   left = np.broadcast_to(ids[:, None], nearest.shape)
   chosen = (nearest >= 0) & keep
-  return _unique_pairs(np.sort(np.stack([left[chosen], nearest[chosen]], 1), 1))
+  return _unique_pairs(np.sort(np.stack([left[chosen], nearest[chosen]], 1), 1))[0]
 
 
-def _unique_pairs(pairs: np.ndarray) -> np.ndarray:
-  """The distinct rows of i64[P, 2] in lexicographic order, by one int64 key per row (np.unique(axis=0)
-  sorts void views, which is slow)."""
+def _unique_pairs(pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(the distinct rows of i64[P, 2] in lexicographic order, each row's index among them), by one int64 key
+  per row (np.unique(axis=0) sorts void views, which is slow)."""
   if not len(pairs):
-    return pairs.reshape(0, 2).astype(np.int64)
+    return pairs.reshape(0, 2).astype(np.int64), np.zeros(0, np.int64)
   width = int(pairs.max()) + 1
-  keys = np.unique(pairs[:, 0].astype(np.int64) * width + pairs[:, 1])
-  return np.stack([keys // width, keys % width], 1)
+  keys, inverse = np.unique(pairs[:, 0].astype(np.int64) * width + pairs[:, 1], return_inverse=True)
+  return np.stack([keys // width, keys % width], 1), inverse.reshape(-1)
 
 
 def _members_of(group: np.ndarray, num_groups: int) -> list[np.ndarray]:
@@ -165,14 +165,10 @@ def _carried(pairs: np.ndarray, previous: np.ndarray, group: np.ndarray) -> tupl
   renamed[previous] = group
   parts = np.bincount(renamed)  # last round's groups in each group
   moved = np.sort(renamed[pairs], 1)
-  inside = moved[:, 0] == moved[:, 1]
-  unique = _unique_pairs(moved[~inside])
-  width = int(group.max()) + 1
-  rows = np.flatnonzero(~inside)
-  keys = moved[rows, 0] * width + moved[rows, 1]
-  at = np.searchsorted(unique[:, 0] * width + unique[:, 1], keys)
+  rows = np.flatnonzero(moved[:, 0] != moved[:, 1])  # a pair inside one group leaves
+  unique, inverse = _unique_pairs(moved[rows])
   source = np.full(len(unique), -1, np.int64)
-  source[at] = rows
+  source[inverse] = rows
   source[(parts[unique[:, 0]] > 1) | (parts[unique[:, 1]] > 1)] = -1
   return unique, source
 
