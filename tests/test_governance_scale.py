@@ -6,6 +6,7 @@ from oclear_jax.governance import category_space
 from oclear_jax.governance import category_stats
 from oclear_jax.governance import centroid_search
 from oclear_jax.governance import duplicates
+from oclear_jax.governance import executors
 from oclear_jax.governance import settings as settings_lib
 
 
@@ -77,10 +78,11 @@ def test_an_oversized_title_bucket_is_split_not_skipped(monkeypatch):
     phash[b] = phash[a] ^ np.uint64(0b101)
   for a, b in planted[3:]:  # close descriptors, unlike hashes
     vectors[b] = vectors[a] + 0.05 * rng.standard_normal(16)
-  unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
-  settings = settings_lib.defaults(dup_min_cosine=0.95)
+  unit = category_space.UnitImages(vectors.astype(np.float32), np.ones(n, bool), np.zeros(16))
+  settings = settings_lib.defaults(dup_min_cosine=0.95, chunk_size=64)
+  executor = executors.InProcessExecutor(progress=False)
   found = duplicates.find_duplicates([f"sha{i}" for i in range(n)], phash, np.ones(n, bool), unit,
-                                     ["the same catalogue title"] * n, settings)
+                                     ["the same catalogue title"] * n, settings, executor)
   assert found.skipped_buckets == 0 and found.split_buckets >= 1
   assert set(planted) == {(i, j) for i, j, _ in found.pairs}
   assert all(kind == "near" for _, _, kind in found.pairs)
@@ -89,7 +91,7 @@ def test_an_oversized_title_bucket_is_split_not_skipped(monkeypatch):
   titles = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz "), 30)) for _ in range(n)]
   sha = [f"sha{i}" for i in range(n)]
   sha[20] = sha[21] = sha[22] = "same bytes"
-  alone = duplicates.find_duplicates(sha, phash, np.ones(n, bool), unit, titles, settings)
+  alone = duplicates.find_duplicates(sha, phash, np.ones(n, bool), unit, titles, settings, executor)
   assert alone.pairs == [(20, 21, "exact"), (20, 22, "exact")]
   assert alone.group[20] == alone.group[21] == alone.group[22] >= 0 and alone.kind[21] == "exact"
 

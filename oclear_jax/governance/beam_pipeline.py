@@ -3,15 +3,18 @@
   --config.governance.executor=beam --config.governance.beam_runner=DataflowRunner \
   --config.governance.beam_options='--project=P --region=R --temp_location=gs://B/tmp'
 
-Each pass (featurize images, score items against category centroids, write curated rows) is one
-pipeline: the driver stages the input chunks as files, `Create` emits only their indices, a DoFn
-reads its chunk, applies the pass's pure function and writes the result next to it. What every
-chunk of a pass needs (the category statistics and centroid index of the scoring pass) is staged
-once beside them and read once per DoFn instance (`setup`), not pickled into the DoFn, which Beam
-would unpickle for every bundle. Inputs and
-outputs go through Beam's `FileSystems`, so the staging directory can be local (DirectRunner) or
-on shared storage (gs://..., taken from --temp_location when given) for a remote runner. Output
-names are fixed per chunk, so a retried bundle overwrites instead of duplicating.
+Each pass is one pipeline: the driver stages the input chunks as files and `Create` emits only their
+indices. What every chunk of a pass needs (the category statistics and centroid index of the scoring
+pass) is staged once beside them and read once per DoFn instance (`setup`), not pickled into the
+DoFn, which Beam would unpickle for every bundle.
+  * map_chunks (featurize images, score items, write curated rows): a DoFn reads its chunk, applies
+    the pass's pure function and writes the result next to it, one output per chunk.
+  * group_by_key (near duplicates by title band and content hash): a DoFn reads its chunk and emits
+    (key, value) pairs, `GroupByKey` shuffles them across workers, a DoFn reduces each key's values,
+    and a second `GroupByKey` gathers the results into fixed output shards by a stable hash of their key.
+Inputs and outputs go through Beam's `FileSystems`, so the staging directory can be local
+(DirectRunner) or on shared storage (gs://..., taken from --temp_location when given) for a remote
+runner. Output names are fixed per chunk or shard, so a retried bundle overwrites instead of duplicating.
 
 Per-category steps (split, merge, long tail) work on the collected centroids on the driver, which
 also holds every item's features, reduced and whitened blocks and decision between passes: its
@@ -26,6 +29,7 @@ import re
 import shlex
 import threading
 import uuid
+import zlib
 
 import tqdm
 
@@ -81,8 +85,53 @@ class _RunChunk(beam.DoFn):
     yield index
 
 
+class _EmitKeys(beam.DoFn):
+  """Reads chunk `index` and yields emit(chunk[, shared])'s (key, value) pairs."""
+
+  def __init__(self, emit, directory: str, has_shared: bool):
+    super().__init__()
+    self._emit, self._directory, self._has_shared = emit, directory, has_shared
+    self._extra = ()
+
+  def setup(self):
+    if self._has_shared:
+      self._extra = (_read(FileSystems.join(self._directory, "shared.pkl")),)
+
+  def process(self, index: int):
+    yield from self._emit(_read(FileSystems.join(self._directory, f"in-{index:06d}.pkl")), *self._extra)
+
+
+class _ReduceGroup(_EmitKeys):
+  """Reduces one key's values; a result that is not None goes to its key's output shard."""
+
+  def __init__(self, reduce, directory: str, has_shared: bool, shards: int):
+    super().__init__(reduce, directory, has_shared)
+    self._shards = shards
+
+  def process(self, element):
+    key, values = element
+    result = self._emit(key, list(values), *self._extra)
+    if result is not None:
+      # crc32 of the pickled key, not hash(): Python salts the hash of bytes per process.
+      yield zlib.crc32(pickle.dumps(key, protocol=4)) % self._shards, result
+
+
+class _WriteShard(beam.DoFn):
+  """Writes one output shard's results. A None marker reaches every shard, so every shard is written, empty or
+  not, and a missing one means a failed run."""
+
+  def __init__(self, directory: str):
+    super().__init__()
+    self._directory = directory
+
+  def process(self, element):
+    shard, results = element
+    _write(FileSystems.join(self._directory, f"out-{shard:06d}.pkl"), [r for r in results if r is not None])
+    yield shard
+
+
 class BeamExecutor:
-  """`map_chunks` as one Beam pipeline per pass."""
+  """`map_chunks` and `group_by_key` as one Beam pipeline per pass."""
 
   def __init__(self, runner: str = "DirectRunner", options: str = "", staging_dir: str = "", progress: bool = True):
     self.runner = runner
@@ -96,6 +145,32 @@ class BeamExecutor:
     self.staged_bytes = 0  # chunks staged to and results read back from the staging directory, all passes
 
   def map_chunks(self, name, fn, chunks, sizes=None, shared=None):
+    def build(pipeline, safe_name, directory, count):
+      _ = (pipeline
+           | f"{safe_name}: chunk ids" >> beam.Create(list(range(count)))
+           | f"{safe_name}: run" >> beam.ParDo(_RunChunk(fn, directory, shared is not None)))
+      return count
+    return self._run(name, chunks, sizes, shared, build)
+
+  def group_by_key(self, name, emit, reduce, chunks, sizes=None, shared=None):
+    def build(pipeline, safe_name, directory, count):
+      shards = max(1, count)
+      has_shared = shared is not None
+      reduced = (pipeline
+                 | f"{safe_name}: chunk ids" >> beam.Create(list(range(count)))
+                 | f"{safe_name}: emit keys" >> beam.ParDo(_EmitKeys(emit, directory, has_shared))
+                 | f"{safe_name}: group" >> beam.GroupByKey()
+                 | f"{safe_name}: reduce" >> beam.ParDo(_ReduceGroup(reduce, directory, has_shared, shards)))
+      markers = pipeline | f"{safe_name}: shard ids" >> beam.Create([(k, None) for k in range(shards)])
+      _ = ((reduced, markers)
+           | f"{safe_name}: with every shard" >> beam.Flatten()
+           | f"{safe_name}: by shard" >> beam.GroupByKey()
+           | f"{safe_name}: write" >> beam.ParDo(_WriteShard(directory)))
+      return shards
+    return [result for shard in self._run(name, chunks, sizes, shared, build) for result in shard]
+
+  def _run(self, name, chunks, sizes, shared, build):
+    """Stages the chunks (and `shared`), runs the pipeline that `build` adds, returns out-000000.pkl, ... in order."""
     chunks = chunks if sizes is not None else list(chunks)
     sizes = list(sizes) if sizes is not None else [1] * len(chunks)
     safe_name = re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_")
@@ -112,11 +187,8 @@ class BeamExecutor:
     watcher = threading.Thread(target=self._watch, args=(name, directory, sizes, done), daemon=True)
     watcher.start()
     try:
-      options = PipelineOptions(self.flags, runner=self.runner)
-      pipeline = beam.Pipeline(options=options)
-      _ = (pipeline
-           | f"{safe_name}: chunk ids" >> beam.Create(list(range(count)))
-           | f"{safe_name}: run" >> beam.ParDo(_RunChunk(fn, directory, shared is not None)))
+      pipeline = beam.Pipeline(options=PipelineOptions(self.flags, runner=self.runner))
+      outputs = build(pipeline, safe_name, directory, count)
       result = pipeline.run()
       try:
         result.wait_until_finish()
@@ -124,12 +196,12 @@ class BeamExecutor:
         client = getattr(result, "client", None)  # DaskRunner leaves its distributed.Client open
         if client is not None:
           client.close()
-      missing = [i for i in range(count)
+      missing = [i for i in range(outputs)
                  if not FileSystems.exists(FileSystems.join(directory, f"out-{i:06d}.pkl"))]
       if missing:
-        raise RuntimeError(f"Beam pass {name!r} on {self.runner} finished without results for chunks {missing[:10]} "
+        raise RuntimeError(f"Beam pass {name!r} on {self.runner} finished without results for outputs {missing[:10]} "
                            f"in {directory}; check the runner's logs")
-      results = [_read_sized(FileSystems.join(directory, f"out-{i:06d}.pkl")) for i in range(count)]
+      results = [_read_sized(FileSystems.join(directory, f"out-{i:06d}.pkl")) for i in range(outputs)]
       self.staged_bytes += sum(size for _, size in results)
       return [value for value, _ in results]
     finally:
@@ -151,6 +223,6 @@ class BeamExecutor:
           index = int(os.path.basename(metadata.path)[4:10])
           if index not in seen:
             seen.add(index)
-            bar.update(sizes[index])
+            bar.update(sizes[index] if index < len(sizes) else 0)
         if finished:
           return

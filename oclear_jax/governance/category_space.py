@@ -103,8 +103,13 @@ class UnitImages:
     return self.vectors.shape
 
   def __getitem__(self, rows) -> np.ndarray:
-    x = _l2(self.vectors[rows].astype(np.float64) - self.mean)
-    return np.where(self.ok[rows][..., None], x, 0.0)
+    return np.where(self.ok[rows][..., None], unit_rows(self.vectors[rows], self.mean), 0.0)
+
+
+def unit_rows(vectors: np.ndarray, mean: np.ndarray) -> np.ndarray:
+  """f64[n, D]: f32 descriptor rows centred on `mean` and l2-normalised, each row alone (the same bits
+  whichever rows are made together)."""
+  return _l2(vectors.astype(np.float64) - mean)
 
 
 def unit_images(vectors: np.ndarray, ok: np.ndarray, fit: np.ndarray) -> UnitImages:

@@ -165,4 +165,4 @@ def curate_categories(rows: Sequence[CatalogueRow], settings: settings_lib.Gover
       space=space, core=core, node_of=node_of, node_names=node_names, node_label=node_label, labels=labels,
       group=group, trusted=trusted, flagged=flagged, scores=scores, edges=edges, split_records=split_records,
       notes=notes + (space_notes if space is not None else []), reduced=reduced, outliers_on=do_outliers),
-      clock)
+      clock, executor)

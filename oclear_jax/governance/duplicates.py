@@ -18,10 +18,14 @@ that near duplicates share: each band of the perceptual hash (`phash_max_bits + 
 at most that many bits apart share one, by pigeonhole) and each band of a sign-of-random-projection
 hash of the descriptor (for the cosine route). Only a part still above the limit is skipped, and the
 report counts it.
+
+The buckets are the keys of one `group_by_key` pass (executors.py): each chunk of items emits its
+content hash and title bands, the values carry what checking needs (hashes, shingle codes, the f32
+descriptor), and each bucket is checked where it lands (on Beam, after a `GroupByKey` shuffle across
+workers). Only confirmed pairs come back; their connected components are taken on the driver.
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
 
 import datasketch
@@ -29,9 +33,11 @@ import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from oclear_jax.governance import category_space
 from oclear_jax.governance import settings as settings_lib
 
 _MAX_BUCKET = 1000
+_CONTENT = -1  # the key of an item's content hash; title bands are 0.._TITLE_BANDS-1
 _NUM_PERM = 64
 _TITLE_BANDS, _TITLE_ROWS = 8, 8  # of the _NUM_PERM MinHash values
 _PROJECTION_BANDS, _PROJECTION_BITS = 8, 4  # cos 0.85: a band agrees with p ~0.46, all 8 miss with p ~0.007
@@ -68,93 +74,98 @@ def _popcount(x: np.ndarray) -> np.ndarray:
   return np.unpackbits(x.astype(">u8").view(np.uint8).reshape(*x.shape, 8), axis=-1).sum(-1)
 
 
-class _Checker:
-  """Checks every pair of one bucket at once; collects confirmed near pairs."""
-
-  def __init__(self, sha256, phash, unit_vectors, codes, settings):
-    self.sha256, self.phash, self.unit, self.codes, self.settings = sha256, phash, unit_vectors, codes, settings
-    self.pairs: set[tuple[int, int]] = set()
-
-  def check(self, members: np.ndarray) -> None:
-    if len(members) < 2:
-      return
-    upper = np.triu_indices(len(members), 1)
-    i, j = members[upper[0]], members[upper[1]]
-    close_hash = _popcount(self.phash[i] ^ self.phash[j]) <= self.settings.phash_max_bits
-    x = self.unit[members]
-    agree = close_hash | ((x @ x.T)[upper] >= self.settings.dup_min_cosine)
-    for a, b in zip(i[agree].tolist(), j[agree].tolist()):
-      if self.sha256[a] and self.sha256[a] == self.sha256[b]:
-        continue  # an exact copy: found by its content hash
-      s, t = self.codes[a], self.codes[b]
-      if s is not None and t is not None and _jaccard(s, t) >= self.settings.dup_title_jaccard:
-        self.pairs.add((min(a, b), max(a, b)))
+def _near_pairs(sha256, phash, unit, codes, settings) -> list[tuple[int, int]]:
+  """(a, b) positions, a < b, of one bucket's near-duplicate pairs: every pair checked at once."""
+  if len(sha256) < 2:
+    return []
+  i, j = np.triu_indices(len(sha256), 1)
+  close_hash = _popcount(phash[i] ^ phash[j]) <= settings.phash_max_bits
+  agree = close_hash | ((unit @ unit.T)[i, j] >= settings.dup_min_cosine)
+  pairs = []
+  for a, b in zip(i[agree].tolist(), j[agree].tolist()):
+    if sha256[a] and sha256[a] == sha256[b]:
+      continue  # an exact copy: found by its content hash
+    if _jaccard(codes[a], codes[b]) >= settings.dup_title_jaccard:
+      pairs.append((a, b))
+  return pairs
 
 
-def _title_bands(titles, readable) -> tuple[dict[tuple[int, bytes], list[int]], list[np.ndarray | None]]:
-  """({(band, band value): items} over the items with a title, each item's shingle codes or None)."""
-  buckets = collections.defaultdict(list)
-  codes: list[np.ndarray | None] = [None] * len(titles)
-  template = datasketch.MinHash(num_perm=_NUM_PERM, seed=1)  # its permutations, made once, not per title
-  for i in readable:
-    shingles = _shingles(titles[i])
-    if shingles:
-      m = datasketch.MinHash(num_perm=_NUM_PERM, seed=1, permutations=template.permutations, scheme=template.scheme)
-      m.update_batch([s.encode("utf-8") for s in sorted(shingles)])
-      for band in range(_TITLE_BANDS):
-        buckets[(band, m.hashvalues[band * _TITLE_ROWS:(band + 1) * _TITLE_ROWS].tobytes())].append(int(i))
-      codes[i] = _codes(shingles)
-  return buckets, codes
-
-
-def _second_keys(phash: np.ndarray, unit_vectors, settings) -> list[np.ndarray]:
+def _second_keys(phash: np.ndarray, unit: np.ndarray, settings) -> list[np.ndarray]:
   """Per item, the keys that split an oversized bucket: perceptual-hash bands, then projection bands."""
-  n = len(phash)
-  bits = np.unpackbits(phash.astype(">u8").view(np.uint8).reshape(-1, 8), axis=1) if n else np.zeros((0, 64), np.uint8)
+  bits = np.unpackbits(phash.astype(">u8").view(np.uint8).reshape(-1, 8), axis=1)
   keys = [bits[:, positions] @ (1 << np.arange(len(positions), dtype=np.int64))
           for positions in np.array_split(np.arange(64), settings.phash_max_bits + 1)]
-  planes = np.random.default_rng(0).standard_normal((unit_vectors.shape[1], _PROJECTION_BANDS * _PROJECTION_BITS))
-  step = 8 * _MAX_BUCKET  # rows at a time: unit_vectors may make its rows on demand
-  signs = np.concatenate([unit_vectors[i:i + step] @ planes > 0 for i in range(0, max(n, 1), step)])
-  signs = signs.astype(np.int64).reshape(n, _PROJECTION_BANDS, _PROJECTION_BITS)
+  planes = np.random.default_rng(0).standard_normal((unit.shape[1], _PROJECTION_BANDS * _PROJECTION_BITS))
+  signs = (unit @ planes > 0).astype(np.int64).reshape(len(unit), _PROJECTION_BANDS, _PROJECTION_BITS)
   keys += list((signs @ (1 << np.arange(_PROJECTION_BITS))).T)
   return keys
 
 
-def find_duplicates(sha256: list[str], phash: np.ndarray, ok: np.ndarray, unit_vectors,
-                    titles: list[str], settings: settings_lib.GovernanceSettings) -> DuplicateGroups:
-  """Duplicate groups among n items (unreadable items never take part). `unit_vectors`: f64[n, D] or anything
-  indexed like it (category_space.UnitImages)."""
+def _emit_keys(chunk, shared):
+  """(key, value) pairs of one chunk of readable items: (_CONTENT, sha256) -> item, and for an item with a
+  title each of its MinHash bands (band, values) -> what checking the item needs."""
+  items, sha256, phash, titles, vectors = chunk
+  template = datasketch.MinHash(num_perm=_NUM_PERM, seed=1)  # its permutations, made once, not per title
+  for k, i in enumerate(items.tolist()):
+    if sha256[k]:
+      yield (_CONTENT, sha256[k].encode()), i
+    shingles = _shingles(titles[k])
+    if shingles:
+      m = datasketch.MinHash(num_perm=_NUM_PERM, seed=1, permutations=template.permutations, scheme=template.scheme)
+      m.update_batch([s.encode("utf-8") for s in sorted(shingles)])
+      value = (i, sha256[k], int(phash[k]), _codes(shingles), vectors[k])
+      for band in range(_TITLE_BANDS):
+        yield (band, m.hashvalues[band * _TITLE_ROWS:(band + 1) * _TITLE_ROWS].tobytes()), value
+
+
+def _check_bucket(key, values, shared):
+  """One key's confirmed pairs: exact copies of the first item of a content hash, or the near pairs of a
+  title band (split by its second keys when above `_MAX_BUCKET`); None when there are none."""
+  mean, settings = shared
+  if key[0] == _CONTENT:
+    items = sorted(values)
+    return {"pairs": [(items[0], other, "exact") for other in items[1:]]} if len(items) > 1 else None
+  if len(values) < 2:
+    return None
+  values = sorted(values, key=lambda v: v[0])  # Beam gives them in no particular order
+  items = np.array([v[0] for v in values], np.int64)
+  sha256 = [v[1] for v in values]
+  phash = np.array([v[2] for v in values], np.uint64)
+  codes = [v[3] for v in values]
+  unit = category_space.unit_rows(np.stack([v[4] for v in values]), mean)
+  if len(values) <= _MAX_BUCKET:
+    parts, skipped = [np.arange(len(values))], 0
+  else:
+    parts, skipped = [], 0
+    for keys in _second_keys(phash, unit, settings):
+      order = np.argsort(keys, kind="stable")
+      for part in np.split(order, np.flatnonzero(np.diff(keys[order])) + 1):
+        skipped += len(part) > _MAX_BUCKET
+        if len(part) <= _MAX_BUCKET:
+          parts.append(np.sort(part))
+  pairs = [(int(items[part[a]]), int(items[part[b]]), "near") for part in parts
+           for a, b in _near_pairs([sha256[x] for x in part], phash[part], unit[part], [codes[x] for x in part],
+                                   settings)]
+  split = int(len(values) > _MAX_BUCKET)
+  return {"pairs": pairs, "skipped": skipped, "split": split} if pairs or skipped or split else None
+
+
+def find_duplicates(sha256: list[str], phash: np.ndarray, ok: np.ndarray, unit: category_space.UnitImages,
+                    titles: list[str], settings: settings_lib.GovernanceSettings, executor) -> DuplicateGroups:
+  """Duplicate groups among n items (unreadable items never take part), through `executor.group_by_key`:
+  the chunks carry the f32 descriptors, and each bucket makes its members' unit rows (`unit.mean`)."""
   n = len(sha256)
   readable = np.flatnonzero(ok)
-  confirmed: list[tuple[int, int, str]] = []
-  by_content = collections.defaultdict(list)
-  for i in readable:
-    if sha256[i]:
-      by_content[sha256[i]].append(int(i))
-  for members in by_content.values():
-    confirmed += [(members[0], other, "exact") for other in members[1:]]
-
-  buckets, codes = _title_bands(titles, readable)
-  checker = _Checker(sha256, phash, unit_vectors, codes, settings)
-  skipped = split = 0
-  second = None
-  for members in buckets.values():
-    members = np.asarray(members, np.int64)
-    if len(members) <= _MAX_BUCKET:
-      checker.check(members)
-      continue
-    split += 1
-    second = _second_keys(phash, unit_vectors, settings) if second is None else second
-    for keys in second:
-      order = np.argsort(keys[members], kind="stable")
-      values = keys[members][order]
-      for part in np.split(members[order], np.flatnonzero(np.diff(values)) + 1):
-        if len(part) > _MAX_BUCKET:
-          skipped += 1
-        else:
-          checker.check(part)
-  confirmed += [(i, j, "near") for i, j in sorted(checker.pairs)]
+  parts = [readable[i:i + settings.chunk_size] for i in range(0, len(readable), settings.chunk_size)]
+  chunks = ((part, [sha256[i] for i in part], phash[part], [titles[i] for i in part], unit.vectors[part])
+            for part in parts)
+  found = executor.group_by_key("duplicates", _emit_keys, _check_bucket, chunks, sizes=[len(p) for p in parts],
+                                shared=(unit.mean, settings))
+  exact = sorted(p for f in found for p in f["pairs"] if p[2] == "exact")
+  near = sorted({p for f in found for p in f["pairs"] if p[2] == "near"})
+  confirmed = exact + near
+  skipped = sum(f.get("skipped", 0) for f in found)
+  split = sum(f.get("split", 0) for f in found)
 
   group = np.full(n, -1, np.int64)
   kind = [""] * n

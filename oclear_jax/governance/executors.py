@@ -1,11 +1,17 @@
 """Where per-item passes run: in this process, or as an Apache Beam pipeline (`beam_pipeline.py`).
 
-A pass is a pure function applied to fixed chunks of items; both executors cut the same chunks and
-return results in chunk order, so a pass gives identical numbers whichever executor ran it. That
-is what lets a test compare the Beam path with the in-process path on one category map.
+Two kinds of pass, each a pure function (or two) applied to fixed chunks of items:
+  * `map_chunks`: one result per chunk, in chunk order;
+  * `group_by_key`: each chunk emits (key, value) pairs, the values are grouped by key (Beam's
+    `GroupByKey`: a shuffle across workers), and each group is reduced where it lands; only the
+    reductions that found something come back, in no particular order.
+Both executors run the same functions over the same chunks, so a pass gives identical numbers
+whichever executor ran it. That is what lets a test compare the Beam path with the in-process path
+on one category map.
 """
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
@@ -21,6 +27,12 @@ class Executor(Protocol):
     """[fn(chunk) for chunk in chunks] (fn(chunk, shared) when `shared` is given: what every chunk of the
     pass reads, shipped once), with a progress bar named `name` counting items (`sizes`). `chunks` may be
     a generator: each chunk is made when it is needed, so the pass never holds a second copy of its input."""
+
+  def group_by_key(self, name: str, emit: Callable[..., Iterable[tuple[Any, Any]]], reduce: Callable[..., Any],
+                   chunks: Iterable[Any], sizes: Sequence[int] | None = None, shared: Any = None) -> list[Any]:
+    """The non-None reduce(key, values) of every key that emit(chunk) yields (with `shared` as the last
+    argument of both when given). Keys must be hashable and picklable the same way in every process
+    (ints, bytes, tuples of them); `values` come in no particular order, so `reduce` must not depend on it."""
 
 
 class InProcessExecutor:
@@ -38,6 +50,19 @@ class InProcessExecutor:
         results.append(fn(chunk) if shared is None else fn(chunk, shared))
         bar.update(size)
     return results
+
+  def group_by_key(self, name, emit, reduce, chunks, sizes=None, shared=None):
+    chunks = chunks if sizes is not None else list(chunks)
+    sizes = list(sizes) if sizes is not None else [1] * len(chunks)
+    extra = () if shared is None else (shared,)
+    groups = collections.defaultdict(list)
+    with tqdm.tqdm(total=sum(sizes), desc=name, unit="item", disable=not self.progress) as bar:
+      for chunk, size in zip(chunks, sizes):
+        for key, value in emit(chunk, *extra):
+          groups[key].append(value)
+        bar.update(size)
+    results = (reduce(key, values, *extra) for key, values in groups.items())
+    return [result for result in results if result is not None]
 
 
 def make_executor(settings: settings_lib.GovernanceSettings, staging_dir: str, *, progress: bool = True) -> Executor:

@@ -36,7 +36,7 @@ class CurationState:
   settings: settings_lib.GovernanceSettings
   image: featurize.ImageFeatures
   titles: featurize.TitleFeatures
-  unit: np.ndarray
+  unit: category_space.UnitImages
   space: category_space.Space | None
   core: np.ndarray
   node_of: np.ndarray
@@ -98,14 +98,14 @@ def _nearest_part(s: CurationState, means: np.ndarray, local: int, nodes: list[i
   return nodes[int(np.argmin(np.nan_to_num(distance, nan=np.inf)))] if np.isfinite(distance).any() else nodes[0]
 
 
-def finalize(s: CurationState, clock: step_clock.StepClock) -> CurationResult:
+def finalize(s: CurationState, clock: step_clock.StepClock, executor) -> CurationResult:
   with clock.step("decisions"):
     category, names = _decide(s)
   frows = [s.rows[i] for i in s.featured]
   with clock.step("long tail"):
     _long_tail(s, frows, category, names)
   with clock.step("duplicates"):
-    duplicates = _deduplicate(s, frows, category) if s.settings.dedupe else None
+    duplicates = _deduplicate(s, frows, category, executor) if s.settings.dedupe else None
   with clock.step("head cap"):
     _cap_heads(s, frows, category)
   with clock.step("summary"):
@@ -211,13 +211,13 @@ def _exposure(frows, rows: np.ndarray) -> np.ndarray:
   return np.array([frows[i].exposure or 0.0 for i in rows], np.float64)
 
 
-def _deduplicate(s: CurationState, frows, category: list[str]) -> duplicates_lib.DuplicateGroups:
+def _deduplicate(s: CurationState, frows, category: list[str], executor) -> duplicates_lib.DuplicateGroups:
   """Keeps one item of each duplicate group within one curated category: the most exposed, then the first."""
   governed = np.flatnonzero(s.core)
   # Over every featured item (the ungoverned ones do not take part), so that no [governed, D] copy is made.
   found = duplicates_lib.find_duplicates(
       s.image.sha256, s.image.phash, s.core, s.unit, [r.title if c else "" for r, c in zip(frows, s.core)],
-      s.settings)
+      s.settings, executor)
   first = {}
   for k in np.lexsort((np.arange(len(governed)), -_exposure(frows, governed))):
     local = governed[k]
