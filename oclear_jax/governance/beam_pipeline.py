@@ -9,9 +9,10 @@ pass) is staged once beside them and read once per DoFn instance (`setup`), not 
 DoFn, which Beam would unpickle for every bundle.
   * map_chunks (featurize images, score items, write curated rows): a DoFn reads its chunk, applies
     the pass's pure function and writes the result next to it, one output per chunk.
-  * group_by_key (near duplicates by title band and content hash): a DoFn reads its chunk and emits
-    (key, value) pairs, `GroupByKey` shuffles them across workers, a DoFn reduces each key's values,
-    and a second `GroupByKey` gathers the results into fixed output shards by a stable hash of their key.
+  * group_by_key (near duplicates by title band and content hash): a DoFn reads its
+    chunk, emits (key, value) pairs and sends them to fixed shards by a stable hash of the key, one
+    element per (chunk, shard); `GroupByKey` shuffles the shards across workers, and a DoFn groups a
+    shard's pairs by key, reduces each key's values and writes the shard's results.
 Inputs and outputs go through Beam's `FileSystems`, so the staging directory can be local
 (DirectRunner) or on shared storage (gs://..., taken from --temp_location when given) for a remote
 runner. Output names are fixed per chunk or shard, so a retried bundle overwrites instead of duplicating.
@@ -22,6 +23,7 @@ memory grows with the catalogue (benchmarks/governance_scale.py measures it per 
 """
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import pickle
@@ -85,12 +87,19 @@ class _RunChunk(beam.DoFn):
     yield index
 
 
-class _EmitKeys(beam.DoFn):
-  """Reads chunk `index` and yields emit(chunk[, shared])'s (key, value) pairs."""
+def shard_of(key, shards: int) -> int:
+  """The output shard of a key: crc32 of its pickle, not hash(), which Python salts per process for bytes."""
+  return zlib.crc32(pickle.dumps(key, protocol=4)) % shards
 
-  def __init__(self, emit, directory: str, has_shared: bool):
+
+class _EmitShards(beam.DoFn):
+  """Reads chunk `index`, sorts emit(chunk[, shared])'s (key, value) pairs into shards by key, and yields
+  (shard, pairs) for each shard that got any: Beam's cost is per element, so a chunk sends one element
+  per shard, not one per key."""
+
+  def __init__(self, emit, directory: str, has_shared: bool, shards: int):
     super().__init__()
-    self._emit, self._directory, self._has_shared = emit, directory, has_shared
+    self._fn, self._directory, self._has_shared, self._shards = emit, directory, has_shared, shards
     self._extra = ()
 
   def setup(self):
@@ -98,34 +107,23 @@ class _EmitKeys(beam.DoFn):
       self._extra = (_read(FileSystems.join(self._directory, "shared.pkl")),)
 
   def process(self, index: int):
-    yield from self._emit(_read(FileSystems.join(self._directory, f"in-{index:06d}.pkl")), *self._extra)
+    batches = collections.defaultdict(list)
+    for key, value in self._fn(_read(FileSystems.join(self._directory, f"in-{index:06d}.pkl")), *self._extra):
+      batches[shard_of(key, self._shards)].append((key, value))
+    yield from batches.items()
 
 
-class _ReduceGroup(_EmitKeys):
-  """Reduces one key's values; a result that is not None goes to its key's output shard."""
-
-  def __init__(self, reduce, directory: str, has_shared: bool, shards: int):
-    super().__init__(reduce, directory, has_shared)
-    self._shards = shards
-
-  def process(self, element):
-    key, values = element
-    result = self._emit(key, list(values), *self._extra)
-    if result is not None:
-      # crc32 of the pickled key, not hash(): Python salts the hash of bytes per process.
-      yield zlib.crc32(pickle.dumps(key, protocol=4)) % self._shards, result
-
-
-class _WriteShard(beam.DoFn):
-  """Writes one output shard's results. A None marker reaches every shard, so every shard is written, empty or
-  not, and a missing one means a failed run."""
-
-  def __init__(self, directory: str):
-    super().__init__()
-    self._directory = directory
+class _ReduceShard(_EmitShards):
+  """Groups one shard's pairs by key, reduces each key's values and writes the shard's results (every
+  shard gets an empty batch too, so every shard is written and a missing one means a failed run)."""
 
   def process(self, element):
-    shard, results = element
+    shard, batches = element
+    groups = collections.defaultdict(list)
+    for batch in batches:
+      for key, value in batch:
+        groups[key].append(value)
+    results = (self._fn(key, values, *self._extra) for key, values in groups.items())
     _write(FileSystems.join(self._directory, f"out-{shard:06d}.pkl"), [r for r in results if r is not None])
     yield shard
 
@@ -154,18 +152,16 @@ class BeamExecutor:
 
   def group_by_key(self, name, emit, reduce, chunks, sizes=None, shared=None):
     def build(pipeline, safe_name, directory, count):
-      shards = max(1, count)
+      shards = max(1, count)  # as many as input chunks: a shard holds about a chunk's worth of pairs
       has_shared = shared is not None
-      reduced = (pipeline
-                 | f"{safe_name}: chunk ids" >> beam.Create(list(range(count)))
-                 | f"{safe_name}: emit keys" >> beam.ParDo(_EmitKeys(emit, directory, has_shared))
-                 | f"{safe_name}: group" >> beam.GroupByKey()
-                 | f"{safe_name}: reduce" >> beam.ParDo(_ReduceGroup(reduce, directory, has_shared, shards)))
-      markers = pipeline | f"{safe_name}: shard ids" >> beam.Create([(k, None) for k in range(shards)])
-      _ = ((reduced, markers)
+      pairs = (pipeline
+               | f"{safe_name}: chunk ids" >> beam.Create(list(range(count)))
+               | f"{safe_name}: emit keys" >> beam.ParDo(_EmitShards(emit, directory, has_shared, shards)))
+      every_shard = pipeline | f"{safe_name}: shard ids" >> beam.Create([(k, []) for k in range(shards)])
+      _ = ((pairs, every_shard)
            | f"{safe_name}: with every shard" >> beam.Flatten()
-           | f"{safe_name}: by shard" >> beam.GroupByKey()
-           | f"{safe_name}: write" >> beam.ParDo(_WriteShard(directory)))
+           | f"{safe_name}: group by shard" >> beam.GroupByKey()
+           | f"{safe_name}: reduce" >> beam.ParDo(_ReduceShard(reduce, directory, has_shared, shards)))
       return shards
     return [result for shard in self._run(name, chunks, sizes, shared, build) for result in shard]
 
