@@ -10,10 +10,12 @@ from oclear_jax.governance import beam_pipeline
 from oclear_jax.commands import govern
 from oclear_jax.governance import curate
 from oclear_jax.governance import executors
+from oclear_jax.governance import planted_noise
 from oclear_jax.governance import settings as settings_lib
 
-# Noisier than the default so that every step has work; small chunks so Beam runs many elements.
-SPEC = synthetic_catalogue.CatalogueSpec(num_products=40, image_size=32, wrong_label_fraction=0.1,
+# Noisier than the default, and labels covering two products planted, so that every step has work; small
+# chunks so Beam runs many elements.
+SPEC = synthetic_catalogue.CatalogueSpec(num_products=80, image_size=32, wrong_label_fraction=0.1,
                                          split_product_fraction=0.15, near_duplicate_fraction=0.1)
 SETTINGS = settings_lib.defaults(image_features="pixels", chunk_size=40, executor="in_process")
 
@@ -23,7 +25,8 @@ def rows(tmp_path_factory):
   root = tmp_path_factory.mktemp("beam") / "catalogue"
   synthetic_catalogue.generate_catalogue(root, SPEC, progress=False)
   columns = catalogue_lib.CatalogueColumns(kind="kind", split="split")
-  return catalogue_lib.read_catalogue(root / "catalogue.csv", columns).rows
+  rows = catalogue_lib.read_catalogue(root / "catalogue.csv", columns).rows
+  return planted_noise.plant_label_noise(rows, wrong_fraction=0.0, split_fraction=0.0, merge_fraction=0.2, seed=1)[0]
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +41,7 @@ def _assert_same_decisions(local, distributed):
       (d.id, d.category, d.action, d.step, d.reason) for d in distributed.decisions]
   # The run did real work, so the equality is not between two empty maps.
   steps = {d.step for d in local.decisions}
-  assert {"outliers", "merge", "duplicates", "passthrough"} <= steps, steps
+  assert {"outliers", "merge", "split", "duplicates", "passthrough"} <= steps, steps
 
 
 def test_beam_and_in_process_agree(rows, local, tmp_path):

@@ -53,22 +53,22 @@ def _score(executor, space, rows, categories, trusted_mask, trusted, members, se
   return {k: np.concatenate([p[k] for p in parts]) if parts else np.zeros(0) for k in keys}
 
 
-def _split_labels(space, core_rows, node_of, trusted, labels, node_names, node_label, split_records, settings):
-  """Splits each raw label whose members form separate products (split.py); adds the parts as nodes."""
-  core_labels = node_of[core_rows]
-  order = np.argsort(core_labels, kind="stable")
-  bounds = np.searchsorted(core_labels[order], np.arange(len(labels) + 1))
-  for label in range(len(labels)):
-    members = core_rows[order[bounds[label]:bounds[label + 1]]]
-    parts, cuts = split_lib.split_category(space.take(members), trusted[members], settings)
-    if cuts:
-      first = len(node_names)
-      for p in range(1, parts.max() + 1):
-        node_names.append(f"{labels[label]}/part{p + 1}")
-        node_label.append(label)
-      node_of[members[parts > 0]] = first + parts[parts > 0] - 1
-      split_records.append({"label": labels[label], "parts": [node_names[label]] + node_names[first:],
-                            "sizes": np.bincount(parts).tolist(), "cuts": cuts})
+def _split_labels(executor, space, core_rows, node_of, trusted, labels, node_names, node_label, split_records,
+                  settings):
+  """Splits each raw label whose members form separate products (split.py, a pass keyed by label); adds
+  the parts as nodes, in label order."""
+  parts_of = [core_rows[i:i + settings.chunk_size] for i in range(0, len(core_rows), settings.chunk_size)]
+  chunks = ((part, node_of[part], space.take(part), trusted[part]) for part in parts_of)
+  found = executor.group_by_key("split labels", split_lib.emit_members, split_lib.split_members, chunks,
+                                sizes=[len(part) for part in parts_of], shared=settings)
+  for label, members, parts, cuts in sorted(found, key=lambda f: f[0]):
+    first = len(node_names)
+    for p in range(1, parts.max() + 1):
+      node_names.append(f"{labels[label]}/part{p + 1}")
+      node_label.append(label)
+    node_of[members[parts > 0]] = first + parts[parts > 0] - 1
+    split_records.append({"label": labels[label], "parts": [node_names[label]] + node_names[first:],
+                          "sizes": np.bincount(parts).tolist(), "cuts": cuts})
 
 
 def curate_categories(rows: Sequence[CatalogueRow], settings: settings_lib.GovernanceSettings, executor, *,
@@ -132,7 +132,7 @@ def curate_categories(rows: Sequence[CatalogueRow], settings: settings_lib.Gover
       space, space_notes = category_space.whiten(reduced, avail, categories, trusted, settings.shrinkage)
     if do_split and r == split_round:
       with clock.step("split"):
-        _split_labels(space, core_rows, node_of, trusted, labels, node_names, node_label, split_records, settings)
+        _split_labels(executor, space, core_rows, node_of, trusted, labels, node_names, node_label, split_records, settings)
     num_nodes = len(node_names)
     nodes = np.maximum(node_of, 0)
     with clock.step("category statistics"):

@@ -15,6 +15,9 @@ broad category of a real catalogue ("Watches": analogue and digital) has real su
 switch the step off; the effect-size rule is what keeps them whole.
 Labels larger than `split_max_items` are clustered on an evenly spaced sample; every member,
 trusted or not, then goes to its nearest part.
+
+The step is a keyed pass (executors.group_by_key): each chunk of items emits its members under their
+label (`emit_members`), and each label is split where its members land (`split_members`).
 """
 from __future__ import annotations
 
@@ -24,6 +27,27 @@ from sklearn.cluster import AgglomerativeClustering
 from oclear_jax.governance import category_space
 from oclear_jax.governance import category_stats
 from oclear_jax.governance import settings as settings_lib
+
+
+def emit_members(chunk, settings: settings_lib.GovernanceSettings):  # pylint: disable=unused-argument
+  """(rows i64[n], labels i64[n], their space rows, trusted bool[n]) -> (label, member) pairs; a member is
+  (row, trusted, its row of each block, whether it has each block)."""
+  rows, labels, space, trusted = chunk
+  for k in range(len(rows)):
+    yield int(labels[k]), (int(rows[k]), bool(trusted[k]), [b[k] for b in space.blocks],
+                           [bool(a[k]) for a in space.avail])
+
+
+def split_members(label: int, members, settings: settings_lib.GovernanceSettings):
+  """(label, rows i64[n] ascending, part ids i64[n], cuts) when the label's members split; else None."""
+  members = sorted(members, key=lambda m: m[0])
+  trusted = np.array([m[1] for m in members], bool)
+  if trusted.sum() < 2 * settings.split_min_part:
+    return None
+  blocks = [np.stack([m[2][b] for m in members]) for b in range(len(members[0][2]))]
+  avail = [np.array([m[3][b] for m in members], bool) for b in range(len(members[0][3]))]
+  parts, cuts = split_category(category_space.Space(blocks, avail), trusted, settings)
+  return (label, np.array([m[0] for m in members], np.int64), parts, cuts) if cuts else None
 
 
 def _joint(space: category_space.Space) -> np.ndarray:
