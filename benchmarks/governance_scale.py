@@ -10,9 +10,10 @@ with pixel features, so that featurization does not hide the rest. Runners: in_p
 executor in this process), direct (Beam's DirectRunner), dask (Beam's DaskRunner on a
 distributed.LocalCluster of 2 worker processes started by the child). Printed per size and step:
 wall seconds and the growth exponent log(t2/t1)/log(n2/n1) against the previous size; then peak
-RSS of the driver (the child) and of the Dask workers, the bytes the Beam executor staged (its
-shuffle), duplicate recall on the planted near duplicates, skipped dedupe buckets, and a paper
-row extrapolating the largest size's per-item costs to 10^8 and 10^10 items.
+RSS of the driver (the child) and of the Dask workers, the bytes the Beam executor staged (chunks
+to and results from its staging folder) and shuffled (group_by_key's batches), duplicate recall on
+the planted near duplicates, skipped dedupe buckets, and a paper row extrapolating the largest
+size's per-item costs to 10^8 and 10^10 items.
 """
 from __future__ import annotations
 
@@ -75,7 +76,7 @@ def _child(args) -> None:
       "rows": counts["rows"], "total": total, "seconds": seconds,
       "driver_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
       "worker_mb": max(worker_kb) / 1024 if worker_kb else None,
-      "staged_bytes": out.get("staged_bytes", 0),
+      "staged_bytes": out.get("staged_bytes", 0), "shuffle_bytes": out.get("shuffle_bytes", 0),
       "dup_recall": scores["duplicates"]["recall"], "dup_planted": scores["duplicates"]["planted"],
       "skipped_buckets": counts.get("duplicates", {}).get("skipped_buckets"),
       "categories": counts["categories_after"], "products_f1": scores["products"]["f1"],
@@ -114,11 +115,13 @@ def _table(runner: str, results: list[dict]) -> None:
                                    results[k - 1]["seconds"].get(step, 0.0))
       cells.append(f"{t:.1f}" + ("" if prev is None else f" ({_exponent(prev, t, results[k - 1]['rows'], r['rows'])})"))
     print("| " + " | ".join(cells) + " |")
-  print("\n| rows | driver peak RSS MB | worker peak RSS MB | staged bytes/row | near-dup recall (planted) | "
-        "skipped buckets | categories | product F1 | wrong-label F1 |\n|---|---|---|---|---|---|---|---|---|")
+  print("\n| rows | driver peak RSS MB | worker peak RSS MB | staged bytes/row | shuffle bytes/row | "
+        "near-dup recall (planted) | skipped buckets | categories | product F1 | wrong-label F1 |\n"
+        "|---|---|---|---|---|---|---|---|---|---|")
   for r in results:
     worker = f"{r['worker_mb']:.0f}" if r["worker_mb"] else "–"
     print(f"| {r['rows']} | {r['driver_mb']:.0f} | {worker} | {r['staged_bytes'] / r['rows']:.0f} | "
+          f"{r.get('shuffle_bytes', 0) / r['rows']:.0f} | "
           f"{r['dup_recall']:.3f} ({r['dup_planted']}) | {r['skipped_buckets']} | {r['categories']} | "
           f"{r['products_f1']:.3f} | {r['wrong_label_f1']:.3f} |")
   if len(results) >= 2:
@@ -126,11 +129,12 @@ def _table(runner: str, results: list[dict]) -> None:
     per_row_s = b["total"] / b["rows"]
     per_row_bytes = max(0.0, (b["driver_mb"] - a["driver_mb"]) * 2 ** 20 / (b["rows"] - a["rows"]))
     print(f"\npaper row ({runner}, from the two largest sizes; driver bytes per row = RSS slope):\n\n"
-          "| items | driver GB | staged GB | core-hours |\n|---|---|---|---|")
+          "| items | driver GB | staged GB | shuffle GB | core-hours |\n|---|---|---|---|---|")
     for n in (10 ** 8, 10 ** 10):
       cores = 2 if runner == "dask" else 1
       print(f"| 10^{round(math.log10(n))} | {per_row_bytes * n / 1e9:,.0f} | "
-            f"{b['staged_bytes'] / b['rows'] * n / 1e9:,.0f} | {per_row_s * n * cores / 3600:,.0f} |")
+            f"{b['staged_bytes'] / b['rows'] * n / 1e9:,.0f} | "
+            f"{b.get('shuffle_bytes', 0) / b['rows'] * n / 1e9:,.0f} | {per_row_s * n * cores / 3600:,.0f} |")
 
 
 def main() -> None:

@@ -1,6 +1,8 @@
 """The Beam path (DirectRunner, and a 2-worker Dask cluster) and the in-process path give the same decisions."""
+import collections
 import os
 import pathlib
+import pickle
 
 import pytest
 
@@ -91,5 +93,13 @@ def test_group_by_key_gives_every_key_its_values_on_both_executors(tmp_path):
     found = executor.group_by_key("residues", _emit_residues, _reduce_residue, iter(chunks),
                                   sizes=[10] * len(chunks), shared=7)
     assert sorted(found) == sorted(reference.items())
+  # The shuffle is counted: each chunk's pairs, one pickled batch per output shard (5 shards, one per chunk).
+  shuffled = 0
+  for chunk in chunks:
+    batches = collections.defaultdict(list)
+    for key, value in _emit_residues(chunk, 7):
+      batches[beam_pipeline.shard_of(key, len(chunks))].append((key, value))
+    shuffled += sum(len(pickle.dumps(pairs, protocol=pickle.HIGHEST_PROTOCOL)) for pairs in batches.values())
+  assert beam.shuffle_bytes == shuffled
   assert beam.group_by_key("nothing", _emit_residues, _reduce_residue, [], sizes=[], shared=7) == []
   assert not list((tmp_path / "staging").iterdir())

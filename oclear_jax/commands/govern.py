@@ -174,7 +174,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
           f"report: {paths['markdown']}\ncurated catalogue: {paths['curated_catalogue.csv']}\n"
           f"train on it: --config.data.governed=True --workdir={workdir}")
   return {"counts": result.counts, "paths": paths, "result": result,
-          "staged_bytes": getattr(executor, "staged_bytes", 0)}
+          "staged_bytes": getattr(executor, "staged_bytes", 0), "shuffle_bytes": getattr(executor, "shuffle_bytes", 0)}
 
 
 def run_mode(config: ml_collections.ConfigDict, workdir: str) -> None:

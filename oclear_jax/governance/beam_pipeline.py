@@ -9,15 +9,16 @@ pass) is staged once beside them and read once per DoFn instance (`setup`), not 
 DoFn, which Beam would unpickle for every bundle.
   * map_chunks (featurize images, score items, write curated rows): a DoFn reads its chunk, applies
     the pass's pure function and writes the result next to it, one output per chunk.
-  * group_by_key (near duplicates by title band and content hash): a DoFn reads its
+  * group_by_key (split by label, near duplicates by title band and content hash): a DoFn reads its
     chunk, emits (key, value) pairs and sends them to fixed shards by a stable hash of the key, one
-    element per (chunk, shard); `GroupByKey` shuffles the shards across workers, and a DoFn groups a
-    shard's pairs by key, reduces each key's values and writes the shard's results.
+    element per (chunk, shard), pickled by the DoFn (so the executor counts the bytes it shuffles);
+    `GroupByKey` shuffles the shards across workers, and a DoFn groups a shard's pairs by key, reduces
+    each key's values and writes the shard's results.
 Inputs and outputs go through Beam's `FileSystems`, so the staging directory can be local
 (DirectRunner) or on shared storage (gs://..., taken from --temp_location when given) for a remote
 runner. Output names are fixed per chunk or shard, so a retried bundle overwrites instead of duplicating.
 
-Per-category steps (split, merge, long tail) work on the collected centroids on the driver, which
+Other per-category steps (merge, long tail) work on the collected centroids on the driver, which
 also holds every item's features, reduced and whitened blocks and decision between passes: its
 memory grows with the catalogue (benchmarks/governance_scale.py measures it per row).
 """
@@ -94,8 +95,8 @@ def shard_of(key, shards: int) -> int:
 
 class _EmitShards(beam.DoFn):
   """Reads chunk `index`, sorts emit(chunk[, shared])'s (key, value) pairs into shards by key, and yields
-  (shard, pairs) for each shard that got any: Beam's cost is per element, so a chunk sends one element
-  per shard, not one per key."""
+  (shard, pickled pairs) for each shard that got any: Beam's cost is per element, so a chunk sends one
+  element per shard, not one per key."""
 
   def __init__(self, emit, directory: str, has_shared: bool, shards: int):
     super().__init__()
@@ -110,21 +111,26 @@ class _EmitShards(beam.DoFn):
     batches = collections.defaultdict(list)
     for key, value in self._fn(_read(FileSystems.join(self._directory, f"in-{index:06d}.pkl")), *self._extra):
       batches[shard_of(key, self._shards)].append((key, value))
-    yield from batches.items()
+    for shard, pairs in batches.items():
+      yield shard, pickle.dumps(pairs, protocol=pickle.HIGHEST_PROTOCOL)
 
 
 class _ReduceShard(_EmitShards):
-  """Groups one shard's pairs by key, reduces each key's values and writes the shard's results (every
-  shard gets an empty batch too, so every shard is written and a missing one means a failed run)."""
+  """Groups one shard's pairs by key, reduces each key's values and writes the shard's results and the
+  bytes it received (every shard gets an empty batch too, so every shard is written and a missing one
+  means a failed run)."""
 
   def process(self, element):
     shard, batches = element
     groups = collections.defaultdict(list)
+    received = 0
     for batch in batches:
-      for key, value in batch:
+      received += len(batch)
+      for key, value in pickle.loads(batch) if batch else ():
         groups[key].append(value)
     results = (self._fn(key, values, *self._extra) for key, values in groups.items())
-    _write(FileSystems.join(self._directory, f"out-{shard:06d}.pkl"), [r for r in results if r is not None])
+    _write(FileSystems.join(self._directory, f"out-{shard:06d}.pkl"),
+           ([r for r in results if r is not None], received))
     yield shard
 
 
@@ -141,6 +147,7 @@ class BeamExecutor:
                        "config.governance.beam_options")
     self.progress = progress
     self.staged_bytes = 0  # chunks staged to and results read back from the staging directory, all passes
+    self.shuffle_bytes = 0  # pickled (key, value) batches that group_by_key's GroupByKey moved, all passes
 
   def map_chunks(self, name, fn, chunks, sizes=None, shared=None):
     def build(pipeline, safe_name, directory, count):
@@ -157,13 +164,15 @@ class BeamExecutor:
       pairs = (pipeline
                | f"{safe_name}: chunk ids" >> beam.Create(list(range(count)))
                | f"{safe_name}: emit keys" >> beam.ParDo(_EmitShards(emit, directory, has_shared, shards)))
-      every_shard = pipeline | f"{safe_name}: shard ids" >> beam.Create([(k, []) for k in range(shards)])
+      every_shard = pipeline | f"{safe_name}: shard ids" >> beam.Create([(k, b"") for k in range(shards)])
       _ = ((pairs, every_shard)
            | f"{safe_name}: with every shard" >> beam.Flatten()
            | f"{safe_name}: group by shard" >> beam.GroupByKey()
            | f"{safe_name}: reduce" >> beam.ParDo(_ReduceShard(reduce, directory, has_shared, shards)))
       return shards
-    return [result for shard in self._run(name, chunks, sizes, shared, build) for result in shard]
+    shards = self._run(name, chunks, sizes, shared, build)
+    self.shuffle_bytes += sum(received for _, received in shards)
+    return [result for results, _ in shards for result in results]
 
   def _run(self, name, chunks, sizes, shared, build):
     """Stages the chunks (and `shared`), runs the pipeline that `build` adds, returns out-000000.pkl, ... in order."""
