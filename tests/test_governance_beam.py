@@ -15,11 +15,11 @@ from oclear_jax.governance import executors
 from oclear_jax.governance import planted_noise
 from oclear_jax.governance import settings as settings_lib
 
-# Noisier than the default, and labels covering two products planted, so that every step has work; small
-# chunks so Beam runs many elements.
+# Noisier than the default, labels covering two products planted and a head cap, so that every step has
+# work; small chunks so Beam runs many elements.
 SPEC = synthetic_catalogue.CatalogueSpec(num_products=80, image_size=32, wrong_label_fraction=0.1,
                                          split_product_fraction=0.15, near_duplicate_fraction=0.1)
-SETTINGS = settings_lib.defaults(image_features="pixels", chunk_size=40, executor="in_process")
+SETTINGS = settings_lib.defaults(image_features="pixels", chunk_size=40, executor="in_process", max_category_size=5)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def _assert_same_decisions(local, distributed):
       (d.id, d.category, d.action, d.step, d.reason) for d in distributed.decisions]
   # The run did real work, so the equality is not between two empty maps.
   steps = {d.step for d in local.decisions}
-  assert {"outliers", "merge", "split", "duplicates", "passthrough"} <= steps, steps
+  assert {"outliers", "merge", "split", "duplicates", "head_cap", "passthrough"} <= steps, steps
 
 
 def test_beam_and_in_process_agree(rows, local, tmp_path):

@@ -1,4 +1,7 @@
 """The pieces that keep governance linear in the catalogue, each against a dense reference."""
+import collections
+import hashlib
+
 import numpy as np
 import pytest
 
@@ -7,6 +10,8 @@ from oclear_jax.governance import category_stats
 from oclear_jax.governance import centroid_search
 from oclear_jax.governance import duplicates
 from oclear_jax.governance import executors
+from oclear_jax.governance import long_tail
+from oclear_jax.governance import outliers
 from oclear_jax.governance import settings as settings_lib
 
 
@@ -143,3 +148,42 @@ def test_merge_rounds_reuse_distances_only_between_groups_that_did_not_merge():
     np.testing.assert_array_equal(a, b)
   merged = np.bincount(group) > 1
   assert ((source >= 0) == ~(merged[carried[:, 0]] | merged[carried[:, 1]])).all() and (source >= 0).any()
+
+
+def test_keyed_outlier_quotas_and_head_cap_equal_one_pass_over_the_global_order():
+  """Each category's quota (outliers) and cap (head cap) filled where its members land, against the one
+  global pass they replace: walk the items in order and take each while its category has room."""
+  rng = np.random.default_rng(0)
+  n = 600
+  categories = rng.integers(0, 40, n)
+  own = rng.uniform(0.0, 4.0, n)
+  own[rng.random(n) < 0.05] = np.nan  # singletons have no own distance
+  scores = {"own": own, "best": rng.uniform(0.0, 4.0, n)}
+  scores["best"][:20] = scores["own"][:20]  # ties in confidence go by position
+  settings = settings_lib.defaults(image_features="pixels", chunk_size=64, outlier_max_distance=3.5)
+  candidate = np.isfinite(own) & ((scores["best"] < own * (1 - settings.outlier_margin)) |
+                                  (own > settings.outlier_max_distance))
+  expected, used = np.zeros(n, bool), collections.Counter()
+  for i in np.lexsort((np.arange(n), np.where(np.isfinite(own), scores["best"] - own, np.inf))):
+    c = categories[i]
+    if candidate[i] and used[c] < max(1, (categories == c).sum() // 2):
+      expected[i], used[c] = True, used[c] + 1
+  assert 0 < expected.sum() < candidate.sum()  # some categories run out of quota
+  flagged = outliers.flag(scores, categories, settings, executors.InProcessExecutor(progress=False))
+  np.testing.assert_array_equal(flagged, expected)
+
+  ids = [f"item-{i}" for i in range(n)]
+  exposure = rng.integers(0, 3, n).astype(float)
+  cap, names = 5, [f"c{c}" for c in categories]
+  sha = np.array([hashlib.sha256(i.encode("utf-8")).hexdigest() for i in ids])
+  np.testing.assert_array_equal(long_tail.cap_order(ids, exposure), np.lexsort((sha, -exposure)))
+  kept, beyond = collections.Counter(), []
+  for i in long_tail.cap_order(ids, exposure):
+    kept[names[i]] += 1
+    if kept[names[i]] > cap:
+      beyond.append(i)
+  chunks = [(names[i:i + 64], [long_tail.cap_key(ids[k], exposure[k]) for k in range(i, min(i + 64, n))],
+             np.arange(i, min(i + 64, n))) for i in range(0, n, 64)]
+  found = executors.InProcessExecutor(progress=False).group_by_key(
+      "head cap", long_tail.emit_by_category, long_tail.beyond_cap, chunks, shared=cap)
+  assert sorted(p for dropped in found for p in dropped) == sorted(beyond) and beyond

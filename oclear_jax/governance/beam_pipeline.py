@@ -9,18 +9,18 @@ pass) is staged once beside them and read once per DoFn instance (`setup`), not 
 DoFn, which Beam would unpickle for every bundle.
   * map_chunks (featurize images, score items, write curated rows): a DoFn reads its chunk, applies
     the pass's pure function and writes the result next to it, one output per chunk.
-  * group_by_key (split by label, near duplicates by title band and content hash): a DoFn reads its
-    chunk, emits (key, value) pairs and sends them to fixed shards by a stable hash of the key, one
-    element per (chunk, shard), pickled by the DoFn (so the executor counts the bytes it shuffles);
-    `GroupByKey` shuffles the shards across workers, and a DoFn groups a shard's pairs by key, reduces
-    each key's values and writes the shard's results.
+  * group_by_key (split by label, outlier quotas and head cap by category, near duplicates by title
+    band and content hash): a DoFn reads its chunk, emits (key, value) pairs and sends them to fixed
+    shards by a stable hash of the key, one element per (chunk, shard), pickled by the DoFn (so the
+    executor counts the bytes it shuffles); `GroupByKey` shuffles the shards across workers, and a
+    DoFn groups a shard's pairs by key, reduces each key's values and writes the shard's results.
 Inputs and outputs go through Beam's `FileSystems`, so the staging directory can be local
 (DirectRunner) or on shared storage (gs://..., taken from --temp_location when given) for a remote
 runner. Output names are fixed per chunk or shard, so a retried bundle overwrites instead of duplicating.
 
-Other per-category steps (merge, long tail) work on the collected centroids on the driver, which
-also holds every item's features, reduced and whitened blocks and decision between passes: its
-memory grows with the catalogue (benchmarks/governance_scale.py measures it per row).
+Merge and the long tail work on the collected centroids on the driver, which also holds every
+item's features, reduced and whitened blocks and decision between passes: its memory grows with
+the catalogue (benchmarks/governance_scale.py measures it per row).
 """
 from __future__ import annotations
 

@@ -23,6 +23,7 @@ from oclear_jax.governance import category_space
 from oclear_jax.governance import category_stats
 from oclear_jax.governance import centroid_search
 from oclear_jax.governance import decisions as decisions_lib
+from oclear_jax.governance import executors
 from oclear_jax.governance import featurize
 from oclear_jax.governance import finalize
 from oclear_jax.governance import merge as merge_lib
@@ -44,7 +45,7 @@ def _score_chunk(chunk, shared):
 
 
 def _score(executor, space, rows, categories, trusted_mask, trusted, members, settings, name):
-  parts_of = [rows[i:i + settings.chunk_size] for i in range(0, len(rows), settings.chunk_size)]
+  parts_of = executors.row_chunks(rows, settings.chunk_size)
   chunks = ((space.take(part), categories[part], trusted_mask[part], np.ones(len(part), bool)) for part in parts_of)
   index = centroid_search.CategoryIndex(trusted, settings.score_candidates)
   parts = executor.map_chunks(name, _score_chunk, chunks, sizes=[len(part) for part in parts_of],
@@ -57,7 +58,7 @@ def _split_labels(executor, space, core_rows, node_of, trusted, labels, node_nam
                   settings):
   """Splits each raw label whose members form separate products (split.py, a pass keyed by label); adds
   the parts as nodes, in label order."""
-  parts_of = [core_rows[i:i + settings.chunk_size] for i in range(0, len(core_rows), settings.chunk_size)]
+  parts_of = executors.row_chunks(core_rows, settings.chunk_size)
   chunks = ((part, node_of[part], space.take(part), trusted[part]) for part in parts_of)
   found = executor.group_by_key("split labels", split_lib.emit_members, split_lib.split_members, chunks,
                                 sizes=[len(part) for part in parts_of], shared=settings)
@@ -158,7 +159,8 @@ def curate_categories(rows: Sequence[CatalogueRow], settings: settings_lib.Gover
     if do_outliers:
       with clock.step("outliers"):
         flagged[:] = False
-        flagged[core_rows] = outliers_lib.flag(scores, categories[core_rows], settings, clear_only=cleaning_round)
+        flagged[core_rows] = outliers_lib.flag(scores, categories[core_rows], settings, executor,
+                                               clear_only=cleaning_round)
         trusted = core & ~flagged
   return finalize.finalize(finalize.CurationState(
       rows=rows, featured=featured, decisions=decisions, settings=settings, image=image, titles=titles, unit=unit,

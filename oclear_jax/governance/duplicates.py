@@ -34,6 +34,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from oclear_jax.governance import category_space
+from oclear_jax.governance import executors
 from oclear_jax.governance import settings as settings_lib
 
 _MAX_BUCKET = 1000
@@ -156,7 +157,7 @@ def find_duplicates(sha256: list[str], phash: np.ndarray, ok: np.ndarray, unit: 
   the chunks carry the f32 descriptors, and each bucket makes its members' unit rows (`unit.mean`)."""
   n = len(sha256)
   readable = np.flatnonzero(ok)
-  parts = [readable[i:i + settings.chunk_size] for i in range(0, len(readable), settings.chunk_size)]
+  parts = executors.row_chunks(readable, settings.chunk_size)
   chunks = ((part, [sha256[i] for i in part], phash[part], [titles[i] for i in part], unit.vectors[part])
             for part in parts)
   found = executor.group_by_key("duplicates", _emit_keys, _check_bucket, chunks, sizes=[len(p) for p in parts],

@@ -15,6 +15,7 @@ import collections
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
+import numpy as np
 import tqdm
 
 from oclear_jax.governance import settings as settings_lib
@@ -32,7 +33,7 @@ class Executor(Protocol):
                    chunks: Iterable[Any], sizes: Sequence[int] | None = None, shared: Any = None) -> list[Any]:
     """The non-None reduce(key, values) of every key that emit(chunk) yields (with `shared` as the last
     argument of both when given). Keys must be hashable and picklable the same way in every process
-    (ints, bytes, tuples of them); `values` come in no particular order, so `reduce` must not depend on it."""
+    (ints, str, bytes, tuples of them); `values` come in no particular order, so `reduce` must not depend on it."""
 
 
 class InProcessExecutor:
@@ -63,6 +64,12 @@ class InProcessExecutor:
         bar.update(size)
     results = (reduce(key, values, *extra) for key, values in groups.items())
     return [result for result in results if result is not None]
+
+
+def row_chunks(rows: np.ndarray | int, size: int) -> list[np.ndarray]:
+  """`rows` (or np.arange(rows)) cut into consecutive chunks of `size`: the fixed chunks a pass runs over."""
+  rows = np.arange(rows) if isinstance(rows, int) else rows
+  return [rows[i:i + size] for i in range(0, len(rows), size)]
 
 
 def make_executor(settings: settings_lib.GovernanceSettings, staging_dir: str, *, progress: bool = True) -> Executor:

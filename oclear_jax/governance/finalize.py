@@ -16,6 +16,7 @@ from oclear_jax.governance import category_space
 from oclear_jax.governance import category_stats
 from oclear_jax.governance import decisions as decisions_lib
 from oclear_jax.governance import duplicates as duplicates_lib
+from oclear_jax.governance import executors
 from oclear_jax.governance import featurize
 from oclear_jax.governance import long_tail
 from oclear_jax.governance import merge as merge_lib
@@ -107,7 +108,7 @@ def finalize(s: CurationState, clock: step_clock.StepClock, executor) -> Curatio
   with clock.step("duplicates"):
     duplicates = _deduplicate(s, frows, category, executor) if s.settings.dedupe else None
   with clock.step("head cap"):
-    _cap_heads(s, frows, category)
+    _cap_heads(s, frows, category, executor)
   with clock.step("summary"):
     sizes_after = collections.Counter(c for c in category if c)
     weights = long_tail.sampling_weights(dict(sizes_after), s.settings.balance_power)
@@ -239,18 +240,20 @@ def _deduplicate(s: CurationState, frows, category: list[str], executor) -> dupl
   return found
 
 
-def _cap_heads(s: CurationState, frows, category: list[str]) -> None:
+def _cap_heads(s: CurationState, frows, category: list[str], executor) -> None:
+  """Drops each category's items beyond `max_category_size` in cap order: a pass keyed by category."""
   cap = s.settings.max_category_size
   if not cap:
     return
   governed = np.array([local for local in np.flatnonzero(s.core) if category[local]], np.int64)
-  order = long_tail.cap_order([frows[local].id for local in governed], _exposure(frows, governed))
-  seen = collections.Counter()
-  for k in order:
-    local = governed[k]
+  parts = executors.row_chunks(governed, s.settings.chunk_size)
+  chunks = (([category[local] for local in part],
+             [long_tail.cap_key(frows[local].id, e) for local, e in zip(part, _exposure(frows, part))], part)
+            for part in parts)
+  found = executor.group_by_key("head cap", long_tail.emit_by_category, long_tail.beyond_cap, chunks,
+                                sizes=[len(p) for p in parts], shared=cap)
+  for local in sorted(local for dropped in found for local in dropped):
     name = category[local]
-    seen[name] += 1
-    if seen[name] > cap:
-      s.decisions[s.featured[local]].set(DROPPED, "head_cap", f"category {name} keeps {cap} items "
-                                         f"(config.governance.max_category_size)")
-      category[local] = ""
+    s.decisions[s.featured[local]].set(DROPPED, "head_cap", f"category {name} keeps {cap} items "
+                                       f"(config.governance.max_category_size)")
+    category[local] = ""

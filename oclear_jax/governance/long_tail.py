@@ -49,12 +49,29 @@ def small_categories(stats: category_stats.CategoryStats, sizes: np.ndarray,
   return out
 
 
+def cap_key(item_id: str, exposure: float = 0.0) -> tuple[float, str]:
+  """Where an item stands in a capped category: the most exposed first (when the catalogue has
+  exposure counts), ties by sha256 of the id (independent of catalogue order)."""
+  return -float(exposure), hashlib.sha256(item_id.encode("utf-8")).hexdigest()
+
+
 def cap_order(item_ids: list[str], exposure: np.ndarray | None = None) -> np.ndarray:
-  """The order in which a capped category keeps items: the most exposed first (when the catalogue
-  has exposure counts), ties by sha256 of the id (independent of catalogue order)."""
-  keys = np.array([hashlib.sha256(i.encode("utf-8")).hexdigest() for i in item_ids])
+  """The order in which a capped category keeps items (`cap_key`; equal keys in input order)."""
   exposure = np.zeros(len(item_ids)) if exposure is None else np.asarray(exposure, np.float64)
-  return np.lexsort((keys, -exposure))
+  keys = [cap_key(i, e) for i, e in zip(item_ids, exposure)]
+  return np.array(sorted(range(len(keys)), key=keys.__getitem__), np.int64)
+
+
+def emit_by_category(chunk, cap: int):  # pylint: disable=unused-argument
+  """(category names, cap_keys, positions) of a chunk of kept items -> (name, (cap_key, position))."""
+  names, keys, positions = chunk
+  for name, key, position in zip(names, keys, positions):
+    yield name, (key, int(position))
+
+
+def beyond_cap(name: str, members, cap: int) -> list[int] | None:  # pylint: disable=unused-argument
+  """The positions a category drops: all after its first `cap` members in cap order."""
+  return [position for _, position in sorted(members)[cap:]] or None
 
 
 def sampling_weights(sizes: dict[str, int], power: float) -> dict[str, float]:

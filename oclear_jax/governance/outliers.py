@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from oclear_jax.governance import executors
 from oclear_jax.governance import settings as settings_lib
 
 RELABEL, DROP, KEEP = "relabel", "drop", "keep"
@@ -30,33 +31,43 @@ def _nearer_elsewhere(scores: dict[str, np.ndarray], settings: settings_lib.Gove
 
 
 def flag(scores: dict[str, np.ndarray], categories: np.ndarray, settings: settings_lib.GovernanceSettings,
-         clear_only: bool = False) -> np.ndarray:
+         executor, clear_only: bool = False) -> np.ndarray:
   """bool[n]: the items treated as untrusted in the next round (and the final candidates).
 
   `scores` are category_stats.item_scores' distances. `clear_only` (the first, cleaning round) keeps
   only candidates that also misfit their own category (own distance above `merge_max_distance`):
   members of a label split in two halves sit nearer the other half's centroid about half the time,
   yet fit their own label well, and must stay trusted for the merge to see two equal halves.
+  Each category's quota is filled where its members land: a pass keyed by category (executors.py).
   """
   own = scores["own"]
   defined = np.isfinite(own)
   candidate = defined & (_nearer_elsewhere(scores, settings) | (own > settings.outlier_max_distance))
   if clear_only:
     candidate &= own > settings.merge_max_distance
-  sizes = np.bincount(categories, minlength=categories.max() + 1 if len(categories) else 0)
-  quota = np.maximum(1, sizes // 2)
-  confidence = np.where(defined, scores["best"] - own, np.inf)
-  order = np.lexsort((np.arange(len(own)), confidence))  # Most negative = the clearest case.
-  used = np.zeros_like(sizes)
+  confidence = np.where(defined, scores["best"] - own, np.inf)  # Most negative = the clearest case.
+  parts = executors.row_chunks(len(own), settings.chunk_size)
+  chunks = ((part, categories[part], candidate[part], confidence[part]) for part in parts)
+  found = executor.group_by_key("outliers", _emit_by_category, _clearest, chunks, sizes=[len(p) for p in parts])
   flagged = np.zeros(len(own), bool)
-  for i in order:
-    if not candidate[i]:
-      continue
-    c = categories[i]
-    if used[c] < quota[c]:
-      flagged[i] = True
-      used[c] += 1
+  for positions in found:
+    flagged[positions] = True
   return flagged
+
+
+def _emit_by_category(chunk):
+  """(positions, categories, candidate, confidence) of a chunk -> (category, (confidence, position, candidate))."""
+  positions, categories, candidate, confidence = chunk
+  for k in range(len(positions)):
+    yield int(categories[k]), (float(confidence[k]), int(positions[k]), bool(candidate[k]))
+
+
+def _clearest(category: int, members) -> list[int] | None:  # pylint: disable=unused-argument
+  """A category's flagged positions: its clearest candidates, ties by position, at most max(1, n // 2) of
+  its n members (a category's identity is its majority)."""
+  quota = max(1, len(members) // 2)
+  clearest = sorted((confidence, position) for confidence, position, is_candidate in members if is_candidate)
+  return [position for _, position in clearest[:quota]] or None
 
 
 def decide(flagged: np.ndarray, scores: dict[str, np.ndarray], settings: settings_lib.GovernanceSettings
