@@ -12,6 +12,15 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# One persistent XLA compilation cache per checkout, shared by the pytest-xdist workers and by the
+# processes tests start (they inherit the environment): many tests train the same tiny models, and
+# compiling them is most of their time. Entries are keyed by the program, devices, flags and jax
+# version, so a cached executable is the one XLA would compile. Every compilation is kept (a tiny
+# model's steps compile in under a second each, below jax's default threshold), and no size cap is
+# set: with a cap, jax locks the folder and sums its files' sizes on every write.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_cache", "jax_compilation_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import pathlib  # noqa: E402
 
